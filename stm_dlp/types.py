@@ -1,0 +1,236 @@
+"""The data contracts of STM-DLP, defined once and used everywhere.
+
+* :class:`Study` — one patient's CTP scan in memory (all slices), as readers return it.
+* :class:`SliceSample` — one slice of a study, the unit the DataModule serves.
+* :class:`CTPBatch` — a padded batch of slices, the only thing models and the LightningModule see.
+
+Parameter order for maps is :data:`PARAMS` (CBV, CBF, TMAX). MTT is derived as
+``CBV / CBF * 60`` (:func:`mtt_from_cbv_cbf`), never predicted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+#: Predicted parameters, in the channel order of every ``maps`` array.
+PARAMS: tuple[str, ...] = ("cbv", "cbf", "tmax")
+#: Every parameter a user sees (MTT derived from CBV and CBF).
+ALL_PARAMS: tuple[str, ...] = ("cbv", "cbf", "tmax", "mtt")
+#: Physical units of each parameter.
+UNITS: dict[str, str] = {"cbv": "ml/100g", "cbf": "ml/100g/min", "tmax": "s", "mtt": "s"}
+#: File-name stems with units, for tables and summaries.
+LONG_NAMES: dict[str, str] = {
+    "cbv": "cbv_ml_100g",
+    "cbf": "cbf_ml_100g_min",
+    "tmax": "tmax_s",
+    "mtt": "mtt_s",
+}
+
+
+class StudyError(ValueError):
+    """A study or label file cannot be used. The message names the file and the problem."""
+
+
+def mtt_from_cbv_cbf(cbv: Any, cbf: Any, eps: float = 1e-3) -> Any:
+    """MTT (s) = CBV (ml/100g) / CBF (ml/100g/min) * 60; 0 where CBF is (near) zero.
+
+    Works on numpy arrays and torch tensors of any (matching) shape.
+    """
+    if isinstance(cbf, torch.Tensor):
+        safe = torch.where(cbf > eps, cbf, torch.ones_like(cbf))
+        return torch.where(cbf > eps, cbv / safe * 60.0, torch.zeros_like(cbf))
+    cbf = np.asarray(cbf)
+    cbv = np.asarray(cbv)
+    safe = np.where(cbf > eps, cbf, 1.0)
+    return np.where(cbf > eps, cbv / safe * 60.0, 0.0).astype(np.float32)
+
+
+@dataclass
+class Study:
+    """One patient's CTP scan.
+
+    Attributes:
+        frames: float32 ``(S, T, H, W)`` in HU; S slices ordered along the slice normal, T frames.
+        times_s: float32 ``(S, T)`` acquisition time of each frame in seconds from the study's first
+            frame; strictly increasing along T for every slice (spacing may be irregular).
+        affine: float64 ``(4, 4)`` NIfTI affine for arrays stored in ``(W, H, S)`` order
+            (index ``[c, r, s]`` = column c, row r, slice s), mapping to RAS+ millimetres.
+        maps: float32 ``(S, P, H, W)`` label maps in :data:`PARAMS` order, or ``None`` (unlabelled).
+        mask: bool ``(S, H, W)`` brain mask (where metrics and losses count), or ``None``.
+        patient_id: pseudonymised identifier (never a real name or ID).
+        source: where the study came from (a path, or ``"phantom"``); for error messages.
+        meta: free-form extras (e.g. phantom truth AIF, series UID hash, vendor time-tag style).
+    """
+
+    frames: np.ndarray
+    times_s: np.ndarray
+    affine: np.ndarray
+    maps: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    patient_id: str = "anonymous"
+    source: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def shape_hw(self) -> tuple[int, int]:
+        return int(self.frames.shape[2]), int(self.frames.shape[3])
+
+    def validate(self) -> Study:
+        """Check shapes, dtypes and values; raise :class:`StudyError` naming ``source`` otherwise."""
+        where = self.source or self.patient_id
+        if self.frames.ndim != 4:
+            raise StudyError(f"{where}: frames must be (S, T, H, W), got shape {self.frames.shape}")
+        s, t, h, w = self.frames.shape
+        if t < 2:
+            raise StudyError(f"{where}: a CTP study needs at least 2 frames, got {t}")
+        if self.times_s.shape != (s, t):
+            raise StudyError(f"{where}: times_s must have shape {(s, t)}, got {self.times_s.shape}")
+        if not np.all(np.isfinite(self.times_s)):
+            raise StudyError(f"{where}: frame times contain NaN or inf")
+        bad = np.nonzero(np.diff(self.times_s, axis=1) <= 0)
+        if bad[0].size:
+            raise StudyError(
+                f"{where}: frame times are not strictly increasing "
+                f"(slice {int(bad[0][0])}, frame {int(bad[1][0]) + 1})"
+            )
+        if not np.all(np.isfinite(self.frames)):
+            raise StudyError(f"{where}: frames contain NaN or inf values")
+        if self.affine.shape != (4, 4):
+            raise StudyError(f"{where}: affine must be 4x4, got {self.affine.shape}")
+        if self.maps is not None:
+            if self.maps.shape != (s, len(PARAMS), h, w):
+                raise StudyError(
+                    f"{where}: label maps have shape {self.maps.shape}, but the frames need "
+                    f"{(s, len(PARAMS), h, w)} (slices, CBV/CBF/TMAX, rows, columns)"
+                )
+            if not np.all(np.isfinite(self.maps)):
+                raise StudyError(f"{where}: label maps contain NaN or inf values")
+        if self.mask is not None and self.mask.shape != (s, h, w):
+            raise StudyError(f"{where}: mask has shape {self.mask.shape}, expected {(s, h, w)}")
+        return self
+
+    def slice_sample(self, index: int) -> SliceSample:
+        """The slice ``index`` as a :class:`SliceSample` (times re-zeroed at its first frame)."""
+        h, w = self.shape_hw
+        times = self.times_s[index].astype(np.float32)
+        maps = (
+            self.maps[index].astype(np.float32)
+            if self.maps is not None
+            else np.zeros((len(PARAMS), h, w), np.float32)
+        )
+        mask = self.mask[index] if self.mask is not None else np.ones((h, w), bool)
+        return SliceSample(
+            frames=self.frames[index].astype(np.float32),
+            times_s=times - times[0],
+            maps=maps,
+            mask=mask.astype(bool),
+            patient_id=self.patient_id,
+            slice_index=index,
+        )
+
+
+@dataclass
+class SliceSample:
+    """One slice: ``frames`` (T, H, W) HU, ``times_s`` (T,), ``maps`` (P, H, W), ``mask`` (H, W) bool."""
+
+    frames: np.ndarray
+    times_s: np.ndarray
+    maps: np.ndarray
+    mask: np.ndarray
+    patient_id: str
+    slice_index: int
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+@dataclass
+class CTPBatch:
+    """A batch of slices padded to the longest T (never truncated, never resampled).
+
+    Attributes:
+        frames: float32 ``(B, T, H, W)`` HU; frames past ``lengths[b]`` are zero padding.
+        times_s: float32 ``(B, T)`` seconds from each slice's first frame; padding repeats the
+            last valid time so it stays monotone (models must still ignore it via ``lengths``).
+        lengths: int64 ``(B,)`` number of valid frames per slice.
+        maps: float32 ``(B, P, H, W)`` labels in :data:`PARAMS` order (zeros when unlabelled).
+        mask: bool ``(B, H, W)`` where losses and metrics count.
+        patient_ids: pseudonymised patient of each slice.
+        slice_index: int64 ``(B,)`` slice position within its study.
+    """
+
+    frames: torch.Tensor
+    times_s: torch.Tensor
+    lengths: torch.Tensor
+    maps: torch.Tensor
+    mask: torch.Tensor
+    patient_ids: list[str]
+    slice_index: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def valid_frames(self) -> torch.Tensor:
+        """bool ``(B, T)``: True for real frames, False for padding."""
+        t = self.frames.shape[1]
+        return torch.arange(t, device=self.lengths.device)[None, :] < self.lengths[:, None]
+
+    def to(self, device: torch.device | str) -> CTPBatch:
+        return CTPBatch(
+            frames=self.frames.to(device),
+            times_s=self.times_s.to(device),
+            lengths=self.lengths.to(device),
+            maps=self.maps.to(device),
+            mask=self.mask.to(device),
+            patient_ids=list(self.patient_ids),
+            slice_index=self.slice_index.to(device),
+        )
+
+
+def collate_slices(samples: Sequence[SliceSample]) -> CTPBatch:
+    """Pad a list of slices (possibly different T) into one :class:`CTPBatch`.
+
+    All slices must share (H, W) (crop first when training on mixed sizes).
+    """
+    if not samples:
+        raise ValueError("collate_slices needs at least one sample")
+    hw = samples[0].frames.shape[1:]
+    for s in samples:
+        if s.frames.shape[1:] != hw:
+            raise ValueError(
+                f"cannot batch slices of different sizes {hw} and {s.frames.shape[1:]} "
+                f"(patient {s.patient_id}, slice {s.slice_index}); use random crops or batch_size=1"
+            )
+    b, t_max = len(samples), max(s.n_frames for s in samples)
+    frames = torch.zeros((b, t_max, *hw), dtype=torch.float32)
+    times = torch.zeros((b, t_max), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        t = s.n_frames
+        frames[i, :t] = torch.from_numpy(np.ascontiguousarray(s.frames, dtype=np.float32))
+        times[i, :t] = torch.from_numpy(np.ascontiguousarray(s.times_s, dtype=np.float32))
+        times[i, t:] = float(s.times_s[-1])
+    return CTPBatch(
+        frames=frames,
+        times_s=times,
+        lengths=torch.tensor([s.n_frames for s in samples], dtype=torch.int64),
+        maps=torch.stack([torch.from_numpy(np.ascontiguousarray(s.maps, np.float32)) for s in samples]),
+        mask=torch.stack([torch.from_numpy(np.ascontiguousarray(s.mask, bool)) for s in samples]),
+        patient_ids=[s.patient_id for s in samples],
+        slice_index=torch.tensor([s.slice_index for s in samples], dtype=torch.int64),
+    )
