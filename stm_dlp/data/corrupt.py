@@ -1,0 +1,287 @@
+"""Corruptions of CTP frames: seeded, composable, usable on any study (real or simulated).
+
+They are both training augmentations and the way the paper's failure cases (D_fail: noise, motion,
+misalignment, missing frames, non-uniform framing) and frame reduction (Figure 7) are simulated.
+
+Every transform is a callable ``t(frames, times_s, rng) -> (frames, times_s)`` on
+
+* ``frames`` float32 ``(T, H, W)`` (one slice) or ``(S, T, H, W)`` (a whole study), HU;
+* ``times_s`` float ``(T,)`` or ``(S, T)`` seconds.
+
+Transforms that change T (dropping, truncation) drop the same frames in every slice of a study, so
+a study stays rectangular. Labels are never touched: corruptions change the acquisition, not the
+patient's perfusion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Array = np.ndarray
+
+
+def _as_study(frames: Array, times: Array) -> tuple[Array, Array, bool]:
+    """View one slice as a one-slice study; returns (frames (S,T,H,W), times (S,T), was_single)."""
+    if frames.ndim == 3:
+        return frames[None], np.asarray(times)[None], True
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be (T,H,W) or (S,T,H,W), got shape {frames.shape}")
+    return frames, np.asarray(times), False
+
+
+def _restore(frames: Array, times: Array, single: bool) -> tuple[Array, Array]:
+    return (frames[0], times[0]) if single else (frames, times)
+
+
+@dataclass
+class GaussianNoise:
+    """Independent Gaussian noise of ``sigma_hu`` HU on every pixel of every frame."""
+
+    sigma_hu: float = 10.0
+    p: float = 1.0
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p or self.sigma_hu <= 0:
+            return frames, times_s
+        return (frames + rng.normal(0.0, self.sigma_hu, frames.shape)).astype(np.float32), times_s
+
+
+@dataclass
+class StructuredNoise:
+    """Spatially correlated noise (CT noise texture and streak-like bands) of ``sigma_hu`` HU.
+
+    Each frame gets a fresh Gaussian field low-passed to ``length_px`` plus, with probability
+    ``streak_probability``, a random-direction sinusoidal band pattern (beam-hardening-like streaks).
+    """
+
+    sigma_hu: float = 8.0
+    length_px: float = 2.0
+    streak_probability: float = 0.3
+    p: float = 1.0
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p or self.sigma_hu <= 0:
+            return frames, times_s
+        h, w = frames.shape[-2:]
+        ky = np.fft.fftfreq(h)[:, None]
+        kx = np.fft.fftfreq(w)[None, :]
+        spectrum = np.exp(-2 * (math.pi * self.length_px) ** 2 * (kx**2 + ky**2))
+        white = rng.normal(size=frames.shape)
+        field_ = np.fft.ifft2(np.fft.fft2(white) * spectrum).real
+        field_ /= field_.std(axis=(-2, -1), keepdims=True) + 1e-12
+        out = frames + self.sigma_hu * field_
+        if rng.uniform() < self.streak_probability:
+            yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+            angle = rng.uniform(0, math.pi)
+            band = np.sin((np.cos(angle) * xx + np.sin(angle) * yy) * 2 * math.pi / rng.uniform(4, 12))
+            amp = rng.normal(0.0, self.sigma_hu, frames.shape[:-2])[..., None, None]
+            out = out + amp * band
+        return out.astype(np.float32), times_s
+
+
+def rigid_warp(frames: Array, shift_px: Array, angle_rad: Array) -> Array:
+    """Rigidly move each frame. ``frames`` (N, H, W); ``shift_px`` (N, 2) (dy, dx); ``angle_rad`` (N,).
+
+    Bilinear resampling about the image centre; outside the field of view is filled with the
+    frame's minimum (air).
+    """
+    n, h, w = frames.shape
+    x = torch.from_numpy(np.ascontiguousarray(frames, np.float32))[:, None]
+    cos, sin = torch.from_numpy(np.cos(angle_rad)).float(), torch.from_numpy(np.sin(angle_rad)).float()
+    theta = torch.zeros((n, 2, 3))
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+    theta[:, 0, 2] = -torch.from_numpy(shift_px[:, 1]).float() * 2 / w
+    theta[:, 1, 2] = -torch.from_numpy(shift_px[:, 0]).float() * 2 / h
+    grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
+    fill = x.amin(dim=(2, 3), keepdim=True)
+    warped = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+    return warped[:, 0].numpy()
+
+
+@dataclass
+class RigidMotion:
+    """Per-frame random rigid motion (patient jitter): a fraction of frames moved independently.
+
+    Shifts are uniform in ±``max_shift_px`` pixels, rotations in ±``max_rotation_deg``. The same
+    motion is applied to every slice of a study at a given frame (the head moves as a whole).
+    """
+
+    max_shift_px: float = 2.0
+    max_rotation_deg: float = 3.0
+    fraction: float = 0.3
+    p: float = 1.0
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p:
+            return frames, times_s
+        f4, t2, single = _as_study(frames, times_s)
+        s, t = f4.shape[:2]
+        moved = rng.uniform(size=t) < self.fraction
+        moved[0] = False  # keep the reference (pre-bolus) frame in place
+        shifts = rng.uniform(-self.max_shift_px, self.max_shift_px, (t, 2)) * moved[:, None]
+        angles = np.deg2rad(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg, t)) * moved
+        out = f4.copy()
+        idx = np.flatnonzero(moved)
+        if idx.size:
+            sel = f4[:, idx].reshape(-1, *f4.shape[2:])
+            warped = rigid_warp(sel, np.tile(shifts[idx], (s, 1)), np.tile(angles[idx], s))
+            out[:, idx] = warped.reshape(s, idx.size, *f4.shape[2:])
+        return _restore(out.astype(np.float32), t2, single)
+
+
+@dataclass
+class Misalignment:
+    """The patient moves once: from a random frame on, every frame is shifted/rotated the same way."""
+
+    shift_px: float = 3.0
+    rotation_deg: float = 4.0
+    p: float = 1.0
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p:
+            return frames, times_s
+        f4, t2, single = _as_study(frames, times_s)
+        s, t = f4.shape[:2]
+        start = int(rng.integers(max(1, t // 5), max(2, t - 1)))
+        direction = rng.normal(size=2)
+        shift = self.shift_px * direction / (np.linalg.norm(direction) + 1e-12)
+        angle = np.deg2rad(self.rotation_deg) * rng.choice([-1.0, 1.0])
+        n = t - start
+        sel = f4[:, start:].reshape(-1, *f4.shape[2:])
+        warped = rigid_warp(sel, np.tile(shift, (s * n, 1)), np.full(s * n, angle))
+        out = f4.copy()
+        out[:, start:] = warped.reshape(s, n, *f4.shape[2:])
+        return _restore(out.astype(np.float32), t2, single)
+
+
+@dataclass
+class DropFrames:
+    """Drop a random ``fraction`` of frames (never the first); the kept frames keep their times."""
+
+    fraction: float = 0.3
+    min_frames: int = 8
+    p: float = 1.0
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p:
+            return frames, times_s
+        f4, t2, single = _as_study(frames, times_s)
+        t = f4.shape[1]
+        n_drop = min(int(round(self.fraction * t)), max(0, t - self.min_frames))
+        if n_drop <= 0:
+            return frames, times_s
+        drop = rng.choice(np.arange(1, t), size=n_drop, replace=False)
+        keep = np.setdiff1d(np.arange(t), drop)
+        return _restore(f4[:, keep], t2[:, keep], single)
+
+
+@dataclass
+class JitterFraming:
+    """Non-uniform framing: frames re-acquired at jittered times.
+
+    New times are the old ones plus Gaussian jitter of ``sigma_s`` × the local interval, kept
+    strictly increasing and inside the original span; intensities are linearly interpolated in
+    time from the original frames (exact for the phantom's smooth curves up to interpolation).
+    """
+
+    sigma_fraction: float = 0.35
+    p: float = 1.0
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p:
+            return frames, times_s
+        f4, t2, single = _as_study(frames, times_s)
+        t = f4.shape[1]
+        out_f = np.empty_like(f4, dtype=np.float32)
+        out_t = np.empty_like(t2, dtype=np.float64)
+        jitter = rng.normal(0.0, self.sigma_fraction, t)
+        jitter[0] = 0.0
+        for si in range(f4.shape[0]):
+            old = t2[si].astype(np.float64)
+            gaps = np.diff(old)
+            local = np.concatenate([[gaps[0]], np.minimum(gaps[1:], gaps[:-1]), [gaps[-1]]])
+            new = old + np.clip(jitter, -0.45, 0.45) * local
+            new = np.clip(new, old[0], old[-1])
+            new = np.maximum.accumulate(new + np.arange(t) * 1e-4)
+            # Linear interpolation of every pixel between bracketing original frames.
+            idx = np.clip(np.searchsorted(old, new) - 1, 0, t - 2)
+            w = ((new - old[idx]) / (old[idx + 1] - old[idx]))[:, None, None]
+            out_f[si] = (1 - w) * f4[si, idx] + w * f4[si, idx + 1]
+            out_t[si] = new
+        return _restore(out_f, out_t.astype(np.float32), single)
+
+
+@dataclass
+class Truncate:
+    """Keep only the first frames (later frames lost, paper Figure 7).
+
+    Either ``keep_fraction`` of the frames (rounded, at least ``min_frames``) or exactly ``keep_frames``.
+    """
+
+    keep_fraction: float = 1.0
+    keep_frames: int | None = None
+    min_frames: int = 4
+    p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep_fraction <= 1.0:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.keep_frames is not None and self.keep_frames < 2:
+            raise ValueError(f"keep_frames must be >= 2, got {self.keep_frames}")
+
+    def n_keep(self, t: int) -> int:
+        k = self.keep_frames if self.keep_frames is not None else int(round(self.keep_fraction * t))
+        return int(min(t, max(k, self.min_frames)))
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p:
+            return frames, times_s
+        k = self.n_keep(frames.shape[-3])
+        return frames[..., :k, :, :], np.asarray(times_s)[..., :k]
+
+
+@dataclass
+class Compose:
+    """Apply ``transforms`` in order with one generator. ``seed`` fixes the randomness when given."""
+
+    transforms: Sequence = field(default_factory=list)
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        for tr in self.transforms:
+            frames, times_s = tr(frames, times_s, rng)
+        return frames, times_s
+
+
+def corrupt_study(study, transform, seed: int):
+    """A corrupted copy of a :class:`~stm_dlp.types.Study` (labels, mask, geometry unchanged)."""
+    from dataclasses import replace
+
+    frames, times = transform(study.frames, study.times_s, np.random.default_rng(seed))
+    return replace(study, frames=np.ascontiguousarray(frames, np.float32),
+                   times_s=np.ascontiguousarray(times, np.float32)).validate()
+
+
+#: Named corruptions of the robustness study (paper's D_fail), at the severities used by default.
+NAMED_CORRUPTIONS: dict[str, object] = {
+    "none": Compose([]),
+    "noise": GaussianNoise(sigma_hu=15.0),
+    "structured_noise": StructuredNoise(sigma_hu=12.0),
+    "motion": RigidMotion(max_shift_px=2.0, max_rotation_deg=3.0, fraction=0.3),
+    "misalignment": Misalignment(shift_px=3.0, rotation_deg=4.0),
+    "dropped_frames": DropFrames(fraction=0.3),
+    "jittered_framing": JitterFraming(sigma_fraction=0.35),
+}
+
+
+def named_corruption(name: str):
+    """The transform of the robustness study called ``name``; error lists the valid names."""
+    if name not in NAMED_CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(NAMED_CORRUPTIONS)}")
+    return NAMED_CORRUPTIONS[name]

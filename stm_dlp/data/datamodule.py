@@ -1,0 +1,297 @@
+"""LightningDataModule: patient-wise splits, cached studies, slice datasets, padded batches.
+
+Sources (``source=``):
+
+* ``phantom`` — the embedded digital phantom (zero set-up, exact labels);
+* ``dicom``   — ``ROOT/<patient>/ctp/`` DICOM + ``ROOT/<patient>/maps/*.nii.gz`` (DESIGN.md);
+* ``isles2018`` — ISLES 2018 case folders.
+
+Label source (``label_source=``): ``maps`` (labels on disk / phantom truth) or ``calc`` (our own
+deconvolution, :func:`stm_dlp.perfusion.calculate_maps`, computed once and cached).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from stm_dlp.data.cache import StudyCache, source_fingerprint
+from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
+from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.types import PARAMS, SliceSample, Study, StudyError, collate_slices
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("phantom", "dicom", "isles2018")
+LABEL_SOURCES = ("maps", "calc")
+
+
+def split_patients(patient_ids: Sequence[str], seed: int, val_fraction: float,
+                   test_fraction: float) -> dict[str, list[str]]:
+    """Deterministic patient-wise split ``{"train", "val", "test"}`` (no patient in two splits).
+
+    Patients are sorted, shuffled with ``seed``, then cut; with ≥ 3 patients val and test get at
+    least one each. Depends only on the set of IDs and the seed, not on their order.
+    """
+    ids = sorted(set(patient_ids))
+    if len(ids) != len(patient_ids):
+        raise ValueError("duplicate patient IDs in the dataset")
+    rng = np.random.default_rng(seed)
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n = len(order)
+    n_test = int(round(test_fraction * n))
+    n_val = int(round(val_fraction * n))
+    if n >= 3:
+        n_test = max(1, n_test) if test_fraction > 0 else 0
+        n_val = max(1, n_val) if val_fraction > 0 else 0
+    if n_test + n_val >= n:
+        raise ValueError(f"{n} patients are too few for val_fraction={val_fraction}, "
+                         f"test_fraction={test_fraction}: training would be empty")
+    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
+            "train": sorted(order[n_test + n_val:])}
+
+
+class SliceDataset(Dataset):
+    """Slices of a list of studies, with optional augmentation and random crops.
+
+    Randomness comes from torch's generator (seeded per worker by Lightning's
+    ``seed_everything(workers=True)``), so runs are reproducible.
+    """
+
+    def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None):
+        self.studies = list(studies)
+        self.index = [(i, s) for i, st in enumerate(self.studies) for s in range(st.n_slices)]
+        self.transform = transform
+        self.crop_size = crop_size
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def shape_of(self, item: int) -> tuple[int, int]:
+        return self.studies[self.index[item][0]].shape_hw
+
+    def __getitem__(self, item: int) -> SliceSample:
+        study_idx, slice_idx = self.index[item]
+        sample = self.studies[study_idx].slice_sample(slice_idx)
+        if self.transform is None and not self.crop_size:
+            return sample
+        rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
+        frames, times = sample.frames, sample.times_s
+        if self.transform is not None:
+            frames, times = self.transform(frames, times, rng)
+            times = np.asarray(times, np.float32)
+            times = times - times[0]
+        maps, mask = sample.maps, sample.mask
+        if self.crop_size:
+            h, w = frames.shape[-2:]
+            c = min(self.crop_size, h, w)
+            y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+            frames = frames[:, y0:y0 + c, x0:x0 + c]
+            maps, mask = maps[:, y0:y0 + c, x0:x0 + c], mask[y0:y0 + c, x0:x0 + c]
+        return replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times,
+                       maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask))
+
+
+class SizeGroupedBatchSampler(Sampler[list[int]]):
+    """Deterministic batches of slices that share (H, W), for whole-slice evaluation."""
+
+    def __init__(self, dataset: SliceDataset, batch_size: int):
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i in range(len(dataset)):
+            groups[dataset.shape_of(i)].append(i)
+        self.batches = [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class CTPDataModule(L.LightningDataModule):
+    """Patient-split slice loading with variable-length frame collation.
+
+    Args:
+        source: ``phantom`` | ``dicom`` | ``isles2018``.
+        root: dataset root for ``dicom`` / ``isles2018``.
+        n_patients: phantom cohort size.
+        phantom: :class:`~stm_dlp.data.phantom.PhantomConfig` fields for the phantom.
+        seed: seeds the phantom cohort and the split.
+        val_fraction, test_fraction: patient fractions.
+        batch_size, eval_batch_size, num_workers: loader settings.
+        crop_size: random square crops for training (None: whole slices).
+        augment: list of corruption transforms for training (see :mod:`stm_dlp.data.corrupt`).
+        eval_corruption: name of a corruption applied to val/test studies (robustness study).
+        frame_fraction: keep the first fraction of frames at val/test (paper Figure 7); 1.0 = all.
+        train_frame_fraction: the same for training (None: train on all frames).
+        label_source: ``maps`` or ``calc``.
+        calc: keyword arguments for :func:`stm_dlp.perfusion.calculate_maps` when ``label_source=calc``.
+        cache_dir: preprocessing cache (default ``$STM_DLP_CACHE`` or ``~/.cache/stm_dlp``).
+        frame_interval_s: ISLES frame interval when the header does not give it.
+    """
+
+    def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
+                 phantom: dict[str, Any] | None = None, seed: int = 0, val_fraction: float = 0.15,
+                 test_fraction: float = 0.25, batch_size: int = 4, eval_batch_size: int = 8,
+                 num_workers: int = 0, crop_size: int | None = None, augment: Sequence | None = None,
+                 eval_corruption: str = "none", eval_corruption_seed: int = 1234, frame_fraction: float = 1.0,
+                 train_frame_fraction: float | None = None, label_source: str = "maps",
+                 calc: dict[str, Any] | None = None, cache_dir: str | None = None,
+                 frame_interval_s: float | None = None, pseudonym_key: str | None = None):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+        if label_source not in LABEL_SOURCES:
+            raise ValueError(f"data.label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
+        if source != "phantom" and not root:
+            raise ValueError(f"data.root is required for source={source!r}")
+        if not 0.0 < frame_fraction <= 1.0:
+            raise ValueError(f"data.frame_fraction must be in (0, 1], got {frame_fraction}")
+        named_corruption(eval_corruption)  # fail at start-up on an unknown name
+        self.source, self.root, self.n_patients = source, root, n_patients
+        self.phantom_cfg = PhantomConfig(**(phantom or {}))
+        self.seed, self.val_fraction, self.test_fraction = seed, val_fraction, test_fraction
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.crop_size = crop_size
+        self.augment = Compose(list(augment)) if augment else None
+        self.eval_corruption, self.eval_corruption_seed = eval_corruption, eval_corruption_seed
+        self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
+        self.label_source, self.calc_kwargs = label_source, dict(calc or {})
+        self.cache = StudyCache(cache_dir)
+        self.frame_interval_s = frame_interval_s
+        self.pseudonym_key = pseudonym_key.encode() if pseudonym_key else None
+        self.studies: dict[str, Study] = {}
+        self.splits: dict[str, list[str]] = {}
+
+    # ----------------------------------------------------------------------------- loading
+    def _load_phantom(self) -> list[Study]:
+        cfg = asdict(self.phantom_cfg)
+        out = []
+        for i in range(self.n_patients):
+            seed = self.seed * 100003 + i
+            pid = f"phantom-{self.seed:03d}-{i:04d}"
+            out.append(self.cache.get({"kind": "phantom", "config": cfg, "seed": seed, "id": pid},
+                                      lambda seed=seed, pid=pid: simulate_patient(self.phantom_cfg, seed, pid)))
+        return out
+
+    def _load_disk(self) -> list[Study]:
+        from stm_dlp.data import studies as readers
+
+        root = Path(self.root)
+        if not root.is_dir():
+            raise StudyError(f"{root}: dataset root does not exist or is not a directory")
+        patients = readers.list_patients(root)
+        if not patients:
+            raise StudyError(f"{root}: no patient folders found (expected ROOT/<patient>/ctp/ or ISLES cases)")
+        out = []
+        from rich.progress import track
+
+        for p in track(patients, description="Reading studies"):
+            parts = {"kind": self.source, "src": source_fingerprint(p),
+                     "frame_interval_s": self.frame_interval_s, "key": bool(self.pseudonym_key)}
+            if self.source == "isles2018":
+                from stm_dlp.data.isles import read_isles_case
+
+                def build(p=p):
+                    return read_isles_case(p, frame_interval_s=self.frame_interval_s)
+            else:
+                def build(p=p):
+                    return readers.read_labelled_study(p, pseudonym_key=self.pseudonym_key)
+            out.append(self.cache.get(parts, build))
+        return out
+
+    def _with_calc_labels(self, study: Study) -> Study:
+        from stm_dlp.perfusion import calculate_maps
+
+        def build() -> Study:
+            maps, _info = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s),
+                                         None if study.mask is None else np.asarray(study.mask),
+                                         **self.calc_kwargs)
+            labels = np.stack([maps[p] for p in PARAMS], axis=1).astype(np.float32)
+            mask = np.asarray(study.mask) if study.mask is not None else maps.get("mask")
+            return replace(study, maps=labels, mask=mask, meta={k: v for k, v in study.meta.items()
+                                                               if not isinstance(v, np.ndarray)})
+
+        parts = {"kind": "calc_labels", "study": study.source, "pid": study.patient_id,
+                 "frames_shape": list(study.frames.shape), "calc": self.calc_kwargs,
+                 "frames_sum": float(np.asarray(study.frames, np.float64).sum())}
+        return self.cache.get(parts, build)
+
+    def prepare_data(self) -> None:
+        """Nothing to download; studies are read (and cached) in :meth:`setup`."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.studies:
+            return
+        studies = self._load_phantom() if self.source == "phantom" else self._load_disk()
+        if self.label_source == "calc":
+            studies = [self._with_calc_labels(s) for s in studies]
+        for s in studies:
+            if s.maps is None:
+                raise StudyError(f"{s.source}: no label maps; use data.label_source=calc to label it with "
+                                 "the calculation approach")
+        self.studies = {s.patient_id: s for s in studies}
+        self.splits = split_patients(list(self.studies), self.seed, self.val_fraction, self.test_fraction)
+        train_tf = list(self.augment.transforms) if self.augment else []
+        if self.train_frame_fraction is not None and self.train_frame_fraction < 1.0:
+            train_tf.append(Truncate(keep_fraction=self.train_frame_fraction))
+        self.train_set = SliceDataset([self.studies[p] for p in self.splits["train"]],
+                                      Compose(train_tf) if train_tf else None, self.crop_size)
+        self.val_set = SliceDataset(self._eval_studies("val"))
+        self.test_set = SliceDataset(self._eval_studies("test"))
+
+    def _eval_studies(self, split: str) -> list[Study]:
+        transforms = [named_corruption(self.eval_corruption)]
+        if self.frame_fraction < 1.0:
+            transforms.append(Truncate(keep_fraction=self.frame_fraction))
+        out = []
+        for i, pid in enumerate(self.splits[split]):
+            st = self.studies[pid]
+            if self.eval_corruption != "none" or self.frame_fraction < 1.0:
+                st = corrupt_study(st, Compose(transforms), self.eval_corruption_seed + i)
+            out.append(st)
+        return out
+
+    # ----------------------------------------------------------------------------- loaders
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=False,
+                          num_workers=self.num_workers, collate_fn=collate_slices,
+                          persistent_workers=self.num_workers > 0)
+
+    def _eval_loader(self, ds: SliceDataset) -> DataLoader:
+        return DataLoader(ds, batch_sampler=SizeGroupedBatchSampler(ds, self.eval_batch_size),
+                          num_workers=self.num_workers, collate_fn=collate_slices)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)
+
+    # ----------------------------------------------------------------------------- facts
+    def target_scale(self) -> torch.Tensor:
+        """Per-parameter scale ``(P,)`` for target normalisation: the 95th percentile of the
+        training labels inside the brain mask (a positive scale, no shift, keeps outputs ≥ 0)."""
+        vals = []
+        for p in self.splits["train"]:
+            st = self.studies[p]
+            m = np.asarray(st.mask, bool)
+            maps = np.asarray(st.maps)
+            vals.append(np.stack([maps[:, k][m] for k in range(len(PARAMS))]))
+        allv = np.concatenate(vals, axis=1)
+        scale = np.percentile(allv, 95, axis=1)
+        return torch.tensor(np.maximum(scale, 1e-3), dtype=torch.float32)
+
+    def save_split(self, path: str | Path) -> None:
+        """Write the patient split (pseudonymised IDs) as JSON."""
+        Path(path).write_text(json.dumps({"seed": self.seed, **self.splits}, indent=2))
