@@ -1,0 +1,199 @@
+"""The LightningModule: loss, metrics in physical units, optimisation and logging (paper §4.2).
+
+The wrapped model (any ``nn.Module`` with ``forward(frames, times_s, lengths) -> (B, 3, H, W)``)
+predicts CBV, CBF and TMAX divided by a per-parameter ``target_scale`` (a scale only, no shift, so a
+non-negative model output is a non-negative physical value). The scale is a buffer, so it is saved
+in every checkpoint and predictions come back in ml/100g, ml/100g/min and s.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
+
+from stm_dlp.types import ALL_PARAMS, PARAMS, CTPBatch, mtt_from_cbv_cbf
+
+LOSSES = ("charbonnier", "mse", "l1")
+
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "charbonnier",
+                eps: float = 1e-3) -> torch.Tensor:
+    """Per-task loss inside the mask. ``pred``/``target`` (B, P, H, W), ``mask`` (B, H, W) → (P,)."""
+    diff = pred - target
+    if kind == "charbonnier":
+        err = torch.sqrt(diff * diff + eps * eps)
+    elif kind == "mse":
+        err = diff * diff
+    elif kind == "l1":
+        err = diff.abs()
+    else:
+        raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
+    m = mask[:, None].to(err.dtype)
+    return (err * m).sum(dim=(0, 2, 3)) / m.sum(dim=(0, 2, 3)).clamp(min=1.0)
+
+
+def physical_maps(pred_scaled: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``(B, 3, H, W)`` normalised prediction → ``{cbv, cbf, tmax, mtt}`` of ``(B, H, W)`` in physical units."""
+    phys = pred_scaled * scale.view(1, -1, 1, 1)
+    out = {p: phys[:, i] for i, p in enumerate(PARAMS)}
+    out["mtt"] = mtt_from_cbv_cbf(out["cbv"], out["cbf"])
+    return out
+
+
+def _metric_set() -> MetricCollection:
+    return MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False),
+                             "r2": R2Score()})
+
+
+class PerfusionLitModule(L.LightningModule):
+    """Trains a perfusion model with a masked Charbonnier (or MSE) loss; reports MAE/RMSE/R².
+
+    Args:
+        model: the network (``STMDLP`` or ``UniToBrain``).
+        target_scale: ``(3,)`` per-parameter scale of the normalised targets.
+        model_config: plain-dict Hydra config of ``model`` (``_target_`` + args), stored in the
+            checkpoint so ``stm_dlp.predict`` can rebuild the network without this run's config.
+        loss: ``charbonnier`` (paper) | ``mse`` (UniToBrain) | ``l1``.
+        task_weights: weights of the CBV, CBF, TMAX losses (paper: equal).
+        lr, betas, weight_decay: Adam (paper: 5e-4, (0.9, 0.999), 0).
+        step_size, gamma: StepLR (paper: ×0.995 every 10 epochs).
+    """
+
+    def __init__(self, model: nn.Module, target_scale: Sequence[float] | torch.Tensor | None = None,
+                 model_config: dict[str, Any] | None = None, loss: str = "charbonnier",
+                 charbonnier_eps: float = 1e-3, task_weights: Sequence[float] = (1.0, 1.0, 1.0),
+                 lr: float = 5e-4, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 step_size: int = 10, gamma: float = 0.995, n_log_images: int = 2):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"lit.loss must be one of {LOSSES}, got {loss!r}")
+        if len(task_weights) != len(PARAMS):
+            raise ValueError(f"lit.task_weights needs {len(PARAMS)} values (CBV, CBF, TMAX), got {task_weights}")
+        self.save_hyperparameters(ignore=["model", "target_scale"])
+        self.model = model
+        self.model_config = model_config or {}
+        scale = torch.ones(len(PARAMS)) if target_scale is None else torch.as_tensor(target_scale, dtype=torch.float32)
+        self.register_buffer("target_scale", scale.clone())
+        self.register_buffer("task_weights", torch.tensor(list(task_weights), dtype=torch.float32))
+        self.val_metrics = nn.ModuleDict({p: _metric_set() for p in ALL_PARAMS})
+        self.test_metrics = nn.ModuleDict({p: _metric_set() for p in ALL_PARAMS})
+        self._per_patient: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+        self.test_results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: CTPBatch) -> torch.Tensor:
+        """Normalised prediction ``(B, 3, H, W)``."""
+        return self.model(batch.frames, batch.times_s, batch.lengths)
+
+    def predict_physical(self, batch: CTPBatch) -> dict[str, torch.Tensor]:
+        """Maps in physical units, ``{cbv, cbf, tmax, mtt}`` each ``(B, H, W)``."""
+        return physical_maps(self(batch), self.target_scale)
+
+    def _loss(self, pred: torch.Tensor, batch: CTPBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        target = batch.maps / self.target_scale.view(1, -1, 1, 1)
+        per_task = masked_loss(pred, target, batch.mask, self.hparams.loss, self.hparams.charbonnier_eps)
+        return (per_task * self.task_weights).sum(), per_task
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: CTPBatch, batch_idx: int) -> torch.Tensor:
+        pred = self(batch)
+        loss, per_task = self._loss(pred, batch)
+        bs = batch.batch_size
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs, on_step=True, on_epoch=True)
+        for p, v in zip(PARAMS, per_task):
+            self.log(f"train/loss_{p}", v, batch_size=bs, on_step=False, on_epoch=True)
+        return loss
+
+    def _update_metrics(self, metrics: nn.ModuleDict, pred: torch.Tensor, batch: CTPBatch) -> dict:
+        phys = physical_maps(pred.float(), self.target_scale)
+        truth = {p: batch.maps[:, i] for i, p in enumerate(PARAMS)}
+        truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+        m = batch.mask
+        if m.any():
+            for p in ALL_PARAMS:
+                metrics[p].update(phys[p][m], truth[p][m])
+        return phys
+
+    def validation_step(self, batch: CTPBatch, batch_idx: int) -> None:
+        pred = self(batch)
+        loss, _ = self._loss(pred, batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
+        phys = self._update_metrics(self.val_metrics, pred, batch)
+        if batch_idx == 0:
+            self._log_images(phys, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        for p in ALL_PARAMS:
+            for name, value in self.val_metrics[p].compute().items():
+                self.log(f"val/{name}_{p}", value, sync_dist=False)
+            self.val_metrics[p].reset()
+
+    def test_step(self, batch: CTPBatch, batch_idx: int) -> None:
+        pred = self(batch)
+        phys = self._update_metrics(self.test_metrics, pred, batch)
+        truth = {p: batch.maps[:, i] for i, p in enumerate(PARAMS)}
+        truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+        for b, pid in enumerate(batch.patient_ids):
+            m = batch.mask[b]
+            for p in ALL_PARAMS:
+                acc = self._per_patient[pid][p]
+                acc[0] += float((phys[p][b][m] - truth[p][b][m]).abs().sum())
+                acc[1] += float(m.sum())
+
+    def on_test_epoch_end(self) -> None:
+        results: dict[str, Any] = {}
+        for p in ALL_PARAMS:
+            values = {k: float(v) for k, v in self.test_metrics[p].compute().items()}
+            results[p] = values
+            for k, v in values.items():
+                self.log(f"test/{k}_{p}", v)
+            self.test_metrics[p].reset()
+        per_patient = {pid: {p: (s / max(n, 1.0)) for p, (s, n) in accs.items()}
+                       for pid, accs in self._per_patient.items()}
+        results["per_patient_mae"] = per_patient
+        self.test_results = results
+        self._per_patient.clear()
+
+    # ------------------------------------------------------------------ logging helpers
+    def _log_images(self, phys: dict[str, torch.Tensor], batch: CTPBatch) -> None:
+        """Colour-mapped prediction/truth images for loggers that take images (W&B)."""
+        n = int(self.hparams.n_log_images)
+        if n <= 0 or self.trainer is None or self.trainer.sanity_checking:
+            return
+        for logger in self.loggers:
+            log_images = getattr(logger, "log_image", None)
+            if log_images is None or type(logger).__name__ != "WandbLogger":
+                continue
+            from stm_dlp.io.png import colorize
+
+            truth = {p: batch.maps[:, i] for i, p in enumerate(PARAMS)}
+            truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+            images, captions = [], []
+            for b in range(min(n, batch.batch_size)):
+                for p in ALL_PARAMS:
+                    for kind, src in (("pred", phys), ("truth", truth)):
+                        images.append(colorize(src[p][b].detach().float().cpu().numpy(), p))
+                        captions.append(f"slice {b} {p} {kind}")  # never a patient identifier
+            log_images(key="val/maps", images=images, caption=captions, step=self.global_step)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                               weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.hparams.step_size, gamma=self.hparams.gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["stm_dlp"] = {"model_config": self.model_config,
+                                 "target_scale": self.target_scale.detach().cpu().tolist(),
+                                 "params": list(PARAMS)}
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch.to(device) if isinstance(batch, CTPBatch) else super().transfer_batch_to_device(
+            batch, device, dataloader_idx)
