@@ -1,0 +1,126 @@
+"""STM-DLP: the Impulse Response Feature Encoder followed by the Multi-Parameter Predictor."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stm_dlp.models.irfe import IRFE, check_irfe_args, normalise_frames
+from stm_dlp.models.mpp import MultiParameterPredictor
+from stm_dlp.models.spatial import crop_to, pad_to_multiple
+
+
+def check_inputs(frames: Tensor, times_s: Tensor, lengths: Tensor) -> None:
+    """Raise ``ValueError`` unless frames (B,T,H,W), times_s (B,T), lengths (B,) with 1 <= lengths <= T."""
+    if frames.ndim != 4:
+        raise ValueError(f"frames must be (B, T, H, W), got shape {tuple(frames.shape)}")
+    b, t = frames.shape[:2]
+    if times_s.shape != (b, t):
+        raise ValueError(f"times_s must have shape {(b, t)}, got {tuple(times_s.shape)}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must have shape {(b,)}, got {tuple(lengths.shape)}")
+    if bool(((lengths < 1) | (lengths > t)).any()):
+        raise ValueError(f"lengths must lie in [1, {t}], got {lengths.tolist()}")
+
+
+class STMDLP(nn.Module):
+    """Spatial-Temporal Multitask Deep Learning Pipeline (paper §3).
+
+    ``frames`` → input normalisation → :class:`~stm_dlp.models.irfe.IRFE` → ``F_st`` →
+    :class:`~stm_dlp.models.mpp.MultiParameterPredictor` → CBV, CBF, TMAX.
+
+    Input normalisation (:func:`~stm_dlp.models.irfe.normalise_frames`): per pixel, the mean of
+    the first ``baseline_frames`` valid frames (pre-bolus baseline) is subtracted and the result
+    divided by ``hu_scale`` HU; frame times are divided by ``time_scale_s``.
+
+    Any H, W is accepted: the input is zero-padded (bottom/right) to a multiple of
+    ``2 ** unet_depth`` and the output cropped back.
+
+    Outputs are in the caller's *normalised* target space (the LightningModule divides each
+    parameter by a positive scale, no shift). With ``positive_output`` a softplus makes them
+    ≥ 0, hence ≥ 0 in physical units after de-normalisation.
+
+    Args:
+        encoder: temporal encoder, ``"cnn"``, ``"mlp_mixer"`` or ``"lstm"`` (paper's best).
+        order: ``"spatial_first"`` (paper), ``"temporal_first"`` or ``"joint"``.
+        time_input: ``"temporal"`` (paper), ``"spatial"`` or ``"both"``; only ``"temporal"`` for
+            ``temporal_first``/``joint`` (there the time goes in with the frames).
+        exchange_layers: feature-exchange layers of the MPP, 0–3 (paper: 2).
+        spatial_channels: U-Net base channels (and ``C`` of ``F_spatial``).
+        unet_depth: U-Net pooling steps.
+        temporal_hidden: temporal encoder width and ``C'`` of ``F_st``.
+        mpp_hidden: channels per MPP branch.
+        time_scale_s: seconds per unit of the time input.
+        hu_scale: HU per unit of the intensity input.
+        baseline_frames: frames averaged for the per-pixel baseline.
+        temporal_layers: temporal encoder depth (None: cnn 4, mlp_mixer 2, lstm 2).
+        mpp_kernel_size: kernel of the MPP's hidden layers (3, or 1 for per-pixel).
+        positive_output: apply softplus to the outputs.
+        chunk_size: encode at most this many pixel sequences at once (None: all).
+        max_tokens: longest sequence for ``mlp_mixer``.
+        n_tasks: number of predicted maps (3: CBV, CBF, TMAX).
+    """
+
+    def __init__(
+        self,
+        encoder: str = "lstm",
+        order: str = "spatial_first",
+        time_input: str = "temporal",
+        exchange_layers: int = 2,
+        spatial_channels: int = 16,
+        unet_depth: int = 2,
+        temporal_hidden: int = 64,
+        mpp_hidden: int = 64,
+        time_scale_s: float = 60.0,
+        hu_scale: float = 50.0,
+        baseline_frames: int = 2,
+        temporal_layers: int | None = None,
+        mpp_kernel_size: int = 3,
+        positive_output: bool = True,
+        chunk_size: int | None = None,
+        max_tokens: int = 128,
+        n_tasks: int = 3,
+    ) -> None:
+        super().__init__()
+        check_irfe_args(encoder, order, time_input)
+        if time_scale_s <= 0 or hu_scale <= 0:
+            raise ValueError(f"time_scale_s and hu_scale must be > 0, got {time_scale_s}, {hu_scale}")
+        if baseline_frames < 1:
+            raise ValueError(f"baseline_frames must be >= 1, got {baseline_frames}")
+        self.time_scale_s = float(time_scale_s)
+        self.hu_scale = float(hu_scale)
+        self.baseline_frames = int(baseline_frames)
+        self.positive_output = positive_output
+        self.irfe = IRFE(
+            encoder=encoder,
+            order=order,
+            time_input=time_input,
+            spatial_channels=spatial_channels,
+            unet_depth=unet_depth,
+            temporal_hidden=temporal_hidden,
+            temporal_layers=temporal_layers,
+            chunk_size=chunk_size,
+            max_tokens=max_tokens,
+        )
+        self.mpp = MultiParameterPredictor(
+            self.irfe.out_channels, mpp_hidden, exchange_layers, n_tasks, mpp_kernel_size
+        )
+
+    def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor) -> Tensor:
+        """Predict the maps of a batch of slices.
+
+        Args:
+            frames: ``(B, T, H, W)`` HU, zero padded past ``lengths``.
+            times_s: ``(B, T)`` seconds from each slice's first frame.
+            lengths: int ``(B,)`` valid frames per slice.
+
+        Returns:
+            ``(B, n_tasks, H, W)`` in the normalised target space, CBV, CBF, TMAX order.
+        """
+        check_inputs(frames, times_s, lengths)
+        x, t = normalise_frames(
+            frames, times_s, lengths, self.hu_scale, self.time_scale_s, self.baseline_frames
+        )
+        x, hw = pad_to_multiple(x, self.irfe.multiple)
+        y = crop_to(self.mpp(self.irfe(x, t, lengths)), hw)
+        return F.softplus(y) if self.positive_output else y
