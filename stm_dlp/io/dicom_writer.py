@@ -1,0 +1,228 @@
+"""Write a :class:`~stm_dlp.types.Study` as a CT DICOM series (one file per slice per frame).
+
+Used by ``python -m stm_dlp.synth`` to put the phantom on disk exactly as a scanner export looks,
+so the DICOM reader is tested against known truth. Geometry is derived from ``study.affine`` (the
+inverse of :func:`stm_dlp.data.geometry.affine_from_dicom_geometry`), so reading the files back
+gives the same affine; HU are stored as int16 with a rescale chosen for <= 0.5 HU round-trip error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from stm_dlp.data.geometry import LPS_TO_RAS
+from stm_dlp.types import Study
+
+#: CT Image Storage.
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+#: The vendor styles of frame timing that :func:`write_study_dicom` can imitate.
+TIME_STYLES: tuple[str, ...] = ("acquisition_time", "content_trigger", "acquisition_datetime", "midnight")
+#: pydicom's UID root (valid, registered for pydicom-generated UIDs).
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+def geometry_from_affine(affine: np.ndarray, n_slices: int) -> dict[str, Any]:
+    """DICOM geometry of each slice for a NIfTI (RAS+) affine of a ``[c, r, s]`` volume.
+
+    Inverse of :func:`stm_dlp.data.geometry.affine_from_dicom_geometry`.
+
+    Returns:
+        ``orientation`` (6,) ImageOrientationPatient, ``pixel_spacing`` (row, column) mm,
+        ``positions`` (S, 3) ImagePositionPatient in LPS mm, ``normal`` (3,), ``slice_step`` (3,) mm
+        and ``slice_thickness`` (mm, the step's length along the normal).
+    """
+    lps = LPS_TO_RAS @ np.asarray(affine, np.float64)  # LPS_TO_RAS is its own inverse
+    col_vec, row_vec, step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    dc, dr = float(np.linalg.norm(col_vec)), float(np.linalg.norm(row_vec))
+    if dc <= 0 or dr <= 0:
+        raise ValueError(f"affine has a zero in-plane axis: {affine.tolist()}")
+    row_cos, col_cos = col_vec / dc, row_vec / dr
+    normal = np.cross(row_cos, col_cos)
+    positions = lps[:3, 3][None, :] + np.arange(n_slices)[:, None] * step[None, :]
+    thickness = abs(float(step @ normal)) or 1.0
+    return dict(orientation=np.concatenate([row_cos, col_cos]), pixel_spacing=(dr, dc), positions=positions,
+                normal=normal, slice_step=step, slice_thickness=thickness)
+
+
+def choose_rescale(frames_hu: np.ndarray) -> tuple[float, float]:
+    """``(slope, intercept)`` so int16 storage holds every HU value with <= slope / 2 error.
+
+    Slope 1, intercept -1024 (the CT convention) when the range fits; otherwise a slope just
+    large enough to fit the range (then the error is slope / 2 HU).
+    """
+    lo, hi = float(np.min(frames_hu)), float(np.max(frames_hu))
+    if lo + 1024 >= -32768 and hi + 1024 <= 32767:
+        return 1.0, -1024.0
+    slope = float(np.ceil((hi - lo) / 65000.0 * 1000.0) / 1000.0)
+    return slope, float(np.round((hi + lo) / 2.0))
+
+
+def _ds(x: float) -> str:
+    return format_number_as_ds(float(x)) if x != 0 else "0"
+
+
+def _tm(seconds_of_day: float) -> str:
+    us = int(round(seconds_of_day * 1e6))
+    h, rest = divmod(us, 3_600_000_000)
+    m, rest = divmod(rest, 60_000_000)
+    s, frac = divmod(rest, 1_000_000)
+    return f"{h:02d}{m:02d}{s:02d}.{frac:06d}"
+
+
+def _split(when: dt.datetime) -> tuple[str, str]:
+    """``(DA, TM)`` strings of a datetime (microsecond precision)."""
+    sod = when.hour * 3600 + when.minute * 60 + when.second + when.microsecond / 1e6
+    return when.strftime("%Y%m%d"), _tm(sod)
+
+
+def write_study_dicom(
+    study: Study,
+    out_dir: str | Path,
+    *,
+    time_style: str = "acquisition_time",
+    patient_name: str = "ANONYMOUS",
+    patient_id: str = "ANONYMOUS",
+    seed: int | None = None,
+    uid_root: str = DEFAULT_UID_ROOT,
+    series_description: str = "CT PERFUSION (STM-DLP phantom)",
+) -> list[list[Path]]:
+    """Write ``study`` as one CT Image Storage series under ``out_dir``.
+
+    Layout: ``out_dir/<series folder>/[partN/]IM_xxxxx.dcm`` with random-ish names and a shuffled
+    write order, so a reader cannot rely on names or order. Explicit VR Little Endian, full file
+    meta, int16 pixels with RescaleSlope/Intercept (see :func:`choose_rescale`), geometry from
+    ``study.affine`` (see :func:`geometry_from_affine`).
+
+    Args:
+        study: frames ``(S, T, H, W)`` HU, times_s ``(S, T)`` s, affine ``(4, 4)``.
+        out_dir: folder to write into (created).
+        time_style: how frame times are encoded, one of :data:`TIME_STYLES`:
+            ``acquisition_time`` (AcquisitionDate + AcquisitionTime),
+            ``content_trigger`` (ContentDate/ContentTime fixed at series start + TriggerTime in ms),
+            ``acquisition_datetime`` (AcquisitionDateTime),
+            ``midnight`` (AcquisitionTime only, series starting just before 00:00 so it crosses it).
+        patient_name, patient_id: the PHI written into every file (nothing else identifies anyone).
+        seed: makes file names, start time and UIDs reproducible; ``None`` → fresh random.
+        uid_root: UID prefix (must end with ``.``).
+        series_description: SeriesDescription.
+
+    Returns:
+        The written paths as ``[slice][frame]`` lists.
+    """
+    if time_style not in TIME_STYLES:
+        raise ValueError(f"time_style must be one of {TIME_STYLES}, got {time_style!r}")
+    frames = np.asarray(study.frames)
+    if frames.ndim != 4:
+        raise ValueError(f"study.frames must be (S, T, H, W), got {frames.shape}")
+    if not np.all(np.isfinite(frames)):
+        raise ValueError(f"{study.source or study.patient_id}: frames contain NaN or inf; cannot write DICOM")
+    n_s, n_t, h, w = frames.shape
+    times = np.asarray(study.times_s, np.float64)
+    rng = np.random.default_rng(seed)
+    out_dir = Path(out_dir)
+
+    def uid(*parts: Any) -> str:
+        if seed is None:
+            return str(generate_uid(prefix=uid_root))
+        return str(generate_uid(prefix=uid_root, entropy_srcs=[str(seed), patient_id, *map(str, parts)]))
+
+    study_uid, series_uid, for_uid = uid("study"), uid("series"), uid("frame-of-reference")
+    geo = geometry_from_affine(study.affine, n_s)
+    slope, intercept = choose_rescale(frames)
+    span = float(times.max() - times.min()) if times.size else 0.0
+    day = dt.date(2020, 1, 1) + dt.timedelta(days=int(rng.integers(0, 1500)))
+    if time_style == "midnight":
+        before = min(30.0, 0.5 * span) if span > 0 else 30.0
+        start = dt.datetime.combine(day, dt.time()) + dt.timedelta(days=1) - dt.timedelta(seconds=before)
+    else:
+        start = dt.datetime.combine(day, dt.time()) + dt.timedelta(
+            seconds=float(rng.uniform(8 * 3600, 17 * 3600)))
+        start = start.replace(microsecond=int(rng.integers(0, 1_000_000)))
+    t0 = float(times.min())
+    start_da, start_tm = _split(start)
+
+    series_dir = out_dir / f"SE{rng.integers(0, 16**6):06x}"
+    names = rng.permutation(np.arange(10000, 100000))[: n_s * n_t]
+    subdirs = rng.integers(0, 3, size=n_s * n_t)
+    paths = [[series_dir / (f"part{subdirs[s * n_t + t]}" if subdirs[s * n_t + t] else "")
+              / f"IM_{names[s * n_t + t]:05d}.dcm" for t in range(n_t)] for s in range(n_s)]
+    for p in {q.parent for row in paths for q in row}:
+        p.mkdir(parents=True, exist_ok=True)
+
+    orientation = [_ds(v) for v in geo["orientation"]]
+    spacing = [_ds(v) for v in geo["pixel_spacing"]]
+    order = rng.permutation(n_s * n_t)
+    for k in order:
+        s, t = divmod(int(k), n_t)
+        when = start + dt.timedelta(seconds=float(times[s, t] - t0))
+        sop_uid = uid("image", s, t)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPInstanceUID = sop_uid
+        ds.StudyDate, ds.StudyTime = start_da, start_tm
+        ds.SeriesDate, ds.SeriesTime = start_da, start_tm
+        if time_style == "acquisition_time":
+            ds.AcquisitionDate, ds.AcquisitionTime = _split(when)
+        elif time_style == "content_trigger":
+            ds.ContentDate, ds.ContentTime = start_da, start_tm
+            ds.TriggerTime = f"{(when - start).total_seconds() * 1000.0:.3f}"
+        elif time_style == "acquisition_datetime":
+            da, tm = _split(when)
+            ds.AcquisitionDateTime = da + tm
+        else:  # midnight: time of day only
+            ds.AcquisitionTime = _split(when)[1]
+        ds.AccessionNumber = ""
+        ds.Modality = "CT"
+        ds.Manufacturer = "STM-DLP"
+        ds.ManufacturerModelName = "digital phantom"
+        ds.ReferringPhysicianName = ""
+        ds.SeriesDescription = series_description
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "HEAD"
+        ds.KVP = "80"
+        ds.SliceThickness = _ds(geo["slice_thickness"])
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = 4
+        ds.AcquisitionNumber = t + 1
+        ds.InstanceNumber = t * n_s + s + 1
+        pos = geo["positions"][s]
+        ds.ImagePositionPatient = [_ds(v) for v in pos]
+        ds.ImageOrientationPatient = orientation
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = _ds(float(pos @ geo["normal"]))
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = h, w
+        ds.PixelSpacing = spacing
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+        ds.PixelRepresentation = 1
+        ds.WindowCenter, ds.WindowWidth = "40", "80"
+        ds.RescaleIntercept = _ds(intercept)
+        ds.RescaleSlope = _ds(slope)
+        ds.RescaleType = "HU"
+        stored = np.round((frames[s, t].astype(np.float64) - intercept) / slope)
+        ds.PixelData = np.clip(stored, -32768, 32767).astype("<i2").tobytes()
+        pydicom.dcmwrite(paths[s][t], ds, enforce_file_format=True)
+    return paths

@@ -1,0 +1,207 @@
+"""``python -m stm_dlp.synth out=DIR patients=N [...]`` — write a phantom cohort to disk.
+
+Each patient becomes, in DESIGN.md's labelled-dataset layout::
+
+    DIR/<patient>/ctp/SExxxxxx/[partN/]IM_xxxxx.dcm   the CT perfusion series (DICOM)
+    DIR/<patient>/maps/{cbv,cbf,tmax,mtt,mask}.nii.gz  exact truth (write_maps_nifti)
+    DIR/<patient>/truth.json                           AIF parameters, residue, seeds, time style
+
+plus ``DIR/cohort.json`` (the settings). Patients cycle through the DICOM time-tag styles of
+:data:`stm_dlp.io.dicom_writer.TIME_STYLES`, so a 4-patient cohort has all of them. Patient
+``i`` is ``simulate_patient(cfg, seed * 100003 + i)`` — the same phantom as the in-memory
+dataset. The fake PHI (PatientName ``PHANTOM^PATIENT0001``, PatientID ``PHANTOM-<seed>-0001``)
+is written only inside the DICOM files, never in folder names, so tests can check that it never
+leaks. Each patient is written to a hidden temporary folder and renamed when complete.
+
+Run ``python -m stm_dlp.synth help`` for every key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stm_dlp.cli import REQUIRED, parse_kv, run_cli
+from stm_dlp.data.dicom import pseudonymise
+from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.io.atomic import atomic_write_text
+from stm_dlp.io.dicom_writer import TIME_STYLES, write_study_dicom
+from stm_dlp.io.nifti import write_maps_nifti
+from stm_dlp.types import PARAMS, Study, mtt_from_cbv_cbf
+
+SPEC: dict[str, tuple[Any, Any, str]] = {
+    "out": (str, REQUIRED, "output folder (created)"),
+    "patients": (int, 4, "number of patients"),
+    "height": (int, 64, "rows per slice"),
+    "width": (int, 64, "columns per slice"),
+    "slices": (int, 4, "slices per patient"),
+    "seed": (int, 0, "cohort seed (patient i uses seed*100003+i)"),
+    "noise_hu": (float, 3.0, "Gaussian noise, HU"),
+    "residue": (str, "exponential", "residue function: exponential, box, gamma, ... or mixed"),
+    "frames_min": (int, 40, "fewest frames per study"),
+    "frames_max": (int, 60, "most frames per study"),
+    "lesion_probability": (float, 0.8, "chance that a patient has a lesion"),
+    "styles": (str, "all", "DICOM time-tag styles to cycle, comma-separated, or all "
+               f"({','.join(TIME_STYLES)})"),
+    "overwrite": (bool, False, "replace patient folders that already exist"),
+    "progress": (bool, True, "show a progress bar"),
+}
+
+
+def patient_dir_name(index: int) -> str:
+    """Folder name of patient ``index`` (0-based): ``sub-0001``, ... (no PHI in names)."""
+    return f"sub-{index + 1:04d}"
+
+
+def fake_phi(index: int, seed: int) -> tuple[str, str]:
+    """``(PatientName, PatientID)`` of phantom patient ``index``: fake PHI written only into DICOM."""
+    return f"PHANTOM^PATIENT{index + 1:04d}", f"PHANTOM-{seed:03d}-{index + 1:04d}"
+
+
+def parse_styles(text: str) -> tuple[str, ...]:
+    """``"all"`` or a comma-separated list of :data:`TIME_STYLES` → tuple of styles."""
+    if text.strip() == "all":
+        return TIME_STYLES
+    styles = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in styles if s not in TIME_STYLES]
+    if bad or not styles:
+        raise ValueError(f"styles: unknown {bad or text!r}; use all or a comma-separated subset of "
+                         f"{','.join(TIME_STYLES)}")
+    return styles
+
+
+def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, patient_name: str,
+                  patient_id: str, seed: int, truth: dict[str, Any] | None = None,
+                  overwrite: bool = False) -> Path:
+    """Write one labelled patient (``ctp/`` DICOM, ``maps/`` NIfTI truth, ``truth.json``) atomically.
+
+    Everything goes into a hidden temporary sibling folder that is renamed to ``patient_dir`` when
+    complete, so an interrupted run leaves no half patient (readers skip hidden folders).
+
+    Args:
+        patient_dir: final folder ``ROOT/<patient>``.
+        study: a labelled study (``maps`` (S, 3, H, W) and ``mask`` (S, H, W) required).
+        time_style, patient_name, patient_id, seed: passed to :func:`write_study_dicom`.
+        truth: extra facts for ``truth.json``.
+        overwrite: replace an existing ``patient_dir``; otherwise it is an error.
+    """
+    final = Path(patient_dir)
+    if study.maps is None or study.mask is None:
+        raise ValueError(f"{study.source}: write_patient needs a labelled study with a mask")
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"{final} already exists (pass overwrite=true to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        write_study_dicom(study, tmp / "ctp", time_style=time_style, patient_name=patient_name,
+                          patient_id=patient_id, seed=seed)
+        maps = {p: study.maps[:, i] for i, p in enumerate(PARAMS)}
+        maps["mtt"] = mtt_from_cbv_cbf(maps["cbv"], maps["cbf"])
+        maps["mask"] = np.asarray(study.mask, bool)
+        write_maps_nifti(tmp / "maps", maps, study.affine)
+        atomic_write_text(tmp / "truth.json", json.dumps(truth or {}, indent=2, default=_json_default) + "\n")
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | None = None, seed: int = 0,
+                      styles: Sequence[str] = TIME_STYLES, overwrite: bool = False,
+                      progress: bool = True) -> list[Path]:
+    """Write ``n_patients`` phantom patients under ``out``; returns their folders (see module doc)."""
+    if n_patients < 1:
+        raise ValueError(f"patients must be >= 1, got {n_patients}")
+    cfg = cfg or PhantomConfig()
+    styles = tuple(styles)
+    for s in styles:
+        if s not in TIME_STYLES:
+            raise ValueError(f"unknown time style {s!r}; use some of {TIME_STYLES}")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    targets = [root / patient_dir_name(i) for i in range(n_patients)]
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]} already exists ({len(existing)} of the patient folders do); "
+                              "pass overwrite=true to replace them or choose another out=")
+    from rich.console import Console
+    from rich.progress import track
+
+    written = []
+    for i in track(range(n_patients), description="Writing phantom patients",
+                   console=Console(stderr=True), disable=not progress):
+        patient_seed = seed * 100003 + i
+        study = simulate_patient(cfg, patient_seed)
+        name, pid = fake_phi(i, seed)
+        style = styles[i % len(styles)]
+        truth = {
+            "patient_dir": targets[i].name,
+            "pseudonym_default_key": pseudonymise(pid, None),
+            "phantom_seed": patient_seed,
+            "cohort_seed": seed,
+            "index": i,
+            "time_style": style,
+            "residue": study.meta["residue"],
+            "aif_params": study.meta["aif_params"],
+            "n_slices": study.n_slices,
+            "n_frames": study.n_frames,
+            "shape_hw": list(study.shape_hw),
+            "times_s": study.times_s[0].tolist(),
+            "units": {"cbv": "ml/100g", "cbf": "ml/100g/min", "tmax": "s", "mtt": "s"},
+            "config": asdict(cfg),
+        }
+        written.append(write_patient(targets[i], study, time_style=style, patient_name=name, patient_id=pid,
+                                     seed=patient_seed, truth=truth, overwrite=overwrite))
+    cohort = {"patients": [t.name for t in targets], "seed": seed, "styles": list(styles),
+              "config": asdict(cfg)}
+    atomic_write_text(root / "cohort.json", json.dumps(cohort, indent=2) + "\n")
+    return written
+
+
+def synth(argv: Sequence[str]) -> list[Path]:
+    """Parse ``key=value`` arguments (see :data:`SPEC`) and write the cohort."""
+    args = parse_kv(argv, SPEC, prog="python -m stm_dlp.synth")
+    cfg = PhantomConfig(height=args["height"], width=args["width"], n_slices=args["slices"],
+                        frames_min=args["frames_min"], frames_max=args["frames_max"],
+                        noise_hu=args["noise_hu"],
+                        residue=args["residue"], lesion_probability=args["lesion_probability"])
+    paths = synthesize_cohort(args["out"], args["patients"], cfg, seed=args["seed"],
+                              styles=parse_styles(args["styles"]), overwrite=args["overwrite"],
+                              progress=args["progress"])
+    print(f"wrote {len(paths)} patients to {args['out']}")
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``stm-dlp-synth`` / ``python -m stm_dlp.synth``)."""
+    run_cli(synth, list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()
