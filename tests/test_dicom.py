@@ -139,3 +139,81 @@ def test_parse_rate(tmp_path):
     rate = n_files / (time.perf_counter() - t0)
     print(f"DICOM parse rate: {rate:.0f} files/s ({n_files} files)")
     assert rate > 300
+
+
+def _rewrite_all(folder, fn):
+    for p in sorted(folder.rglob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        kwargs = fn(ds) or {}
+        ds.save_as(p, enforce_file_format=True, **kwargs)
+
+
+def test_implicit_vr_and_12_bit_pixels(tmp_path):
+    study = simulate_patient(CFG, seed=6)
+    write_study_dicom(study, tmp_path / "ctp", seed=3)
+    ref = read_dicom_study(tmp_path / "ctp")
+
+    def to_12_bit_implicit(ds):
+        stored = np.frombuffer(ds.PixelData, "<i2").astype(np.int32) + 1024  # HU + 2048 >= 0
+        assert stored.min() >= 0 and stored.max() < 4096
+        junk = (np.arange(stored.size) % 16).astype(np.int32) << 12  # overlay bits above BitsStored
+        ds.PixelData = (stored | junk).astype("<u2").tobytes()
+        ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 12, 11, 0
+        ds.RescaleIntercept = "-2048"
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+        return {"implicit_vr": True, "little_endian": True}
+
+    _rewrite_all(tmp_path / "ctp", to_12_bit_implicit)
+    back = read_dicom_study(tmp_path / "ctp")
+    np.testing.assert_array_equal(back.frames, ref.frames)
+    np.testing.assert_array_equal(back.times_s, ref.times_s)
+
+
+def test_midnight_with_the_date_kept_at_series_start(tmp_path):
+    study = simulate_patient(CFG, seed=8)
+    write_study_dicom(study, tmp_path / "ctp", time_style="midnight", seed=4)
+
+    def add_date(ds):
+        ds.AcquisitionDate = "20240229"  # the scanner keeps the series date after 00:00
+
+    _rewrite_all(tmp_path / "ctp", add_date)
+    back = read_dicom_study(tmp_path / "ctp")
+    assert back.meta["time_tag"] == "AcquisitionDate+AcquisitionTime" and back.meta["crosses_midnight"]
+    assert np.max(np.abs(back.times_s - study.times_s)) < 1e-3
+
+
+def test_frames_a_day_apart_are_refused(tmp_path):
+    study = simulate_patient(CFG, seed=9)
+    paths = write_study_dicom(study, tmp_path / "ctp", time_style="acquisition_time", seed=4)
+    ds = pydicom.dcmread(paths[1][5])
+    ds.AcquisitionDate = (np.datetime64(f"{ds.AcquisitionDate[:4]}-{ds.AcquisitionDate[4:6]}-"
+                                        f"{ds.AcquisitionDate[6:]}") + 1).astype(str).replace("-", "")
+    ds.save_as(paths[1][5], enforce_file_format=True)
+    with pytest.raises(StudyError, match="mixes acquisitions") as info:
+        read_dicom_study(tmp_path / "ctp")
+    assert paths[1][5].name in str(info.value)
+
+
+def test_localizer_is_skipped(tmp_path):
+    study = simulate_patient(CFG, seed=10)
+    paths = write_study_dicom(study, tmp_path / "ctp", seed=4)
+    scout = pydicom.dcmread(paths[0][0])
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    scout.SeriesInstanceUID = pydicom.uid.generate_uid()
+    scout.SOPInstanceUID = scout.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    scout.save_as(tmp_path / "ctp" / "scout.dcm", enforce_file_format=True)
+    back = read_dicom_study(tmp_path / "ctp")
+    assert back.frames.shape == study.frames.shape
+    assert any(s.startswith("scout.dcm") for s in back.meta["skipped"])
+
+
+def test_decodable_compressed_files_go_through_pydicom(tmp_path):
+    study = simulate_patient(CFG, seed=12)
+    write_study_dicom(study, tmp_path / "ctp", seed=3)
+    ref = read_dicom_study(tmp_path / "ctp")
+    for p in sorted((tmp_path / "ctp").rglob("*.dcm"))[::2]:
+        ds = pydicom.dcmread(p)
+        ds.compress(pydicom.uid.RLELossless)
+        ds.save_as(p, enforce_file_format=True)
+    back = read_dicom_study(tmp_path / "ctp")
+    np.testing.assert_array_equal(back.frames, ref.frames)

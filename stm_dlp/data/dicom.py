@@ -6,9 +6,10 @@ What the reader does (DESIGN.md, "DICOM reading"):
    and folders (names starting with ``.``) and ``DICOMDIR``. Every file must be DICOM: a non-DICOM,
    empty or truncated file is an error naming it.
 2. **Index** (``pydicom.dcmread(stop_before_pixels=True)``, one pass). Non-image objects (structured
-   reports, presentation states, ...) and image series of other modalities (e.g. secondary
-   captures of vendor maps) are skipped and listed in ``meta["skipped"]``. More than one CT series
-   (SeriesInstanceUID) with pixel data is an error naming both (hashed) UIDs and a file of each.
+   reports, presentation states, ...), localizer (scout) images and image series of other
+   modalities (e.g. secondary captures of vendor maps) are skipped and listed in
+   ``meta["skipped"]``. More than one CT series (SeriesInstanceUID) with pixel data is an error
+   naming both (hashed) UIDs and a file of each.
 3. **Slices.** Position of a file = ImagePositionPatient · normal, with normal =
    row cosine × column cosine of ImageOrientationPatient; SliceLocation when no file has
    ImagePositionPatient. Positions within 0.05 mm are the same slice; slices are ordered along
@@ -18,9 +19,10 @@ What the reader does (DESIGN.md, "DICOM reading"):
    ``AcquisitionTime``, ``ContentTime`` that every file carries *and* that varies between the
    frames of a slice. A tag that is constant within every slice (a series start time, as some
    vendors write ContentTime) is combined with ``TriggerTime`` (ms since the series start) when
-   every file has it; ``TriggerTime`` alone is the last resort. Time-only tags (no date) that cross
-   midnight (a jump back of ~24 h) get 86400 s added after the jump. Times are returned in
-   seconds from the study's earliest frame.
+   every file has it; ``TriggerTime`` alone is the last resort. A series that crosses midnight
+   with time-only tags (no date), or with a date kept at the series start, shows a jump back of
+   ~24 h: 86400 s are added after the jump. Frame times spanning more than 12 h are an error. Times
+   are returned in seconds from the study's earliest frame.
 5. **Pixels.** Read once per file (uncompressed little-endian: the pixel bytes directly; anything
    else through pydicom's decoders), RescaleSlope/RescaleIntercept applied → float32 HU.
 
@@ -319,6 +321,8 @@ def _index_file(path: Path, root: Path) -> _Rec | tuple[str, str]:
         return rel, f"non-image object (SOP class {sop_class or '?'}, modality {modality or '?'})"
     if modality and modality != "CT":
         return rel, f"image of modality {modality}, not CT"
+    if "LOCALIZER" in (hd.text("ImageType") or "").upper():
+        return rel, "localizer (scout) image"
     series = hd.text("SeriesInstanceUID")
     if series is None:
         raise StudyError(f"{path}: SeriesInstanceUID (0020,000E) is missing; cannot tell which series it "
@@ -409,20 +413,29 @@ def _frame_times(recs: list[_Rec], slices: list[list[int]]) -> tuple[np.ndarray,
     def constant(t: np.ndarray) -> bool:
         return all(float(np.ptp(t[sl])) <= _DUP_TIME_S for sl in multi)
 
+    def checked(t: np.ndarray, name: str, crossed: bool) -> tuple[np.ndarray, str, bool]:
+        if float(t.max() - t.min()) > 43200.0:
+            lo, hi = recs[int(np.argmin(t))], recs[int(np.argmax(t))]
+            raise StudyError(f"{hi.path}: {name} is {(t.max() - t.min()) / 3600:.1f} h after that of "
+                             f"{lo.path}; a perfusion series lasts minutes — the folder mixes acquisitions "
+                             "or the time tags are wrong")
+        return t, name, crossed
+
     for name, tags, dated in TIME_CANDIDATES:
         if not all(all(t in r.tags for t in tags) for r in recs):
             continue
-        base = _times_for(recs, name, tags)
-        crossed = False
-        if not dated:
+        base, crossed = _times_for(recs, name, tags), False
+        # Time-only tags wrap at midnight; so do dated ones from scanners that keep the series date
+        # (one date on every file). Different dates are taken as they are.
+        if not dated or np.unique(np.floor(base / 86400.0)).size == 1:
             base, crossed = _unwrap_midnight(base)
         if constant(base):
             if has_trigger:
-                return base + _trigger_s(recs), f"{name}+TriggerTime", crossed
+                return checked(base + _trigger_s(recs), f"{name}+TriggerTime", crossed)
             continue  # a series-level time, not a per-frame one
-        return base, name, crossed
+        return checked(base, name, crossed)
     if has_trigger:
-        return _trigger_s(recs), "TriggerTime", False
+        return checked(_trigger_s(recs), "TriggerTime", False)
     names = ", ".join(n for n, _, _ in TIME_CANDIDATES) + ", TriggerTime"
     for r in recs:
         if not r.tags:
