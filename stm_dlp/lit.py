@@ -193,7 +193,3 @@ class PerfusionLitModule(L.LightningModule):
         checkpoint["stm_dlp"] = {"model_config": self.model_config,
                                  "target_scale": self.target_scale.detach().cpu().tolist(),
                                  "params": list(PARAMS)}
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch.to(device) if isinstance(batch, CTPBatch) else super().transfer_batch_to_device(
-            batch, device, dataloader_idx)

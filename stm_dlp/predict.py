@@ -1,0 +1,139 @@
+"""``python -m stm_dlp.predict ckpt=PATH input=STUDY_DIR output=OUT_DIR`` — model maps for a study.
+
+Reads a DICOM study (``ctp/`` folder or the study folder itself) or an ISLES case, runs the model
+slice by slice in batches (GPU when present, ``torch.inference_mode``), and writes
+``{cbf,cbv,mtt,tmax}.nii.gz`` with the scan's geometry, ``maps.png`` and ``summary.json``.
+
+Checkpoints are loaded with ``torch.load(weights_only=True)``: a checkpoint that needs unpickling of
+arbitrary objects is refused. Slices that fail (e.g. non-finite input) are reported and, with
+``mode=best_effort`` (default), written as zeros while the other slices are kept; ``mode=strict``
+fails the whole study instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from stm_dlp.cli import REQUIRED
+from stm_dlp.lit import physical_maps
+from stm_dlp.types import ALL_PARAMS, PARAMS, UNITS, Study, StudyError, collate_slices
+
+
+def load_model(ckpt: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, torch.Tensor, dict]:
+    """Rebuild the network of a training checkpoint; returns ``(model, target_scale (3,), info)``."""
+    path = Path(ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a safe checkpoint"
+        raise StudyError(f"{path}: not a loadable STM-DLP checkpoint with weights_only=True "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    info = state.get("stm_dlp") if isinstance(state, dict) else None
+    if not info or "model_config" not in info:
+        raise StudyError(f"{path}: checkpoint has no STM-DLP model description (was it written by stm_dlp.run?)")
+    model = instantiate(info["model_config"])
+    weights = {k[len("model."):]: v for k, v in state["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    return model, torch.tensor(info["target_scale"], dtype=torch.float32, device=device), info
+
+
+@torch.inference_mode()
+def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Study, batch_size: int = 4,
+                  device: torch.device | str = "cpu", mode: str = "best_effort") -> tuple[dict, list[dict]]:
+    """Maps ``{cbv, cbf, tmax, mtt}`` each ``(S, H, W)`` float32, and a list of failed slices."""
+    if mode not in ("best_effort", "strict"):
+        raise ValueError(f"mode must be best_effort or strict, got {mode!r}")
+    s_count, (h, w) = study.n_slices, study.shape_hw
+    out = {p: np.zeros((s_count, h, w), np.float32) for p in ALL_PARAMS}
+    failed: list[dict] = []
+    good: list[int] = []
+    for s in range(s_count):
+        fr = np.asarray(study.frames[s])
+        if not np.all(np.isfinite(fr)):
+            problem = {"slice": s, "error": "non-finite values in the frames"}
+            if mode == "strict":
+                raise StudyError(f"{study.source}: slice {s}: {problem['error']}")
+            failed.append(problem)
+        else:
+            good.append(s)
+    for i in range(0, len(good), batch_size):
+        idx = good[i:i + batch_size]
+        batch = collate_slices([study.slice_sample(s) for s in idx]).to(device)
+        maps = physical_maps(model(batch.frames, batch.times_s, batch.lengths).float(), target_scale)
+        for p in ALL_PARAMS:
+            out[p][idx] = maps[p].cpu().numpy()
+    if study.mask is not None:
+        for p in ALL_PARAMS:
+            out[p] *= np.asarray(study.mask)
+    return out, failed
+
+
+def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_size: int = 4,
+                mode: str = "best_effort", frame_interval_s: float | None = None) -> dict[str, Any]:
+    """Read, predict, write. Returns the summary written to ``summary.json``."""
+    from stm_dlp.data.studies import read_any_study
+    from stm_dlp.io.outputs import write_outputs
+
+    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
+                       ("cpu" if device == "auto" else device))
+    model, scale, info = load_model(ckpt, dev)
+    t0 = time.perf_counter()
+    study = read_any_study(input, frame_interval_s=frame_interval_s)
+    t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    maps, failed = predict_study(model, scale, study, batch_size, dev, mode)
+    t_pred = time.perf_counter() - t0
+    summary = {
+        "method": "stm_dlp",
+        "model": info["model_config"].get("_target_"),
+        "encoder": info["model_config"].get("encoder"),
+        "checkpoint": str(ckpt),
+        "patient_id": study.patient_id,
+        "shape_slices_rows_cols": [study.n_slices, *study.shape_hw],
+        "n_frames": study.n_frames,
+        "params_predicted": list(PARAMS),
+        "units": dict(UNITS),
+        "device": str(dev),
+        "timing_s": {"read": round(t_read, 3), "predict": round(t_pred, 3)},
+        "failed_slices": failed,
+    }
+    write_outputs(output, maps, study.affine, summary, mask=study.mask)
+    return summary
+
+
+SPEC = {
+    "ckpt": (str, REQUIRED, "training checkpoint (.ckpt)"),
+    "input": (str, REQUIRED, "study folder (DICOM) or ISLES case"),
+    "output": (str, REQUIRED, "output folder"),
+    "device": (str, "auto", "cpu, cuda or auto"),
+    "batch_size": (int, 4, "slices per forward pass"),
+    "mode": (str, "best_effort", "best_effort (skip bad slices) or strict"),
+    "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from stm_dlp.cli import parse_kv, run_cli
+
+    def _main() -> int:
+        args = parse_kv(sys.argv[1:] if argv is None else argv, SPEC)
+        summary = run_predict(**args)
+        print(f"wrote maps for {summary['shape_slices_rows_cols'][0]} slices to {args['output']}"
+              + (f" ({len(summary['failed_slices'])} slices failed, see summary.json)"
+                 if summary["failed_slices"] else ""))
+        return 0
+
+    return run_cli(_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
