@@ -1,0 +1,114 @@
+"""The calculation approach evaluated exactly like a trained model (``python -m stm_dlp.run model=calc``).
+
+``model=calc`` (``conf/model/calc.yaml``) instantiates :class:`CalcBaseline`; :func:`stm_dlp.run.train`
+sees it, skips training and calls :func:`evaluate_studies` on the DataModule's test studies — the
+same patients, the same corruption (``data.eval_corruption``) and frame truncation
+(``data.frame_fraction``) the model is tested on — and writes the same ``metrics.json``: MAE, RMSE
+and R² per parameter inside the brain mask, in physical units, with the torchmetrics definitions of
+:mod:`stm_dlp.lit`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from stm_dlp.lit import _metric_set
+from stm_dlp.types import ALL_PARAMS, PARAMS, Study, mtt_from_cbv_cbf
+
+
+def _calculate_maps() -> Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    try:
+        from stm_dlp.perfusion import calculate_maps
+    except ImportError:  # the package's public entry point is not exported yet
+        from stm_dlp.perfusion.maps import calculate_maps
+    return calculate_maps
+
+
+@dataclass
+class CalcBaseline:
+    """Deconvolution maps for a study (``stm_dlp.perfusion.calculate_maps``) as a drop-in "model".
+
+    Args:
+        method: ``osvd`` (default), ``bcsvd``, ``ssvd`` or ``tikhonov``.
+        aif: ``"auto"`` or anything :func:`~stm_dlp.perfusion.calculate_maps` accepts.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        params: other ``calculate_maps`` keyword arguments.
+    """
+
+    method: str = "osvd"
+    aif: Any = "auto"
+    device: str = "cpu"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return {"osvd": "oSVD", "bcsvd": "bcSVD", "ssvd": "sSVD"}.get(self.method, self.method)
+
+    def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """``{cbv, cbf, tmax, mtt}`` of ``(S, H, W)`` float32 in physical units, and the info dict."""
+        calculate_maps = _calculate_maps()
+        mask = None if study.mask is None else np.asarray(study.mask, bool)
+        maps, info = calculate_maps(np.array(study.frames, np.float32), np.array(study.times_s, np.float32),
+                                    mask, method=self.method, aif=self.aif, device=self.device,
+                                    **dict(self.params or {}))
+        out = {p: np.asarray(maps[p], np.float32) for p in PARAMS}
+        out["mtt"] = (np.asarray(maps["mtt"], np.float32) if "mtt" in maps
+                      else mtt_from_cbv_cbf(out["cbv"], out["cbf"]))
+        return out, info
+
+
+def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
+                     progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Metrics of the calculation approach over ``studies`` (each with label ``maps`` and ``mask``).
+
+    Returns the structure of :attr:`stm_dlp.lit.PerfusionLitModule.test_results`:
+    ``{param: {mae, rmse, r2}, "per_patient_mae": {patient: {param: mae}}}`` plus ``"seconds"`` and
+    ``"failed_studies"`` (how many studies the calculation could not process) and ``"failures"``.
+    Pixels count where the study's brain mask is true, exactly as for the model's test step.
+
+    A study the calculation approach refuses (e.g. no usable arterial input function on heavily
+    truncated or corrupted input — the failure the paper's D_fail study is about) scores as all-zero
+    maps, what a reader gets from a failed calculation, and is counted in ``failed_studies``.
+    """
+    metrics = {p: _metric_set() for p in ALL_PARAMS}
+    per_patient: dict[str, dict[str, float]] = {}
+    failures: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for k, study in enumerate(studies):
+        if study.maps is None:
+            raise ValueError(f"{study.source or 'a study'}: no label maps to evaluate the calculation approach against")
+        try:
+            pred, _info = baseline.maps(study)
+        except ValueError as exc:  # StudyError included: the calculation gives no maps for this study
+            pred = {p: np.zeros(np.asarray(study.maps[:, 0]).shape, np.float32) for p in ALL_PARAMS}
+            failures.append({"study": k, "error": str(exc).splitlines()[0][:300]})
+        truth = {p: torch.from_numpy(np.asarray(study.maps[:, i], np.float32)) for i, p in enumerate(PARAMS)}
+        truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+        if study.mask is not None:
+            mask = torch.from_numpy(np.asarray(study.mask, bool))
+        else:
+            mask = torch.ones(truth["cbv"].shape, dtype=torch.bool)
+        sums = {}
+        for p in ALL_PARAMS:
+            pr = torch.from_numpy(np.nan_to_num(pred[p], nan=0.0, posinf=0.0, neginf=0.0))[mask]
+            tr = truth[p][mask]
+            if pr.numel():
+                metrics[p].update(pr, tr)
+            sums[p] = float((pr - tr).abs().sum()) / max(int(mask.sum()), 1)
+        per_patient[study.patient_id] = sums
+        if progress is not None:
+            progress(k + 1, len(studies))
+    results: dict[str, Any] = {}
+    for p in ALL_PARAMS:
+        results[p] = {name: float(v) for name, v in metrics[p].compute().items()}
+    results["per_patient_mae"] = per_patient
+    results["seconds"] = round(time.perf_counter() - t0, 3)
+    results["failed_studies"] = len(failures)
+    results["failures"] = failures  # study index within the split and the reason; no patient identifier
+    return results
