@@ -1,0 +1,243 @@
+"""Arterial input function (AIF) and venous output function (VOF) selection.
+
+Automatic selection follows the criteria used by most automatic CTP/DSC AIF methods (Mouridsen et
+al., MRM 2006;55:524; Peruzzo et al., Comput Methods Programs Biomed 2011;104:e148; Fieselmann et
+al. 2011, §5.1): an arterial curve arrives **early**, peaks **high**, is **narrow** (small full
+width at half maximum) and **smooth**. Candidates are the most enhancing pixels inside the head
+(not only the brain mask: large vessels are often excluded from it); each feature is standardised
+robustly (median / MAD) over the candidates and combined into one score
+
+    score = z(peak) - z(arrival) - z(fwhm) - 0.5 z(roughness),
+
+pixels that peak too late (more than ``max_late_s`` after the earliest candidate peak) or are too
+rough (roughness above ``max_roughness``) are excluded, and the AIF is the mean of the ``n_aif``
+best-scoring pixels (resampled from their real frame times onto the uniform grid).
+
+The VOF (superior sagittal sinus) is the mean of the ``n_vof`` candidates with the largest area under
+the curve among those that peak at least ``vof_min_lag_s`` after the AIF and reach half its peak.
+**Partial-volume correction** (``pv_correction=True``): small arteries are partly volume-averaged
+with tissue, which lowers the AIF and inflates CBF/CBV, whereas the large sinus is not; since
+tracer is conserved, the AIF and VOF areas should be equal (Fieselmann 2011, §5.2; Bleeker et al.,
+MRM 2011), so the AIF is scaled by ``max(1, area(VOF) / area(AIF))`` (capped at ``max_pv_scale``);
+it is never scaled down (a smaller VOF area means the VOF, not the AIF, is partial-volumed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from stm_dlp.perfusion.concentration import interp_matrix
+
+
+@dataclass
+class AIFSelection:
+    """A chosen AIF (and VOF), all curves on the uniform deconvolution grid.
+
+    Attributes:
+        curve: ``(L,)`` AIF enhancement (HU) used for deconvolution (after partial-volume scaling).
+        curve_raw: ``(L,)`` AIF before scaling.
+        grid_s: ``(L,)`` the uniform grid (s from the study's first frame).
+        pixels: chosen AIF pixels ``(slice, row, col)`` (empty for a user curve).
+        scores: score of each chosen pixel (NaN-free; 0 for user-given pixels).
+        vof_curve: ``(L,)`` VOF or ``None``.
+        vof_pixels: chosen VOF pixels.
+        pv_scale: factor applied to ``curve_raw`` (1.0 when no correction).
+        source: ``"auto"``, ``"pixels"`` or ``"curve"``.
+    """
+
+    curve: torch.Tensor
+    curve_raw: torch.Tensor
+    grid_s: torch.Tensor
+    pixels: list[tuple[int, int, int]] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    vof_curve: torch.Tensor | None = None
+    vof_pixels: list[tuple[int, int, int]] = field(default_factory=list)
+    pv_scale: float = 1.0
+    source: str = "auto"
+
+    def to_dict(self) -> dict:
+        """JSON-friendly summary (lists of floats / ints)."""
+        return {
+            "source": self.source,
+            "pixels_slice_row_col": [list(p) for p in self.pixels],
+            "scores": [round(float(s), 4) for s in self.scores],
+            "vof_pixels_slice_row_col": [list(p) for p in self.vof_pixels],
+            "pv_scale": round(float(self.pv_scale), 4),
+            "grid_s": [round(float(t), 4) for t in self.grid_s.cpu()],
+            "aif_hu": [round(float(v), 3) for v in self.curve.cpu()],
+            "aif_raw_hu": [round(float(v), 3) for v in self.curve_raw.cpu()],
+            "vof_hu": None if self.vof_curve is None else [round(float(v), 3) for v in self.vof_curve.cpu()],
+        }
+
+
+def _time_shares(times: torch.Tensor) -> torch.Tensor:
+    """Trapezoid weight of each sample ``(P, T)``: half the distance between its neighbours."""
+    gaps = torch.diff(times, dim=-1)
+    share = torch.zeros_like(times)
+    share[..., :-1] += 0.5 * gaps
+    share[..., 1:] += 0.5 * gaps
+    return share
+
+
+def curve_features(conc: torch.Tensor, times: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Shape features of enhancement curves on their real (possibly irregular) times.
+
+    Args:
+        conc: ``(P, T)`` enhancement (HU).
+        times: ``(P, T)`` or ``(T,)`` frame times (s).
+    Returns:
+        dict of ``(P,)`` tensors: ``peak`` (HU), ``t_peak`` (s), ``arrival`` (s, first sample above 10 %
+        of the peak), ``fwhm`` (s, time spent above half the peak), ``area`` (HU·s, trapezoid) and
+        ``roughness`` (mean squared second difference / peak², dimensionless).
+    """
+    t = times.to(conc.dtype).expand_as(conc)
+    peak, ipk = conc.max(-1)
+    t_peak = t.gather(-1, ipk[:, None])[:, 0]
+    safe = peak.clamp_min(1e-6)[:, None]
+    rel = conc / safe
+    ar = torch.arange(conc.shape[-1], device=conc.device)[None]
+    above10 = (rel >= 0.1) & (ar <= ipk[:, None])
+    first = torch.where(above10, ar, torch.full_like(ar, conc.shape[-1])).min(-1).values.clamp(max=conc.shape[-1] - 1)
+    arrival = t.gather(-1, first[:, None])[:, 0]
+    share = _time_shares(t)
+    fwhm = ((rel >= 0.5).to(conc.dtype) * share).sum(-1)
+    area = (conc * share).sum(-1)
+    d2 = rel[:, 2:] - 2 * rel[:, 1:-1] + rel[:, :-2] if conc.shape[-1] >= 3 else torch.zeros_like(rel)
+    roughness = (d2**2).mean(-1)
+    return {"peak": peak, "t_peak": t_peak, "arrival": arrival, "fwhm": fwhm, "area": area,
+            "roughness": roughness}
+
+
+def _robust_z(x: torch.Tensor) -> torch.Tensor:
+    """``(x - median) / (1.4826 MAD)``, the scale floored at 1 % of ``|median|`` and z clipped to ±10.
+
+    The floor keeps identical candidates (clean phantoms) from producing huge or NaN scores.
+    """
+    x = x.to(torch.float64)
+    med = x.median()
+    mad = (x - med).abs().median() * 1.4826
+    scale = torch.maximum(mad, 0.01 * med.abs() + 1e-9)
+    return torch.nan_to_num((x - med) / scale, 0.0, 10.0, -10.0).clamp(-10.0, 10.0)
+
+
+def _to_grid(conc: torch.Tensor, times: torch.Tensor, grid_s: torch.Tensor) -> torch.Tensor:
+    """Resample each curve ``(P, T)`` (own times ``(P, T)``) onto ``grid_s`` ``(L,)`` → ``(P, L)``."""
+    out = torch.empty((conc.shape[0], grid_s.shape[0]), dtype=conc.dtype, device=conc.device)
+    uniq, inv = torch.unique(times.to(torch.float64), dim=0, return_inverse=True)
+    for u in range(uniq.shape[0]):
+        sel = inv == u
+        w = interp_matrix(uniq[u], grid_s.to(torch.float64)).to(conc.dtype)
+        out[sel] = conc[sel] @ w.T
+    return out
+
+
+def _trapz(curve: torch.Tensor, dt: float) -> torch.Tensor:
+    return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) * dt
+
+
+def select_aif(
+    conc: torch.Tensor,
+    times: torch.Tensor,
+    coords: torch.Tensor,
+    grid_s: torch.Tensor,
+    n_aif: int = 8,
+    n_vof: int = 8,
+    pool_frac: float = 0.02,
+    pool_min: int = 40,
+    max_late_s: float = 6.0,
+    max_roughness: float = 0.5,
+    vof_min_lag_s: float = 1.0,
+    pv_correction: bool = True,
+    max_pv_scale: float = 3.0,
+) -> AIFSelection:
+    """Automatic AIF (and VOF) from candidate curves.
+
+    Args:
+        conc: ``(P, T)`` enhancement (HU) of the candidate-region pixels.
+        times: ``(P, T)`` frame times (s, study clock) of each pixel (its slice's times).
+        coords: ``(P, 3)`` int ``(slice, row, col)`` of each pixel.
+        grid_s: ``(L,)`` uniform deconvolution grid (s).
+        n_aif, n_vof: pixels averaged into the AIF / VOF (Mouridsen 2006 used clusters of ~5-10).
+        pool_frac, pool_min: candidates = the top ``pool_frac`` (at least ``pool_min``) by peak.
+        max_late_s: exclude candidates whose peak is this much later than the earliest candidate peak.
+        max_roughness: exclude candidates with a larger roughness (noisy or artefact curves).
+        vof_min_lag_s: VOF candidates peak at least this long after the AIF.
+        pv_correction: scale the AIF area up to the VOF's (see module docstring).
+        max_pv_scale: cap of that scale.
+
+    Raises:
+        ValueError: when no pixel enhances (no bolus in the study).
+    """
+    if conc.shape[0] == 0:
+        raise ValueError("no candidate pixels for the arterial input function (empty head/brain mask)")
+    t = times.to(conc.dtype).expand_as(conc)
+    feats = curve_features(conc, t)
+    peak = feats["peak"]
+    if float(peak.max()) <= 0:
+        raise ValueError("no pixel enhances after the first frame: is there a contrast bolus in this study?")
+    n_pool = int(min(conc.shape[0], max(pool_min, round(pool_frac * conc.shape[0]), n_aif + n_vof)))
+    pool = torch.topk(peak, n_pool).indices
+    f = {k: v[pool] for k, v in feats.items()}
+    ok = (f["peak"] > 0) & (f["t_peak"] <= f["t_peak"].min() + max_late_s) & (f["roughness"] <= max_roughness)
+    if int(ok.sum()) == 0:
+        ok = f["peak"] > 0
+    score = _robust_z(f["peak"]) - _robust_z(f["arrival"]) - _robust_z(f["fwhm"]) - 0.5 * _robust_z(f["roughness"])
+    score = torch.where(ok, score, torch.full_like(score, -1e9))
+    n_take = int(min(n_aif, int(ok.sum())))
+    best = torch.topk(score, n_take).indices
+    chosen = pool[best]
+    aif_raw = _to_grid(conc[chosen], t[chosen], grid_s).mean(0)
+
+    # VOF: later-peaking, high, large-area curves among the remaining candidates.
+    vof_curve, vof_pixels, pv_scale = None, [], 1.0
+    aif_tpk = float(f["t_peak"][best].median())
+    aif_peak = float(f["peak"][best].mean())
+    rest = torch.ones(n_pool, dtype=torch.bool, device=conc.device)
+    rest[best] = False
+    vsel = rest & (f["t_peak"] >= aif_tpk + vof_min_lag_s) & (f["peak"] >= 0.5 * aif_peak)
+    vsel &= f["roughness"] <= max_roughness
+    if n_vof > 0 and int(vsel.sum()) > 0:
+        varea = torch.where(vsel, f["area"], torch.full_like(f["area"], float("-inf")))
+        vbest = torch.topk(varea, int(min(n_vof, int(vsel.sum())))).indices
+        vchosen = pool[vbest]
+        vof_curve = _to_grid(conc[vchosen], t[vchosen], grid_s).mean(0)
+        vof_pixels = [tuple(int(v) for v in coords[i]) for i in vchosen.cpu()]
+        dt = float(grid_s[1] - grid_s[0])
+        a_area, v_area = float(_trapz(aif_raw, dt)), float(_trapz(vof_curve, dt))
+        if pv_correction and a_area > 0 and v_area > 0:
+            pv_scale = float(min(max(1.0, v_area / a_area), max_pv_scale))
+    return AIFSelection(
+        curve=aif_raw * pv_scale,
+        curve_raw=aif_raw,
+        grid_s=grid_s,
+        pixels=[tuple(int(v) for v in coords[i]) for i in chosen.cpu()],
+        scores=[float(v) for v in score[best].cpu()],
+        vof_curve=vof_curve,
+        vof_pixels=vof_pixels,
+        pv_scale=pv_scale,
+        source="auto",
+    )
+
+
+def aif_from_pixels(conc: torch.Tensor, times: torch.Tensor, pixels: Sequence[Sequence[int]],
+                    grid_s: torch.Tensor) -> AIFSelection:
+    """AIF = mean of user-chosen pixels' curves ``conc`` ``(P, T)`` (times ``(P, T)``), no PV scaling."""
+    curve = _to_grid(conc, times.to(conc.dtype).expand_as(conc), grid_s).mean(0)
+    return AIFSelection(curve=curve, curve_raw=curve, grid_s=grid_s,
+                        pixels=[tuple(int(v) for v in p) for p in pixels], scores=[0.0] * len(pixels),
+                        source="pixels")
+
+
+def aif_from_curve(curve: torch.Tensor, times_s: torch.Tensor, grid_s: torch.Tensor) -> AIFSelection:
+    """AIF given as enhancement values ``(T',)`` at ``times_s`` ``(T',)`` (study clock), resampled."""
+    if curve.shape != times_s.shape or curve.dim() != 1:
+        raise ValueError(f"an AIF curve needs one value per time point, got {tuple(curve.shape)} values "
+                         f"and {tuple(times_s.shape)} times")
+    if not bool(torch.all(torch.diff(times_s) > 0)):
+        raise ValueError("the AIF curve's times must be strictly increasing")
+    w = interp_matrix(times_s.to(torch.float64), grid_s.to(torch.float64)).to(curve.dtype)
+    g = w @ curve
+    return AIFSelection(curve=g, curve_raw=g, grid_s=grid_s, source="curve")
