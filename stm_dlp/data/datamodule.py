@@ -68,11 +68,16 @@ class SliceDataset(Dataset):
     ``seed_everything(workers=True)``), so runs are reproducible.
     """
 
-    def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None):
+    def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None,
+                 samples_per_slice: int = 1):
         self.studies = list(studies)
-        self.index = [(i, s) for i, st in enumerate(self.studies) for s in range(st.n_slices)]
+        # With random crops, one slice yields several different samples per epoch.
+        self.index = [(i, s) for i, st in enumerate(self.studies) for s in range(st.n_slices)] * samples_per_slice
         self.transform = transform
         self.crop_size = crop_size
+        if samples_per_slice < 1:
+            raise ValueError(f"data.samples_per_slice must be >= 1, got {samples_per_slice}")
+        self.samples_per_slice = samples_per_slice
 
     def __len__(self) -> int:
         return len(self.index)
@@ -130,6 +135,7 @@ class CTPDataModule(L.LightningDataModule):
         val_fraction, test_fraction: patient fractions.
         batch_size, eval_batch_size, num_workers: loader settings.
         crop_size: random square crops for training (None: whole slices).
+        samples_per_slice: training samples (random crops) drawn from each slice per epoch.
         augment: list of corruption transforms for training (see :mod:`stm_dlp.data.corrupt`).
         eval_corruption: name of a corruption applied to val/test studies (robustness study).
         frame_fraction: keep the first fraction of frames at val/test (paper Figure 7); 1.0 = all.
@@ -143,7 +149,8 @@ class CTPDataModule(L.LightningDataModule):
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
                  phantom: dict[str, Any] | None = None, seed: int = 0, val_fraction: float = 0.15,
                  test_fraction: float = 0.25, batch_size: int = 4, eval_batch_size: int = 8,
-                 num_workers: int = 0, crop_size: int | None = None, augment: Sequence | None = None,
+                 num_workers: int = 0, crop_size: int | None = None, samples_per_slice: int = 1,
+                 augment: Sequence | None = None,
                  eval_corruption: str = "none", eval_corruption_seed: int = 1234, frame_fraction: float = 1.0,
                  train_frame_fraction: float | None = None, label_source: str = "maps",
                  calc: dict[str, Any] | None = None, cache_dir: str | None = None,
@@ -163,6 +170,9 @@ class CTPDataModule(L.LightningDataModule):
         self.seed, self.val_fraction, self.test_fraction = seed, val_fraction, test_fraction
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
         self.crop_size = crop_size
+        if samples_per_slice < 1:
+            raise ValueError(f"data.samples_per_slice must be >= 1, got {samples_per_slice}")
+        self.samples_per_slice = samples_per_slice
         self.augment = Compose(list(augment)) if augment else None
         self.eval_corruption, self.eval_corruption_seed = eval_corruption, eval_corruption_seed
         self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
@@ -246,7 +256,8 @@ class CTPDataModule(L.LightningDataModule):
         if self.train_frame_fraction is not None and self.train_frame_fraction < 1.0:
             train_tf.append(Truncate(keep_fraction=self.train_frame_fraction))
         self.train_set = SliceDataset([self.studies[p] for p in self.splits["train"]],
-                                      Compose(train_tf) if train_tf else None, self.crop_size)
+                                      Compose(train_tf) if train_tf else None, self.crop_size,
+                                      self.samples_per_slice)
         self.val_set = SliceDataset(self._eval_studies("val"))
         self.test_set = SliceDataset(self._eval_studies("test"))
 
