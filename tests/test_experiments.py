@@ -1,0 +1,242 @@
+"""Sweeps (conf/experiment), the calculation approach as a model, eval_conditions and the aggregation
+into the paper's tables and figures (experiments.tables / experiments.figures)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+import stm_dlp.run  # noqa: F401 - registers the resolvers the configs use
+from experiments import tables
+from stm_dlp.run import condition_name
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+PARAM_COLUMNS = [f"{m} {p}" for m in ("MAE", "RMSE", "R²") for p in ("CBV", "CBF", "TMAX")]
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def _sweep_variants(cfg) -> list[str]:
+    return str(cfg.hydra.sweeper.params["+experiment/variant"]).split(",")
+
+
+# ----------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("experiment, variants", [
+    ("table1", ["unitobrain", "stm_dlp_cnn", "stm_dlp_mlp_mixer", "stm_dlp_lstm"]),
+    ("table2", ["temporal_first", "stm_dlp_lstm", "sf_time_spatial", "sf_time_both", "joint", "mpp1", "mpp3"]),
+    ("frames", ["stm_dlp_lstm", "calc"]),
+    ("robustness", ["stm_dlp_lstm", "calc"]),
+    ("frames_trained", ["stm_dlp_lstm", "calc"]),
+])
+def test_experiment_sweeps_compose(experiment, variants):
+    cfg = _compose([f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    assert _sweep_variants(cfg) == variants
+    assert "seed" not in cfg.hydra.sweeper.params  # seeds are an axis the user adds: seed=0,1,2
+
+
+def test_variants_set_the_paper_rows():
+    expect = {
+        "unitobrain": ("stm_dlp.models.UniToBrain", {}),
+        "stm_dlp_cnn": ("stm_dlp.models.STMDLP", {"encoder": "cnn", "order": "spatial_first"}),
+        "stm_dlp_mlp_mixer": ("stm_dlp.models.STMDLP", {"encoder": "mlp_mixer"}),
+        "stm_dlp_lstm": ("stm_dlp.models.STMDLP", {"encoder": "lstm", "order": "spatial_first",
+                                                   "time_input": "temporal", "exchange_layers": 2}),
+        "temporal_first": ("stm_dlp.models.STMDLP", {"encoder": "lstm", "order": "temporal_first"}),
+        "sf_time_spatial": ("stm_dlp.models.STMDLP", {"order": "spatial_first", "time_input": "spatial"}),
+        "sf_time_both": ("stm_dlp.models.STMDLP", {"order": "spatial_first", "time_input": "both"}),
+        "joint": ("stm_dlp.models.STMDLP", {"order": "joint"}),
+        "mpp1": ("stm_dlp.models.STMDLP", {"exchange_layers": 1, "order": "spatial_first"}),
+        "mpp3": ("stm_dlp.models.STMDLP", {"exchange_layers": 3}),
+        "calc": ("stm_dlp.calc_eval.CalcBaseline", {"method": "osvd"}),
+    }
+    for variant, (target, fields) in expect.items():
+        cfg = _compose(["experiment=table2", f"+experiment/variant={variant}"])
+        assert cfg.model._target_ == target, variant
+        assert cfg.variant.name == variant
+        for k, v in fields.items():
+            assert cfg.model[k] == v, (variant, k)
+    assert _compose(["+experiment/variant=unitobrain"]).lit.loss == "mse"  # UniToBrain's own recipe
+
+
+def test_frames_and_robustness_conditions():
+    frames = _compose(["experiment=frames"])
+    assert [c["frame_fraction"] for c in frames.eval_conditions] == [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    robust = _compose(["experiment=robustness"])
+    from stm_dlp.data.corrupt import NAMED_CORRUPTIONS
+
+    assert {c["eval_corruption"] for c in robust.eval_conditions} == set(NAMED_CORRUPTIONS) - {"none"}
+    trained = _compose(["experiment=frames_trained", "data.frame_fraction=0.6"])
+    assert trained.data.train_frame_fraction == 0.6
+    assert condition_name({"frame_fraction": 0.6}) == "frames0.6"
+    assert condition_name({"eval_corruption": "noise"}) == "noise"
+    assert condition_name({"eval_corruption": "motion", "frame_fraction": 0.5}) == "motion+frames0.5"
+    assert condition_name({"name": "a b/c"}) == "a_b_c"
+
+
+def test_calc_model_config():
+    cfg = _compose(["model=calc"])
+    from hydra.utils import instantiate
+
+    from stm_dlp.calc_eval import CalcBaseline
+
+    baseline = instantiate(cfg.model)
+    assert isinstance(baseline, CalcBaseline) and baseline.method == "osvd" and baseline.aif == "auto"
+
+
+def test_calc_evaluation_matches_lit_metrics(tiny_study):
+    """CalcBaseline scored by evaluate_studies equals torchmetrics over the masked pixels."""
+    import torch
+    from torchmetrics.functional import mean_absolute_error, r2_score
+
+    from stm_dlp.calc_eval import CalcBaseline, evaluate_studies
+
+    baseline = CalcBaseline()
+    res = evaluate_studies(baseline, [tiny_study])
+    maps, _ = baseline.maps(tiny_study)
+    m = torch.from_numpy(np.asarray(tiny_study.mask, bool))
+    pred = torch.from_numpy(maps["cbf"])[m]
+    truth = torch.from_numpy(np.asarray(tiny_study.maps[:, 1], np.float32))[m]
+    assert res["cbf"]["mae"] == pytest.approx(float(mean_absolute_error(pred, truth)), rel=1e-5)
+    assert res["cbf"]["r2"] == pytest.approx(float(r2_score(pred, truth)), rel=1e-4, abs=1e-5)
+    assert res["failed_studies"] == 0 and set(res["per_patient_mae"]) == {tiny_study.patient_id}
+
+
+# ----------------------------------------------------------------------------- aggregation (synthetic jobs)
+def _fake_job(root: Path, num: int, experiment: str, variant: str, label: str, seed: int, mae: float,
+              conditions: dict | None = None, model: str = "stm_dlp.models.STMDLP", failed: int | None = None):
+    d = root / str(num)
+    d.mkdir(parents=True)
+
+    def test(scale):
+        return {p: {"mae": mae * scale, "rmse": 2 * mae * scale, "r2": 1 - mae * scale / 10}
+                for p in ("cbv", "cbf", "tmax", "mtt")}
+
+    metrics = {"test": test(1.0), "experiment": experiment, "variant": variant, "label": label, "seed": seed,
+               "model": model, "eval_corruption": "none", "frame_fraction": 1.0, "n_test_patients": 3,
+               "conditions": {}}
+    if failed is not None:
+        metrics["failed_studies"] = 0
+    for name, (corruption, ff, scale) in (conditions or {}).items():
+        metrics["conditions"][name] = {"eval_corruption": corruption, "frame_fraction": ff, "test": test(scale),
+                                       **({"failed_studies": failed} if failed is not None else {})}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "config.yaml").write_text(yaml.safe_dump({"experiment_name": experiment, "seed": seed,
+                                                   "variant": {"name": variant, "label": label}}))
+    (d / ".hydra").mkdir()
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"+experiment/variant={variant}",
+                                                                 f"seed={seed}"]))
+
+
+def test_table2_layout_reuses_rows_and_bolds_best(tmp_path):
+    sweep = tmp_path / "sweep"
+    n = 0
+    for variant, label, mae in (("temporal_first", "Temporal First", 3.0), ("stm_dlp_lstm", "STM-DLP LSTM", 1.0),
+                                ("mpp3", "MPP with 3-layer Feature Exchange", 2.0)):
+        for seed, jitter in ((0, 0.0), (1, 0.2)):
+            _fake_job(sweep, n, "table2", variant, label, seed, mae + jitter)
+            n += 1
+    written = tables.summarise([sweep], tmp_path / "out", qualitative=False)
+    md = (tmp_path / "out" / "table2.md").read_text()
+    body = [line for line in md.splitlines() if line.startswith("| ")]
+    assert body[0] == "| Model | " + " | ".join(PARAM_COLUMNS) + " |"
+    labels = [line.split(" | ")[0].lstrip("| ") for line in body[1:]]
+    assert labels == ["Temporal First", "Spatial First - Time in Temporal", "MPP with 2-layer Feature Exchange",
+                      "MPP with 3-layer Feature Exchange"]  # one run, two rows; paper order
+    lstm_row = body[2]
+    assert "**1.100 ± 0.141**" in lstm_row  # mean ± sample std over seeds 0, 1; lowest MAE in bold
+    assert lstm_row.count("**") == 2 * 9  # best in every column (R² highest)
+    assert "**" not in body[1]
+    rows = list(csv.DictReader(io_open(tmp_path / "out" / "table2.csv")))
+    assert [r["row"] for r in rows] == ["temporal_first", "stm_dlp_lstm", "stm_dlp_lstm", "mpp3"]
+    assert rows[1]["n_seeds"] == "2" and float(rows[1]["mae_cbv"]) == pytest.approx(1.1)
+    assert float(rows[1]["mae_cbv_std"]) == pytest.approx(np.std([1.0, 1.2], ddof=1), rel=1e-5)
+    assert sorted(p.name for p in written["table2"]) == ["table2.csv", "table2.md"]
+
+
+def io_open(path: Path):
+    return open(path, newline="")
+
+
+def test_frames_and_robustness_aggregation(tmp_path):
+    sweep = tmp_path / "frames"
+    conds = {f"frames{f:g}": ("none", f, 1 + (1 - f)) for f in (0.8, 0.6)}
+    _fake_job(sweep, 0, "frames", "stm_dlp_lstm", "STM-DLP LSTM", 0, 1.0, conds)
+    calc_conds = {f"frames{f:g}": ("none", f, 1 + 3 * (1 - f)) for f in (0.8, 0.6)}
+    _fake_job(sweep, 1, "frames", "calc", "oSVD (calculation)", 0, 1.5, calc_conds,
+              model="stm_dlp.calc_eval.CalcBaseline", failed=1)
+    written = tables.summarise([sweep], tmp_path / "out", qualitative=False)
+    names = sorted(p.name for p in written["frames"])
+    assert names == ["frames.csv", "frames.md", "frames_frames.png"]
+    md = (tmp_path / "out" / "frames.md").read_text()
+    body = [line for line in md.splitlines() if line.startswith("| ")]
+    assert body[0].startswith("| Condition | Model | MAE CBV")
+    assert [line.split(" | ")[0].lstrip("| ") for line in body[1:]] == [
+        "regular", "regular", "80% frames", "80% frames", "60% frames", "60% frames"]
+    assert "oSVD (calculation) †" in md and "scored as zero maps" in md
+    assert (tmp_path / "out" / "frames_frames.png").stat().st_size > 10_000
+
+    rob = tmp_path / "robust"
+    _fake_job(rob, 0, "robustness", "stm_dlp_lstm", "STM-DLP LSTM", 0, 1.0,
+              {"noise": ("noise", 1.0, 1.2), "motion": ("motion", 1.0, 1.5)})
+    _fake_job(rob, 1, "robustness", "calc", "oSVD (calculation)", 0, 1.4,
+              {"noise": ("noise", 1.0, 2.0), "motion": ("motion", 1.0, 1.0)}, model="stm_dlp.calc_eval.CalcBaseline")
+    written = tables.summarise([rob], tmp_path / "out2", qualitative=False)
+    assert "robustness_robustness.png" in [p.name for p in written["robustness"]]
+    body = [line for line in (tmp_path / "out2" / "robustness.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0].lstrip("| ") for line in body[1:]] == [
+        "regular", "regular", "noise", "noise", "motion", "motion"]
+    motion_calc = body[6]
+    assert motion_calc.split(" | ")[2].startswith("**")  # calc better on "motion" here: best within condition
+
+
+def test_tables_cli_errors(tmp_path, capsys):
+    assert tables.main([str(tmp_path / "nope")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert tables.main([str(tmp_path / "empty")]) == 2
+
+
+# ----------------------------------------------------------------------------- a real smoke sweep
+def test_table1_two_job_smoke_sweep_through_the_cli(tmp_path):
+    """`-m experiment=table1 trainer=smoke`, restricted to two rows, then the tables and figures."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    res = subprocess.run(
+        [sys.executable, "-m", "stm_dlp.run", "-m", "experiment=table1", "trainer=smoke",
+         "+experiment/variant=unitobrain,stm_dlp_cnn", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        assert metrics["experiment"] == "table1" and metrics["conditions"] == {}
+        assert OmegaConf.load(job / "config.yaml").experiment_name == "table1"
+    written = tables.summarise([sweep], tmp_path / "out")
+    md = (tmp_path / "out" / "table1.md").read_text()
+    body = [line for line in md.splitlines() if line.startswith("| ")]
+    assert body[0] == "| Model | " + " | ".join(PARAM_COLUMNS) + " |"
+    assert [line.split(" | ")[0].lstrip("| ") for line in body[1:]] == ["UniToBrain", "STM-DLP CNN"]
+    assert all(len(line.split(" | ")) == 10 for line in body)
+    assert md.count("**") >= 2 * 9  # a best value in each of the 9 columns
+    assert "phantom-" not in md and "phantom-" not in (tmp_path / "out" / "table1.csv").read_text()
+    header = next(csv.reader(io_open(tmp_path / "out" / "table1.csv")))
+    assert {"mae_cbv", "rmse_cbf", "r2_tmax", "r2_tmax_std", "label"} <= set(header)
+    figure = tmp_path / "out" / "table1_qualitative.png"
+    assert figure in written["table1"] and figure.stat().st_size > 20_000
