@@ -9,8 +9,9 @@ robustly (median / MAD) over the candidates and combined into one score
 
     score = z(peak) - z(arrival) - z(fwhm) - 0.5 z(roughness),
 
-pixels that peak too late (more than ``max_late_s`` after the earliest candidate peak) or are too
-rough (roughness above ``max_roughness``) are excluded, and the AIF is the mean of the ``n_aif``
+pixels that peak low (below ``min_peak_frac`` of the ``n_aif``-th highest peak), too late (more
+than ``max_late_s`` after the earliest remaining peak) or are too rough (roughness above
+``max_roughness``) are excluded, and the AIF is the mean of the ``n_aif``
 best-scoring pixels (resampled from their real frame times onto the uniform grid).
 
 The VOF (superior sagittal sinus) is the mean of the ``n_vof`` candidates with the largest area under
@@ -147,6 +148,7 @@ def select_aif(
     n_vof: int = 8,
     pool_frac: float = 0.02,
     pool_min: int = 40,
+    min_peak_frac: float = 0.5,
     max_late_s: float = 6.0,
     max_roughness: float = 0.5,
     vof_min_lag_s: float = 1.0,
@@ -162,6 +164,8 @@ def select_aif(
         grid_s: ``(L,)`` uniform deconvolution grid (s).
         n_aif, n_vof: pixels averaged into the AIF / VOF (Mouridsen 2006 used clusters of ~5-10).
         pool_frac, pool_min: candidates = the top ``pool_frac`` (at least ``pool_min``) by peak.
+        min_peak_frac: exclude candidates peaking below this fraction of the ``n_aif``-th highest peak
+            (an artery is a high peak first; noise can make a dim tissue curve look early and narrow).
         max_late_s: exclude candidates whose peak is this much later than the earliest candidate peak.
         max_roughness: exclude candidates with a larger roughness (noisy or artefact curves).
         vof_min_lag_s: VOF candidates peak at least this long after the AIF.
@@ -181,7 +185,9 @@ def select_aif(
     n_pool = int(min(conc.shape[0], max(pool_min, round(pool_frac * conc.shape[0]), n_aif + n_vof)))
     pool = torch.topk(peak, n_pool).indices
     f = {k: v[pool] for k, v in feats.items()}
-    ok = (f["peak"] > 0) & (f["t_peak"] <= f["t_peak"].min() + max_late_s) & (f["roughness"] <= max_roughness)
+    ref_peak = torch.topk(f["peak"], min(n_aif, n_pool)).values[-1]
+    ok = (f["peak"] >= min_peak_frac * ref_peak) & (f["peak"] > 0) & (f["roughness"] <= max_roughness)
+    ok &= f["t_peak"] <= f["t_peak"][ok].min() + max_late_s if bool(ok.any()) else ok
     if int(ok.sum()) == 0:
         ok = f["peak"] > 0
     score = _robust_z(f["peak"]) - _robust_z(f["arrival"]) - _robust_z(f["fwhm"]) - 0.5 * _robust_z(f["roughness"])

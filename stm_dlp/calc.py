@@ -1,0 +1,233 @@
+"""``python -m stm_dlp.calc input=STUDY_DIR output=OUT_DIR method=osvd`` — deconvolution maps.
+
+"The calculation approach" (paper §2.1; :func:`stm_dlp.perfusion.maps.calculate_maps`) as a tool:
+
+* ``input`` is a study (a patient folder with ``ctp/``, an ISLES 2018 case, or a bare DICOM series
+  folder) or a root of patient folders; a root gives one output folder per patient
+  (``OUT/<patient folder>``) and a progress bar.
+* Each output folder gets ``{cbf,cbv,mtt,tmax}.nii.gz`` (+ ``mask.nii.gz``) with the scan's geometry,
+  ``maps.png``, ``aif.png`` (the AIF and VOF curves and where they were taken) and ``summary.json``
+  (units, method and parameters, AIF pixels and curves, timing) — the same bundle as
+  ``stm_dlp.predict``.
+* ``aif=auto`` (default) selects the AIF automatically; ``aif=FILE.json`` holds either
+  ``{"aif_pixels": [[slice, row, col], ...]}`` or ``{"times_s": [...], "aif": [...]}`` (enhancement
+  in HU over baseline, times on the study clock: seconds from its first frame); ``aif=FILE.csv`` has
+  columns ``time_s,aif_hu`` (header optional) or a single column with one value per frame.
+
+Errors a user can act on (unreadable study, bad AIF file, no bolus) are one line on stderr and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stm_dlp.cli import REQUIRED, parse_bool, parse_kv, run_cli
+from stm_dlp.types import UNITS, Study
+
+SPEC = {
+    "input": (str, REQUIRED, "study folder (DICOM / patient with ctp/ / ISLES case) or a root of patients"),
+    "output": (str, REQUIRED, "output folder (one sub-folder per patient for a root)"),
+    "method": (str, "osvd", "osvd, bcsvd, ssvd or tikhonov"),
+    "device": (str, "auto", "cpu, cuda or auto"),
+    "dt": (float, 0.5, "uniform deconvolution grid step in seconds"),
+    "aif": (str, "auto", "auto, or a .json / .csv file with AIF pixels or an AIF curve"),
+    "threshold": (float, 0.2, "sSVD/bcSVD relative SVD threshold"),
+    "oi_target": (float, 0.095, "oSVD oscillation-index target (CT 0.095, MR 0.035)"),
+    "tmax": (str, "argmax", "TMAX estimator: argmax (paper) or half_rise"),
+    "cbv": (str, "area", "CBV from the area ratio (area) or the residue integral (residue)"),
+    "temporal_sigma_s": (float, 0.0, "Gaussian temporal smoothing in seconds (0 = off)"),
+    "spatial_sigma_px": (float, 0.0, "Gaussian in-plane smoothing in pixels (0 = off)"),
+    "pv_correction": (parse_bool, True, "scale the AIF area to the VOF's (partial volume)"),
+    "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
+    "progress": (parse_bool, True, "show a progress bar"),
+}
+
+
+def load_aif_file(path: str | Path) -> Any:
+    """Read a user AIF: pixel list or curve, in a form :func:`calculate_maps` accepts (see module doc)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"AIF file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    if p.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc})") from None
+        if isinstance(data, dict) and "aif_pixels" in data:
+            data = data["aif_pixels"]
+        if isinstance(data, dict):
+            if "times_s" not in data or "aif" not in data:
+                raise ValueError(f"{p}: an AIF JSON needs 'aif_pixels' or both 'times_s' and 'aif'")
+            return {"times_s": np.asarray(data["times_s"], np.float64), "aif": np.asarray(data["aif"], np.float64)}
+        arr = np.asarray(data, dtype=np.float64)
+        if arr.ndim != 2 or arr.shape[1] != 3 or not np.allclose(arr, np.round(arr)):
+            raise ValueError(f"{p}: AIF pixels must be a list of [slice, row, col] integer triples")
+        return [tuple(int(v) for v in row) for row in arr]
+    if p.suffix.lower() == ".csv":
+        rows = [r for r in csv.reader(io.StringIO(text)) if r and any(c.strip() for c in r)]
+        if rows and not _is_number(rows[0][0]):
+            rows = rows[1:]  # header
+        try:
+            arr = np.asarray([[float(c) for c in r if c.strip()] for r in rows], np.float64)
+        except ValueError:
+            raise ValueError(f"{p}: the AIF CSV must hold numbers (time_s,aif_hu or one aif column)") from None
+        if arr.ndim == 2 and arr.shape[1] == 2:
+            return {"times_s": arr[:, 0], "aif": arr[:, 1]}
+        if arr.ndim == 2 and arr.shape[1] == 1:
+            return arr[:, 0]
+        raise ValueError(f"{p}: the AIF CSV must have 2 columns (time_s, aif_hu) or 1 (one value per frame)")
+    raise ValueError(f"{p}: AIF files must be .json or .csv")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def save_aif_png(path: str | Path, study: Study, info: dict[str, Any]) -> Path:
+    """``aif.png``: AIF (and VOF) curves on the deconvolution grid and their pixels on a frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stm_dlp.io.atomic import atomic_write_bytes
+
+    a = info["aif"]
+    t = np.asarray(a["grid_s"]) + float(info.get("time_origin_s", 0.0))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1.4, 1]})
+    ax = axes[0]
+    ax.plot(t, a["aif_hu"], color="tab:red", lw=2, label=f"AIF ({a['source']})")
+    if a.get("pv_scale", 1.0) != 1.0:
+        ax.plot(t, a["aif_raw_hu"], color="tab:red", lw=1, ls="--", label=f"AIF before PV x{a['pv_scale']:.2f}")
+    if a.get("vof_hu") is not None:
+        ax.plot(t, a["vof_hu"], color="tab:blue", lw=2, label="VOF")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("enhancement (HU)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{info['method']}  AIF / VOF")
+    ax = axes[1]
+    pix = [tuple(p) for p in a["pixels_slice_row_col"]]
+    vpix = [tuple(p) for p in a["vof_pixels_slice_row_col"]]
+    s_show = int(np.bincount([p[0] for p in pix]).argmax()) if pix else study.n_slices // 2
+    t_peak = float(t[int(np.argmax(a["aif_hu"]))])
+    f_show = int(np.argmin(np.abs(np.asarray(study.times_s[s_show], np.float64) - t_peak)))
+    ax.imshow(np.asarray(study.frames[s_show, f_show], np.float32), cmap="gray", vmin=-20, vmax=250)
+    for pts, color, label in ((pix, "red", "AIF"), (vpix, "cyan", "VOF")):
+        sel = [(r, c) for s, r, c in pts if s == s_show]
+        if sel:
+            ax.scatter([c for _, c in sel], [r for r, _ in sel], s=14, facecolors="none", edgecolors=color,
+                       label=f"{label} ({len(sel)} of {len(pts)} px)")
+    ax.set_title(f"slice {s_show}, frame {f_show} (AIF peak)")
+    ax.axis("off")
+    if pix or vpix:
+        ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device: str = "auto", dt: float = 0.5,
+               aif: Any = "auto", progress_cb: Any = None, **params: Any) -> dict[str, Any]:
+    """Maps of one study written to ``output``; returns the summary written to ``summary.json``."""
+    from stm_dlp.io.outputs import write_outputs
+    from stm_dlp.perfusion.maps import calculate_maps
+
+    t0 = time.perf_counter()
+    maps, info = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s), study.mask, method=method,
+                                aif=aif, dt_s=dt, device=device, progress=progress_cb, **params)
+    mask = maps.pop("mask")
+    summary = {
+        "method": info["method"],
+        "approach": "calculation (deconvolution)",
+        "patient_id": study.patient_id,
+        "source": str(study.source),
+        "shape_slices_rows_cols": [study.n_slices, *study.shape_hw],
+        "n_frames": study.n_frames,
+        "units": dict(UNITS),
+        "device": info["device"],
+        "params": info["params"],
+        "aif": info["aif"],
+        "mask_source": info["mask_source"],
+        "arrival_frame": info["arrival_frame"],
+        "baseline_frames": info["baseline_frames"],
+        "median_threshold": info["threshold_used"]["median"],
+        "timing_s": {**info["timing_s"], "calc_total": round(time.perf_counter() - t0, 4)},
+    }
+    out = Path(output)
+    write_outputs(out, maps, study.affine, summary, mask=mask, title=f"{study.patient_id} — {info['method']}")
+    save_aif_png(out / "aif.png", study, info)
+    return summary
+
+
+def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto", dt: float = 0.5,
+             aif: str = "auto", threshold: float = 0.2, oi_target: float = 0.095, tmax: str = "argmax",
+             cbv: str = "area", temporal_sigma_s: float = 0.0, spatial_sigma_px: float = 0.0,
+             pv_correction: bool = True, frame_interval_s: float | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Read one study or a root of patients, compute and write maps; returns the summaries."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from stm_dlp.data.studies import list_patients, read_any_study
+    from stm_dlp.perfusion.deconv import METHODS
+
+    if method.lower() not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    src = Path(input)
+    if not src.exists():
+        raise FileNotFoundError(f"input {src} does not exist")
+    aif_arg: Any = aif if aif == "auto" else load_aif_file(aif)
+    params = dict(threshold=threshold, oi_target=oi_target, tmax_method=tmax, cbv_method=cbv,
+                  temporal_sigma_s=temporal_sigma_s, spatial_sigma_px=spatial_sigma_px, pv_correction=pv_correction)
+    patients = list_patients(src) if src.is_dir() else []
+    multi = len(patients) > 1 or (len(patients) == 1 and patients[0] != src)
+    jobs = [(p, Path(output) / p.name) for p in patients] if multi else [(src, Path(output))]
+    summaries = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
+        studies_task = bar.add_task("studies", total=len(jobs), visible=multi)
+        pix_task = bar.add_task("deconvolution (pixels)", total=None)
+        for path, out in jobs:
+            bar.update(pix_task, description=f"{path.name}: pixels", completed=0, total=None)
+            study = read_any_study(path, frame_interval_s=frame_interval_s)
+
+            def cb(done: int, total: int) -> None:
+                bar.update(pix_task, completed=done, total=total)
+
+            summaries.append(calc_study(study, out, method=method, device=device, dt=dt, aif=aif_arg,
+                                        progress_cb=cb, **params))
+            bar.advance(studies_task)
+    return summaries
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    def _main() -> int:
+        args = parse_kv(sys.argv[1:] if argv is None else list(argv), SPEC, prog="python -m stm_dlp.calc")
+        summaries = run_calc(**args)
+        n = len(summaries)
+        print(f"wrote {args['method']} maps for {n} stud{'y' if n == 1 else 'ies'} to {args['output']}")
+        return 0
+
+    return run_cli(_main)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
