@@ -184,6 +184,34 @@ def rescale_overflow(c: Corpus) -> BadCase:
     return BadCase(p, (f[1][0].name, "RescaleSlope"), ("nan or inf",))
 
 
+def nan_after_rescale(c: Corpus) -> BadCase:
+    """RescaleIntercept NaN: every pixel of the frame is NaN in HU."""
+    p, f = c.copy("nan_after_rescale")
+    _edit(f[0][4], lambda ds: setattr(ds, "RescaleIntercept", "NaN"))
+    return BadCase(p, (f[0][4].name, "RescaleIntercept"), ("nan or inf",))
+
+
+def contradictory_time_tags(c: Corpus) -> BadCase:
+    """AcquisitionDateTime (preferred) and AcquisitionDate+AcquisitionTime disagree for one frame by 5 s."""
+    p, f = c.copy("contradictory_time_tags")
+    odd = f[1][2]
+
+    def add_datetime(path: Path) -> None:
+        def fn(ds: pydicom.Dataset) -> None:
+            when = np.datetime64(f"{ds.AcquisitionDate[:4]}-{ds.AcquisitionDate[4:6]}-{ds.AcquisitionDate[6:]}T"
+                                 f"{ds.AcquisitionTime[:2]}:{ds.AcquisitionTime[2:4]}:{ds.AcquisitionTime[4:]}")
+            if path == odd:
+                when = when + np.timedelta64(5, "s")
+            ds.AcquisitionDateTime = str(when).replace("-", "").replace(":", "").replace("T", "")
+
+        _edit(path, fn)
+
+    for row in f:
+        for path in row:
+            add_datetime(path)
+    return BadCase(p, (odd.name, "AcquisitionDateTime", "AcquisitionDate+AcquisitionTime"), ("contradictory",))
+
+
 def mixed_orientation(c: Corpus) -> BadCase:
     p, f = c.copy("mixed_orientation")
     _edit(f[0][3], lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]))
@@ -261,7 +289,8 @@ def single_frame_per_slice(c: Corpus) -> BadCase:
 CASES: dict[str, Callable[[Corpus], BadCase]] = {fn.__name__: fn for fn in (
     truncated_pixels, truncated_header, empty_file, not_dicom, missing_pixel_data, no_time_tag,
     partly_missing_time_tag, duplicate_instance, duplicate_frame, same_time, two_series, rows_columns,
-    compressed_no_decoder, rescale_overflow, mixed_orientation, mixed_patients, fewer_frames, nan_labels,
+    compressed_no_decoder, rescale_overflow, nan_after_rescale, contradictory_time_tags, mixed_orientation,
+    mixed_patients, fewer_frames, nan_labels,
     labels_wrong_shape, labels_misaligned, label_missing, empty_dir, missing_path, missing_ctp,
     single_frame_per_slice,
 )}

@@ -240,6 +240,9 @@ class _Header:
                 if len(value) == 0:
                     return None
                 code = ("<" if getattr(elem, "is_little_endian", True) else ">") + _BINARY_INT_VRS[vr]
+                if len(value) < struct.calcsize(code):
+                    raise StudyError(f"{self.path}: {keyword} has {len(value)} bytes, a {vr} value needs "
+                                     f"{struct.calcsize(code)} (file corrupt?)")
                 return int(struct.unpack(code, bytes(value[: struct.calcsize(code)]))[0])
             value = bytes(value).decode("latin-1").strip(" \x00")
             if not value:
@@ -335,6 +338,8 @@ def _index_file(path: Path, root: Path) -> _Rec | tuple[str, str]:
         return value
 
     rows, cols = need_int("Rows"), need_int("Columns")
+    if rows < 1 or cols < 1:
+        raise StudyError(f"{path}: Rows×Columns is {rows}×{cols}; an image needs at least one row and column")
     bits_allocated = need_int("BitsAllocated")
     spacing = hd.floats("PixelSpacing", 2)
     rec = _Rec(
@@ -362,6 +367,10 @@ def _index_file(path: Path, root: Path) -> _Rec | tuple[str, str]:
             if offset + length > size:
                 raise StudyError(f"{path}: truncated — PixelData (7FE0,0010) declares {length} bytes but the "
                                  f"file ends after {size - offset}")
+            need = rows * cols * _native_dtype(rec).itemsize
+            if length != 0xFFFFFFFF and length < need:  # before any memory is set aside for the frames
+                raise StudyError(f"{path}: PixelData (7FE0,0010) has {length} bytes, but Rows×Columns = "
+                                 f"{rows}×{cols} at {bits_allocated} bits need {need} (truncated?)")
             rec.pixel_offset, rec.pixel_length, rec.has_pixels = offset, length, True
     return rec
 
@@ -405,6 +414,38 @@ def _trigger_s(recs: list[_Rec]) -> np.ndarray:
     return out
 
 
+#: Acquisition-time tags that must agree with each other when a file carries both (ContentTime is the
+#: time the image was made, which may legitimately lag and reorder, so it is not compared).
+_ACQUISITION_FAMILY = {"AcquisitionDateTime": "AcquisitionDateTime",
+                       "AcquisitionDate+AcquisitionTime": "AcquisitionTime", "AcquisitionTime": "AcquisitionTime"}
+_AGREE_S = 1.0
+
+
+def _check_agreement(recs: list[_Rec], chosen: str, times: np.ndarray, constant: Any) -> None:
+    """Refuse a series whose AcquisitionDateTime and AcquisitionTime tell different frame timings."""
+    if chosen not in _ACQUISITION_FAMILY:
+        return
+    for name, tags, dated in TIME_CANDIDATES:
+        if name not in _ACQUISITION_FAMILY or _ACQUISITION_FAMILY[name] == _ACQUISITION_FAMILY[chosen]:
+            continue
+        if not all(all(t in r.tags for t in tags) for r in recs):
+            continue
+        try:
+            other = _times_for(recs, name, tags)
+        except StudyError:
+            continue  # unreadable, so not used: nothing to contradict
+        if not dated or np.unique(np.floor(other / 86400.0)).size == 1:
+            other, _ = _unwrap_midnight(other)
+        if constant(other):
+            continue  # a series-level value, not a per-frame time
+        diff = np.abs((times - times.min()) - (other - other.min()))
+        k = int(np.argmax(diff))
+        if diff[k] > _AGREE_S:
+            raise StudyError(f"{recs[k].path}: contradictory time tags — {chosen} puts this frame at "
+                             f"{times[k] - times.min():.2f} s but {name} at {other[k] - other.min():.2f} s "
+                             "(seconds from the series' first frame); fix or remove one of them")
+
+
 def _frame_times(recs: list[_Rec], slices: list[list[int]]) -> tuple[np.ndarray, str, bool]:
     """Absolute time (s) of every record, the tag used, and whether the series crossed midnight."""
     multi = [np.asarray(sl) for sl in slices if len(sl) > 1]
@@ -433,6 +474,7 @@ def _frame_times(recs: list[_Rec], slices: list[list[int]]) -> tuple[np.ndarray,
             if has_trigger:
                 return checked(base + _trigger_s(recs), f"{name}+TriggerTime", crossed)
             continue  # a series-level time, not a per-frame one
+        _check_agreement(recs, name, base, constant)
         return checked(base, name, crossed)
     if has_trigger:
         return checked(_trigger_s(recs), "TriggerTime", False)
@@ -443,7 +485,16 @@ def _frame_times(recs: list[_Rec], slices: list[list[int]]) -> tuple[np.ndarray,
                              "frames cannot be ordered in time")
     best = max(TIME_CANDIDATES, key=lambda c: sum(all(t in r.tags for t in c[1]) for r in recs))
     have = sum(all(t in r.tags for t in best[1]) for r in recs)
-    lacking = next(r for r in recs if not all(t in r.tags for t in best[1]))
+    lacking = next((r for r in recs if not all(t in r.tags for t in best[1])), None)
+    if lacking is None:  # every file has `best`, but it is the same for all frames of a slice
+        with_trigger = sum("TriggerTime" in r.tags for r in recs)
+        if with_trigger:
+            lacking = next(r for r in recs if "TriggerTime" not in r.tags)
+            raise StudyError(f"{lacking.path}: lacks TriggerTime that {with_trigger} other files of the series "
+                             f"use; {best[0]} is the same for every frame of a slice, so frames cannot be "
+                             "ordered in time")
+        raise StudyError(f"{recs[0].path}: {best[0]} is the same for every frame of a slice and no other time "
+                         f"tag ({names}) varies; frames cannot be ordered in time")
     if have == 0 or not any(r.tags for r in recs):
         raise StudyError(f"{lacking.path}: no usable time tag ({names}) varies between frames; frames cannot "
                          "be ordered in time")
@@ -495,11 +546,12 @@ def _read_pixels(rec: _Rec) -> np.ndarray:
     if "PixelData" not in ds:
         raise StudyError(f"{rec.path}: PixelData (7FE0,0010) is missing — the file holds no image or is "
                          "truncated")
-    ts = ds.file_meta.TransferSyntaxUID
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or ""
+    ts_name = getattr(ts, "name", "") or "missing"
     try:
         arr = ds.pixel_array
     except Exception as exc:
-        raise StudyError(f"{rec.path}: cannot decode the pixel data of transfer syntax {ts.name} ({ts}); "
+        raise StudyError(f"{rec.path}: cannot decode the pixel data of transfer syntax {ts_name} ({ts}); "
                          f"install a decoder (e.g. pylibjpeg) or export uncompressed "
                          f"({_short(exc)})") from None
     if arr.shape != (rec.rows, rec.cols):
