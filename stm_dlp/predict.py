@@ -56,10 +56,17 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
     out = {p: np.zeros((s_count, h, w), np.float32) for p in ALL_PARAMS}
     failed: list[dict] = []
     good: list[int] = []
+    unreadable: dict[int, list[dict]] = {}
+    for bad in study.meta.get("bad_frames") or []:
+        unreadable.setdefault(int(bad["slice"]), []).append(bad)
     for s in range(s_count):
         fr = np.asarray(study.frames[s])
         if not np.all(np.isfinite(fr)):
-            problem = {"slice": s, "error": "non-finite values in the frames"}
+            problem: dict[str, Any] = {"slice": s, "error": "non-finite values in the frames"}
+            if s in unreadable:
+                frames = unreadable[s]
+                problem = {"slice": s, "error": f"{len(frames)} unusable frame(s), e.g. {frames[0]['error']}",
+                           "frames": [{"frame": b["frame"], "file": b["file"]} for b in frames]}
             if mode == "strict":
                 raise StudyError(f"{study.source}: slice {s}: {problem['error']}")
             failed.append(problem)
@@ -83,11 +90,15 @@ def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_
     from stm_dlp.data.studies import read_any_study
     from stm_dlp.io.outputs import write_outputs
 
+    if mode not in ("best_effort", "strict"):
+        raise ValueError(f"mode must be best_effort or strict, got {mode!r}")
     dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
                        ("cpu" if device == "auto" else device))
     model, scale, info = load_model(ckpt, dev)
     t0 = time.perf_counter()
-    study = read_any_study(input, frame_interval_s=frame_interval_s)
+    # best effort: a frame with unusable pixels becomes NaN and only its slice is lost
+    study = read_any_study(input, frame_interval_s=frame_interval_s,
+                           on_bad_frame="nan" if mode == "best_effort" else "raise")
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
     maps, failed = predict_study(model, scale, study, batch_size, dev, mode)

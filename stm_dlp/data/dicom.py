@@ -37,6 +37,7 @@ identified by :func:`pseudonymise` (keyed HMAC-SHA256).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import hmac
@@ -180,6 +181,7 @@ class _Rec:
     pixel_offset: int | None = None  # where the pixel bytes start (native little endian only)
     pixel_length: int | None = None
     has_pixels: bool | None = None  # None: unknown until the pixels are read
+    pixel_error: str | None = None  # pixel data missing or truncated (raised when the frame is read)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -358,20 +360,23 @@ def _index_file(path: Path, root: Path) -> _Rec | tuple[str, str]:
         pixel_representation=hd.integer("PixelRepresentation") or 0,
         samples=hd.integer("SamplesPerPixel") or 1, n_frames=hd.integer("NumberOfFrames") or 1,
     )
+    # Pixel problems are kept with the record: the reader raises them when the frame is read, or with
+    # on_bad_frame="nan" marks just that frame as bad.
     if ts in _NATIVE_LE:
         if stop >= size:
-            raise StudyError(f"{path}: PixelData (7FE0,0010) is missing — the file holds no image or is "
-                             "truncated")
-        if pix is not None:
+            rec.pixel_error = (f"{path}: PixelData (7FE0,0010) is missing — the file holds no image or is "
+                               "truncated")
+        elif pix is not None:
             offset, length = pix
-            if offset + length > size:
-                raise StudyError(f"{path}: truncated — PixelData (7FE0,0010) declares {length} bytes but the "
-                                 f"file ends after {size - offset}")
             need = rows * cols * _native_dtype(rec).itemsize
-            if length != 0xFFFFFFFF and length < need:  # before any memory is set aside for the frames
-                raise StudyError(f"{path}: PixelData (7FE0,0010) has {length} bytes, but Rows×Columns = "
-                                 f"{rows}×{cols} at {bits_allocated} bits need {need} (truncated?)")
-            rec.pixel_offset, rec.pixel_length, rec.has_pixels = offset, length, True
+            if offset + length > size:
+                rec.pixel_error = (f"{path}: truncated — PixelData (7FE0,0010) declares {length} bytes but the "
+                                   f"file ends after {size - offset}")
+            elif length != 0xFFFFFFFF and length < need:  # known before any memory is set aside for frames
+                rec.pixel_error = (f"{path}: PixelData (7FE0,0010) has {length} bytes, but Rows×Columns = "
+                                   f"{rows}×{cols} at {bits_allocated} bits need {need} (truncated?)")
+            else:
+                rec.pixel_offset, rec.pixel_length, rec.has_pixels = offset, length, True
     return rec
 
 
@@ -668,12 +673,31 @@ def _frame_count_error(recs: list[_Rec], ordered: list[list[int]], counts: list[
         f"{counts}){hint}; every slice must have the same number of frames (a missing or extra file?)")
 
 
-def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None) -> Study:
+#: What the reader does with a frame whose pixels cannot be used (see :func:`read_dicom_study`).
+ON_BAD_FRAME = ("raise", "nan")
+
+
+def validate_study(study: Study) -> Study:
+    """``study.validate()``, except that frames listed in ``meta["bad_frames"]`` may be NaN."""
+    if study.meta.get("bad_frames"):
+        frames = np.asarray(study.frames)
+        dataclasses.replace(study, frames=np.where(np.isfinite(frames), frames, np.float32(0))).validate()
+        return study
+    return study.validate()
+
+
+def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None,
+                     on_bad_frame: str = "raise") -> Study:
     """Read the CT perfusion series in folder ``path`` (see the module docstring for the rules).
 
     Args:
         path: a folder holding one CT perfusion series (any file names, any nesting).
         pseudonym_key: HMAC key for :func:`pseudonymise` (``None`` → project default key).
+        on_bad_frame: a frame whose pixel data is missing, truncated, undecodable or NaN/inf after
+            rescale is an error (``"raise"``, default), or (``"nan"``, for best-effort inference) is
+            filled with NaN and listed in ``meta["bad_frames"]`` as ``{slice, frame, file, error}``
+            while the rest of the study is read. Problems of headers, times or geometry are errors
+            either way, and so is a study with no usable frame.
 
     Returns:
         A validated :class:`Study`: ``frames`` float32 ``(S, T, H, W)`` HU, ``times_s`` float32
@@ -681,11 +705,14 @@ def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None) ->
         ``(W, H, S)`` order, ``maps``/``mask`` None, ``patient_id`` pseudonymised, ``source`` the
         folder, and ``meta`` with ``series_uid_hash``, ``time_tag``, ``crosses_midnight``,
         ``geometry_tag``, ``files`` (``[slice][frame]`` paths relative to the folder),
-        ``slice_positions_mm``, ``pixel_spacing_mm`` and ``skipped`` (non-CT objects ignored).
+        ``slice_positions_mm``, ``pixel_spacing_mm``, ``skipped`` (non-CT objects ignored) and
+        ``bad_frames`` (empty unless ``on_bad_frame="nan"``).
 
     Raises:
         StudyError: with the offending file (or folder) and DICOM tag named; see the module docstring.
     """
+    if on_bad_frame not in ON_BAD_FRAME:
+        raise ValueError(f"on_bad_frame must be one of {', '.join(ON_BAD_FRAME)}, got {on_bad_frame!r}")
     root = Path(path)
     if not root.exists():
         raise StudyError(f"{root}: path does not exist")
@@ -729,16 +756,32 @@ def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None) ->
 
     n_s, n_t = len(ordered), counts[0]
     h, w = recs[0].rows, recs[0].cols
+    first_error = next((recs[i].pixel_error for sl in ordered for i in sl if recs[i].pixel_error), None)
+    if first_error is not None and (on_bad_frame == "raise"
+                                    or all(recs[i].pixel_error for sl in ordered for i in sl)):
+        raise StudyError(first_error)
     frames = np.empty((n_s, n_t, h, w), np.float32)
+    bad_frames: list[dict[str, Any]] = []
     for s, sl in enumerate(ordered):
         for t, i in enumerate(sl):
             r = recs[i]
-            with np.errstate(over="ignore", invalid="ignore"):
-                hu = _read_pixels(r).astype(np.float32) * np.float32(r.slope) + np.float32(r.intercept)
-            if not np.all(np.isfinite(hu)):
-                raise StudyError(f"{r.path}: NaN or inf HU after rescale (RescaleSlope {r.slope}, "
-                                 f"RescaleIntercept {r.intercept})")
+            try:
+                if r.pixel_error:
+                    raise StudyError(r.pixel_error)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    hu = _read_pixels(r).astype(np.float32) * np.float32(r.slope) + np.float32(r.intercept)
+                if not np.all(np.isfinite(hu)):
+                    raise StudyError(f"{r.path}: NaN or inf HU after rescale (RescaleSlope {r.slope}, "
+                                     f"RescaleIntercept {r.intercept})")
+            except StudyError as exc:
+                if on_bad_frame == "raise":
+                    raise
+                frames[s, t] = np.nan
+                bad_frames.append({"slice": s, "frame": t, "file": r.rel, "error": str(exc)})
+                continue
             frames[s, t] = hu
+    if len(bad_frames) == n_s * n_t:
+        raise StudyError(f"{root}: no frame of the series is usable (e.g. {bad_frames[0]['error']})")
     abs_times = np.array([[times[i] for i in sl] for sl in ordered], np.float64)
     times_s = (abs_times - abs_times.min()).astype(np.float32)
 
@@ -785,6 +828,7 @@ def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None) ->
             "pixel_spacing_mm": [float(spacing[0]), float(spacing[1])],
             "skipped": skipped,
             "notes": notes,
+            "bad_frames": bad_frames,
         },
     )
-    return study.validate()
+    return validate_study(study)

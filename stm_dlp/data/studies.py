@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stm_dlp.data.dicom import read_dicom_study
+from stm_dlp.data.dicom import read_dicom_study, validate_study
 from stm_dlp.data.isles import is_isles_case, read_isles_case
 from stm_dlp.io.nifti import read_nifti_maps
 from stm_dlp.types import PARAMS, Study, StudyError
@@ -90,8 +90,11 @@ def read_label_maps(maps_dir: str | Path, shape_shw: tuple[int, int, int],
     return np.stack(vols, axis=1).astype(np.float32), mask
 
 
-def read_labelled_study(patient_dir: str | Path, *, pseudonym_key: bytes | None = None) -> Study:
+def read_labelled_study(patient_dir: str | Path, *, pseudonym_key: bytes | None = None,
+                        on_bad_frame: str = "raise") -> Study:
     """Read ``patient_dir/ctp/`` (DICOM) and, if present, ``patient_dir/maps/`` (labels).
+
+    ``on_bad_frame`` is passed to :func:`~stm_dlp.data.dicom.read_dicom_study`.
 
     Returns:
         A validated :class:`Study` (frames ``(S, T, H, W)`` HU, times_s ``(S, T)`` s, maps
@@ -107,14 +110,14 @@ def read_labelled_study(patient_dir: str | Path, *, pseudonym_key: bytes | None 
     if not ctp.is_dir():
         raise StudyError(f"{pdir}: no ctp/ folder (expected {pdir}/ctp/ holding the DICOM series and "
                          f"optionally {pdir}/maps/ holding cbv/cbf/tmax.nii.gz)")
-    study = read_dicom_study(ctp, pseudonym_key=pseudonym_key)
+    study = read_dicom_study(ctp, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
     maps_dir = pdir / "maps"
     meta = dict(study.meta)
     maps = mask = None
     if maps_dir.is_dir():
         maps, mask = read_label_maps(maps_dir, (study.n_slices, *study.shape_hw), study.affine)
         meta["labels"] = str(maps_dir)
-    return dataclasses.replace(study, maps=maps, mask=mask, source=str(pdir), meta=meta).validate()
+    return validate_study(dataclasses.replace(study, maps=maps, mask=mask, source=str(pdir), meta=meta))
 
 
 def _is_patient(path: Path) -> bool:
@@ -139,7 +142,7 @@ def list_patients(root: str | Path) -> list[Path]:
 
 
 def read_any_study(path: str | Path, *, pseudonym_key: bytes | None = None,
-                   frame_interval_s: float | None = None) -> Study:
+                   frame_interval_s: float | None = None, on_bad_frame: str = "raise") -> Study:
     """Read whatever ``path`` holds: a patient folder (``ctp/`` + ``maps/``), an ISLES 2018 case, or a
     bare DICOM series folder (unlabelled).
 
@@ -147,12 +150,14 @@ def read_any_study(path: str | Path, *, pseudonym_key: bytes | None = None,
         path: the folder.
         pseudonym_key: HMAC key for patient pseudonyms.
         frame_interval_s: seconds between frames, for ISLES cases whose header lacks it.
+        on_bad_frame: ``"raise"`` or ``"nan"`` for DICOM series (see
+            :func:`~stm_dlp.data.dicom.read_dicom_study`); NIfTI cases are always strict.
     """
     p = Path(path)
     if not p.exists():
         raise StudyError(f"{p}: path does not exist")
     if (p / "ctp").is_dir():
-        return read_labelled_study(p, pseudonym_key=pseudonym_key)
+        return read_labelled_study(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
     if is_isles_case(p):
         return read_isles_case(p, frame_interval_s=frame_interval_s, pseudonym_key=pseudonym_key)
-    return read_dicom_study(p, pseudonym_key=pseudonym_key)
+    return read_dicom_study(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
