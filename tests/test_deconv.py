@@ -25,6 +25,7 @@ from stm_dlp.perfusion.concentration import (
     detect_arrival,
     gaussian_smooth_space,
     gaussian_smooth_time,
+    interp_matrix,
     resample_uniform,
     uniform_grid,
 )
@@ -296,3 +297,34 @@ def test_residue_units_match_tissue_scale():
     out = dec.analyse(conc)
     assert float(out["kmax"][0]) / TISSUE_SCALE == pytest.approx(50.0, rel=0.02)
     assert float(out["kint"][0]) == pytest.approx(float(k_true.sum() * dt), rel=0.02)
+
+
+@pytest.mark.parametrize("method", ["ssvd", "bcsvd", "osvd", "tikhonov"])
+def test_fast_path_matches_full_window(method):
+    """``analyse`` (reduced basis, resampling folded in) == ``summarise(residue(...))`` on the grid."""
+    torch.manual_seed(3)
+    times = torch.tensor(frame_times(np.random.default_rng(1), 30))
+    grid = uniform_grid(float(times[-1]), 0.5, dtype=torch.float64)
+    aif = arterial_input_function(grid)
+    st = validation_grid(cbv_values=(4.0,), mtt_values=(3.0, 8.0), delay_values=(0.0, 3.0), tile=2,
+                         times_s=times.numpy(), noise_hu=1.0)
+    x = torch.from_numpy(st.frames[0] - 30.0).double().reshape(len(times), -1).T
+    w = interp_matrix(times, grid)
+    dec = Deconvolver(aif, 0.5, DeconvParams(method=method, max_freq_hz=0.3, oi_stride=3))
+    fast = dec.analyse(x, w)
+    k, thr = dec.residue(x @ w.T)
+    full = dec.summarise(k)
+    for key in ("kmax", "tmax_s", "kint"):
+        torch.testing.assert_close(fast[key], full[key], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(fast["threshold"], thr)
+
+
+def test_benchmark_smoke_without_peer(tmp_path):
+    from experiments.bench_deconv import bench, markdown
+
+    result = bench("smoke", osipy_python="", noise_hu=1.0)
+    assert result["osipy"]["available"] is False
+    run = result["runs"]["ours_osvd_cpu"]
+    assert run["seconds"] > 0 and run["mae"]["cbv"] < 1.0
+    assert all(abs(r - 1) < 0.05 for r in result["delay"]["ours_osvd"])
+    assert "ours_osvd_cpu" in markdown(result)
