@@ -53,7 +53,7 @@ class CalcBaseline:
     def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """``{cbv, cbf, tmax, mtt}`` of ``(S, H, W)`` float32 in physical units, and the info dict."""
         calculate_maps = _calculate_maps()
-        mask = None if study.mask is None else np.asarray(study.mask, bool)
+        mask = None if study.mask is None else np.array(study.mask, bool)  # a writable copy for torch
         maps, info = calculate_maps(np.array(study.frames, np.float32), np.array(study.times_s, np.float32),
                                     mask, method=self.method, aif=self.aif, device=self.device,
                                     **dict(self.params or {}))
