@@ -58,6 +58,9 @@ OI_TARGET_MR: float = 0.035
 #: the 0.2 of sSVD/bcSVD is among them).
 OSVD_THRESHOLDS: tuple[float, ...] = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25,
                                       0.3, 0.4, 0.6, 0.8)
+#: The residue's peak (CBF) and TMAX are searched up to this lag (s): a tissue whose bolus peaks a
+#: minute after the AIF has no measurable flow (clinical TMAX maps end at 10-20 s).
+MAX_POSITIVE_LAG_S: float = 60.0
 #: Circulant engines report lags down to this many seconds before the AIF (tissue "earlier" than the
 #: AIF, e.g. when the AIF was picked downstream); the rest of the window holds positive lags.
 MAX_NEGATIVE_LAG_S: float = 15.0
@@ -291,6 +294,11 @@ class Deconvolver:
         return min(self.n_grid // 2, int(round(MAX_NEGATIVE_LAG_S / self.dt_s)))
 
     @property
+    def n_lags(self) -> int:
+        """Non-negative lags searched for the peak: ``[0, min(L, MAX_POSITIVE_LAG_S / dt))`` samples."""
+        return min(self.n_grid, int(round(MAX_POSITIVE_LAG_S / self.dt_s)) + 1)
+
+    @property
     def n_positive(self) -> int:
         """Window indices ``< n_positive`` are lags ``i * dt >= 0``; the rest (circulant) are negative."""
         return self.n_window - self.n_negative
@@ -307,9 +315,9 @@ class Deconvolver:
         return self._cache[key]
 
     def _out_idx(self) -> torch.Tensor:
-        """Window samples of the output lag range ``[-n_negative, L)`` in time order."""
+        """Window samples of the searched lag range ``[-n_negative, n_lags)`` in time order."""
         neg = torch.arange(self.n_window - self.n_negative, self.n_window, device=self.device)
-        return torch.cat([neg, torch.arange(self.n_grid, device=self.device)])
+        return torch.cat([neg, torch.arange(self.n_lags, device=self.device)])
 
     # -- core --------------------------------------------------------------------------------------
     def _spectrum(self, x: torch.Tensor, resample: torch.Tensor | None) -> torch.Tensor:
@@ -358,9 +366,10 @@ class Deconvolver:
         # evaluated each round (no data-dependent indexing: one code path for CPU and GPU).
         lo = torch.zeros(n_pix, dtype=torch.long, device=kf.device)
         hi = torch.full((n_pix,), m_count - 1, dtype=torch.long, device=kf.device)
-        for _ in range(int(math.ceil(math.log2(m_count)))):
+        for r in range(int(math.ceil(math.log2(m_count)))):
             mid = (lo + hi) // 2
-            ok = oscillation_index(self._apply(kf, mid, basis)) < target
+            # round 0: one candidate for all pixels -> a smaller prefix matmul, no per-pixel mask
+            ok = oscillation_index(self._apply(kf, (m_count - 1) // 2 if r == 0 else mid, basis)) < target
             active = lo < hi
             hi = torch.where(active & ok, mid, hi)
             lo = torch.where(active & ~ok, mid + 1, lo)
@@ -394,7 +403,7 @@ class Deconvolver:
                 ``resample`` ``(L, T)`` (see :func:`~stm_dlp.perfusion.concentration.interp_matrix`)
                 is given — the resampling is then folded into the first matmul.
         Returns:
-            dict of ``(P,)``: ``kmax`` (sampled maximum of ``k`` over lags ``[-15 s, L dt)``),
+            dict of ``(P,)``: ``kmax`` (sampled maximum of ``k`` over lags ``[-15 s, min(L dt, 60 s)]``),
             ``tmax_s`` (see :attr:`DeconvParams.tmax_method`), ``kint`` (``Σ k dt`` over the window)
             and ``threshold`` (relative threshold, or Tikhonov λ).
         """
@@ -404,10 +413,10 @@ class Deconvolver:
                 mat = self._get("pinv", lambda: self.pinv_t.to(self.dtype))
             else:
                 mat = (resample.to(torch.float64).T @ self.pinv_t).to(self.dtype)
-            kt = x.to(self.dtype) @ mat
+            kt = x.to(self.dtype) @ mat[:, : self.n_lags]
             kmax, tmax = _peak_stats(kt, 0, self.dt_s, p.tmax_method, p.tmax_peak_frac)
-            return {"kmax": kmax, "tmax_s": tmax, "kint": kt.sum(-1) * self.dt_s,
-                    "threshold": torch.full_like(kmax, p.threshold)}
+            kint = x.to(self.dtype) @ mat.sum(-1, keepdim=True) * self.dt_s
+            return {"kmax": kmax, "tmax_s": tmax, "kint": kint[:, 0], "threshold": torch.full_like(kmax, p.threshold)}
         kf = self._spectrum(x, resample)
         m = self._choose(kf)
         basis = self._get("out", lambda: self._inv_basis(self._out_idx()))
@@ -426,7 +435,7 @@ class Deconvolver:
         """Peak, peak time and integral of full-window residues ``k`` ``(P, n_window)`` (:meth:`residue`)."""
         n_neg = self.n_negative
         kt = torch.roll(k, shifts=n_neg, dims=-1) if n_neg else k
-        kt = kt[:, : n_neg + self.n_grid]
+        kt = kt[:, : n_neg + self.n_lags]
         kmax, tmax = _peak_stats(kt, n_neg, self.dt_s, self.params.tmax_method, self.params.tmax_peak_frac)
         return {"kmax": kmax, "tmax_s": tmax, "kint": k.sum(-1) * self.dt_s}
 
