@@ -98,7 +98,10 @@ def auto_brain_mask(baseline_hu: torch.Tensor, hu_range: tuple[float, float] = B
 def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=dtype)
-    return torch.as_tensor(np.asarray(x), device=device).to(dtype)
+    arr = np.asarray(x)
+    if not arr.flags.writeable:  # read-only (memory-mapped, cached) arrays: torch wants a writable buffer
+        arr = arr.copy()
+    return torch.as_tensor(arr, device=device).to(dtype)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
