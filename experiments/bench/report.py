@@ -1,0 +1,294 @@
+"""``BENCHMARKS.md`` from ``results.json`` — every number in it comes from the run that wrote the JSON."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from stm_dlp.types import ALL_PARAMS, UNITS
+
+SECTIONS = ("## Accuracy", "## Speed and memory", "## Data", "## Deconvolution", "## Profiling", "## Left out")
+
+
+def _f(x: Any) -> str:
+    """A number for a table: 3 significant digits, scientific outside [1e-3, 1e5)."""
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if x != x:
+            return "nan"
+        ax = abs(x)
+        if ax == 0:
+            return "0"
+        if ax >= 1e5 or ax < 1e-3:
+            return f"{x:.2e}"
+        return f"{x:.1f}" if ax >= 100 else f"{x:.3g}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _rel(path: str | Path, md_dir: Path) -> str:
+    return os.path.relpath(Path(path), md_dir)
+
+
+# --------------------------------------------------------------------------------- accuracy
+def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path) -> list[str]:
+    from experiments.bench.accuracy import CALC_LABEL, LABEL_NOISE, MAIN, MODELS
+
+    out = ["## Accuracy against ground truth", "",
+           "Held-out phantom patients (never seen in training), inside the brain mask, physical units "
+           f"({', '.join(f'{p.upper()} {UNITS[p]}' for p in ALL_PARAMS)}). Every model is trained once on "
+           "regular data (with the configured augmentation) by `python -m stm_dlp.run` and tested under each "
+           "condition from its best checkpoint; the calculation approach is `model=calc` (oSVD, automatic AIF) "
+           "on exactly the same input. Dropped-frame severities other than 30 % are evaluated in-process from "
+           "the same checkpoints.", ""]
+    names = ["calc", *MODELS]
+    rows = []
+    for n in names:
+        r = acc["runs"].get(n, {})
+        rows.append([acc["models"][n]["label"], r.get("epochs"), r.get("fit_seconds"), r.get("wall_seconds"),
+                     r.get("n_test_patients")])
+    r = acc["runs"].get(LABEL_NOISE, {})
+    rows.append(["STM-DLP LSTM on oSVD labels", r.get("epochs"), r.get("fit_seconds"), r.get("wall_seconds"),
+                 r.get("n_test_patients")])
+    out += ["### Runs", "", _table(["model", "epochs", "fit s", "wall s (train + all tests)", "test patients"],
+                                   rows), ""]
+    cons = acc.get("consistency")
+    if cons:
+        out += [f"Consistency check — {cons['what']}: largest relative difference "
+                f"{_f(cons['max_rel_diff_mae'])}.", ""]
+    for metric, title in (("mae", "MAE"), ("rmse", "RMSE"), ("r2", "R²")):
+        rows = []
+        for cond, label in acc["conditions"].items():
+            for n in names:
+                m = acc["models"][n]["metrics"].get(cond)
+                if m is None:
+                    continue
+                failed = m.get("failed_studies")
+                lab = acc["models"][n]["label"] + (f" ({failed} failed)" if failed else "")
+                rows.append([label, lab, *[m[p][metric] for p in ALL_PARAMS]])
+        out += [f"### {title} per condition", "",
+                _table(["condition", "method", *[p.upper() for p in ALL_PARAMS]], rows), ""]
+    out += ["### Ratio model MAE / oSVD MAE per condition", "",
+            "Below 1: the model is closer to the truth than the calculation approach on the same input.", ""]
+    rows = []
+    for cond, label in acc["conditions"].items():
+        for n in MODELS:
+            rr = acc["ratios"][cond][n]
+            rows.append([label, acc["models"][n]["label"], *[rr[p] for p in ALL_PARAMS]])
+    out += [_table(["condition", "model", *[p.upper() for p in ALL_PARAMS]], rows), ""]
+    out += ["### Targets (reported, not asserted)", ""]
+    rows = [[t["target"], " / ".join(f"{p.upper()} {_f(v)}" for p, v in t["values"].items()), f"≤ {t['limit']}",
+             "**met**" if t["met"] else "not met"] for t in acc["targets"]]
+    out += [_table(["target", "measured ratio", "limit", "result"], rows), ""]
+    ln = acc["label_noise"]
+    out += ["### Label noise: trained on oSVD-derived labels, evaluated against truth", ""]
+    if "error" in ln:
+        tail = [line for line in ln["error"].strip().splitlines() if line.strip()][-3:]
+        out += ["The run with `data.label_source=calc` failed in this run:", "", "```", *tail, "```", ""]
+    else:
+        out += _label_noise(ln, MODELS[MAIN][0], CALC_LABEL)
+    return out + _figures(acc, md_dir, fig_dir)
+
+
+def _label_noise(ln: dict[str, Any], main_label: str, calc_label: str) -> list[str]:
+    out = [
+            "STM-DLP LSTM trained with `data.label_source=calc` (labels from our oSVD instead of the truth), "
+            "tested on the same held-out patients against the exact truth. MAE:", ""]
+    rows = [[f"{main_label} trained on truth, vs truth", *[ln["truth_trained_vs_truth"][p]["mae"] for p in ALL_PARAMS]],
+            [f"{main_label} trained on oSVD labels, vs truth", *[ln["vs_truth"][p]["mae"] for p in ALL_PARAMS]],
+            [f"{main_label} trained on oSVD labels, vs oSVD labels", *[ln["vs_osvd_labels"][p]["mae"]
+                                                                     for p in ALL_PARAMS]],
+            [f"{calc_label} itself, vs truth", *[ln["osvd_vs_truth"][p]["mae"] for p in ALL_PARAMS]]]
+    return out + [_table(["", *[p.upper() for p in ALL_PARAMS]], rows), ""]
+
+
+def _figures(acc: dict[str, Any], md_dir: Path, fig_dir: Path) -> list[str]:
+    out: list[str] = []
+    figs = acc.get("figures", {})
+    out += ["### Figures", ""]
+    if "figure7" in figs:
+        out += ["Paper Figure 7 — MAE / RMSE / R² vs the fraction of frames kept (first frames, original timing):",
+                "", f"![Figure 7]({_rel(fig_dir / figs['figure7'], md_dir)})", ""]
+    if "conditions_mae" in figs:
+        out += [f"![MAE per condition]({_rel(fig_dir / figs['conditions_mae'], md_dir)})", ""]
+    maps = [(k, v) for k, v in figs.items() if k.startswith("maps_")]
+    if maps:
+        out += ["Colour maps per condition (paper Figures 5–6 style; STM-DLP LSTM / oSVD / truth, same slice of "
+                "a held-out patient, same colour window per parameter):", ""]
+        for k, v in maps:
+            cond = k[len("maps_"):]
+            out += [f"**{acc['conditions'].get(cond, cond)}**", "", f"![{cond}]({_rel(fig_dir / v, md_dir)})", ""]
+    return out
+
+
+# --------------------------------------------------------------------------------- speed
+def _peak_for(peaks: dict[str, Any], dev: str, variant: str) -> float | None:
+    p = peaks.get(dev) or {}
+    if "bf16" in variant and "matmul_bf16_gflops" in p:
+        return p["matmul_bf16_gflops"]
+    return p.get("matmul_fp32_gflops")
+
+
+def _speed(sp: dict[str, Any]) -> list[str]:
+    out = ["## Speed and memory", ""]
+    peaks = sp["peaks"]
+    rows = [[dev, p.get("name", "CPU"), p["matmul_fp32_gflops"], p.get("matmul_bf16_gflops"), p["copy_gbps"]]
+            for dev, p in peaks.items() if isinstance(p, dict)]
+    out += ["### Roofline reference (measured in this run)", "",
+            f"Torch threads: {peaks.get('threads')}. The peak is a large square matmul; each figure below states "
+            "FLOPs per slice (torch.utils.flop_counter over one step at 32², scaled by the pixel count, plus the "
+            "LSTM's analytic FLOPs, which the counter does not see) and the resulting % of that peak.", "",
+            _table(["device", "name", "matmul fp32 GFLOP/s", "matmul bf16 GFLOP/s", "copy GB/s"], rows), ""]
+    rows = []
+    for r in sp["train"]:
+        s = r["spec"]
+        if "error" in r:
+            rows.append([s["device"], s["variant"], s["model"], f"{s['size']}²", "error: " + r["error"][:80],
+                         None, None, None, None, None])
+            continue
+        peak = _peak_for(peaks, s["device"], s["variant"])
+        mem = r.get("peak_cuda_mb", r["peak_rss_mb"])
+        rows.append([s["device"], s["variant"], s["model"], f"{s['size']}²×{s['frames']}", r["slices_per_s"],
+                     r["step_s"], mem, r["flops_per_slice"] / 1e9, r["achieved_gflops"],
+                     100.0 * r["achieved_gflops"] / peak if peak else None])
+    if sp["train"]:
+        s0 = sp["train"][0]["spec"]
+        out += ["### Training throughput and peak memory", "",
+                f"Batch {s0['batch']}, {s0['steps']} timed step(s) after {s0['warmup']} warm-up, model widths of "
+                f"scale={sp['scale']}, "
+                + ("all rows in one process (peak memory is cumulative). " if sp["train"][0].get("in_process")
+                   else "one subprocess per row. ")
+                + "Memory: peak resident set of the process (CPU) or "
+                "torch.cuda.max_memory_allocated (GPU), MB.", "",
+                _table(["device", "variant", "model", "slice", "slices/s", "s/step", "peak MB", "GFLOP/slice",
+                        "GFLOP/s", "% of peak"], rows), ""]
+    rows = []
+    for r in sp["infer"]:
+        s = r["spec"]
+        if "error" in r:
+            rows.append([s["device"], "error: " + r["error"][:80]] + [None] * 6)
+            continue
+        peak = _peak_for(peaks, s["device"], "fp32")
+        factor = s["study_slices"] / s["slices"]
+        note = "" if s["slices"] == s["study_slices"] else f" (ran {s['slices']} slices, ×{factor:g})"
+        rows.append([s["device"], f"{s['study_slices']}×{s['size']}²×{s['frames']}{note}", r["model_s_per_study"],
+                     r.get("osvd_s_per_study", r.get("osvd_error")), r.get("peak_cuda_mb", r["peak_rss_mb"]),
+                     r["flops_per_slice"] / 1e9, r["achieved_gflops"],
+                     100.0 * r["achieved_gflops"] / peak if peak else None])
+    out += ["### Inference: seconds per study", "",
+            "STM-DLP LSTM (untrained weights: timing does not depend on them) through `stm_dlp.predict.predict_study`, "
+            "and the calculation approach (oSVD, automatic AIF) on the same study.", "",
+            _table(["device", "study", "STM-DLP LSTM s/study", "oSVD s/study", "peak MB", "GFLOP/slice", "GFLOP/s",
+                    "% of peak"], rows), ""]
+    rows = []
+    for r in sp["lstm_paths"]:
+        s = r["spec"]
+        if "error" in r:
+            rows.append([s["device"], "error: " + r["error"][:80]] + [None] * 5)
+            continue
+        rows.append([s["device"], f"{r['n_sequences']} × T={r['t']}", r["packed_s"], r["gather_s"],
+                     r["packed_over_gather"], r["packed_max_abs_diff_vs_gather"],
+                     "gather" if r.get("module_matches_gather") and s["device"] == "cpu" else
+                     ("packed" if r.get("module_matches_packed") else "?")])
+    out += ["### LSTM temporal encoder: packed (before) vs causal gather (after)", "",
+            "Forward + backward of the LSTM encoder on variable-length sequences (lengths T/2…T). *packed*: "
+            "`pack_padded_sequence` + the module's LSTM (the old CPU path, still the CUDA/cuDNN path); *gather*: "
+            "the LSTM over the padded sequence read at each sequence's last valid frame (the current CPU path). "
+            "Both give the same features (max abs difference shown).", "",
+            _table(["device", "sequences", "packed s", "gather s", "packed / gather", "max |Δ|",
+                    "module uses"], rows), ""]
+    return out
+
+
+def _data(data: dict[str, Any]) -> list[str]:
+    out = ["## Data", ""]
+    ld = data.get("loader")
+    if ld:
+        rows = [[w, r, ld["train_slices_per_s"], ld["loader_over_training"][w]]
+                for w, r in ld["loader_slices_per_s"].items()]
+        out += ["### Cached loader vs training consumption", "",
+                f"`experiments.bench_loader` functions: training DataLoader (random {ld['crop']}² crops, augmentation, "
+                f"variable-length collation, batch {ld['batch']}, {ld['frames']} frames) vs one LSTM training step on "
+                "the same batches. The loader must never be the bottleneck (ratio ≫ 1).", "",
+                _table(["workers", "loader slices/s", "training slices/s", "loader / training"], rows), ""]
+    dc = data.get("dicom")
+    if dc:
+        out += ["### DICOM parse rate on first load", "",
+                f"`stm_dlp.synth.synthesize_cohort` writes {dc['patients']} patient(s) of {dc['slices_per_study']} "
+                f"slices × {dc['frames']} frames × {dc['size']}²; `read_dicom_study` reads each once (cold cache of "
+                "the project; the OS page cache is warm from writing).", "",
+                _table(["files", "MB", "read s", "files/s", "MB/s", "slices/s", "s/study"],
+                       [[dc["files"], dc["mbytes"], dc["read_s"], dc["files_per_s"], dc["mb_per_s"],
+                         dc["slices_per_s"], dc["s_per_study"]]]), ""]
+    return out
+
+
+def _deconv(dv: dict[str, Any] | None) -> list[str]:
+    out = ["## Deconvolution: our oSVD vs osipy", ""]
+    if not dv:
+        return out + ["Not run (section skipped).", ""]
+    if not dv.get("available"):
+        return out + [f"Not run: {dv.get('note')}.", ""]
+    out += [f"`{dv['command']}` (exit {dv['returncode']}, {dv['seconds']} s; its own profile and study size). "
+            "Its output as it reports it:", ""]
+    tail = (dv.get("stdout_tail") or "").strip()
+    if tail:  # bench_deconv prints Markdown: kept verbatim, headings demoted under this section
+        out += [("#" + line) if line.startswith("###") else line for line in tail.splitlines()] + [""]
+    if dv.get("returncode") not in (0, None) and dv.get("stderr_tail"):
+        out += ["stderr tail:", "", "```", dv["stderr_tail"].strip()[-1200:], "```", ""]
+    return out
+
+
+def _profiling(pr: dict[str, Any]) -> list[str]:
+    out = ["## Profiling (torch.profiler, STM-DLP LSTM)", ""]
+    for dev, r in pr.items():
+        if not isinstance(r, dict):
+            continue
+        if "error" in r:
+            out += [f"{dev}: error {r['error']}", ""]
+            continue
+        for key, title, shape in (("train_step", "one training step", r["train_shape"]),
+                                  ("inference", "one inference pass", r["infer_shape"])):
+            rows = [[o["op"], o["self_ms"], 100.0 * o["share"], o["calls"]] for o in r[key]]
+            out += [f"### {dev}: {title} (B×T×H×W = {shape}), top ops by self time", "",
+                    _table(["op", "self ms", "% of total", "calls"], rows), ""]
+    return out
+
+
+def render(results: dict[str, Any], md_path: Path, fig_dir: Path) -> str:
+    md_dir = md_path.parent
+    meta = results["meta"]
+    out = ["# STM-DLP benchmarks", "",
+           "Generated by the benchmark from its own output (`results.json`); do not edit by hand.", "",
+           f"- Date: {meta['date']}", f"- Machine: {meta['machine']}", f"- Software: {meta['software']}",
+           f"- Commit: `{meta.get('commit', '?')}`", f"- Command: `{meta['command']}`",
+           f"- Profile: `{meta['profile']}`; total runtime {meta.get('total_seconds', 0) / 60:.1f} min "
+           f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in meta.get('section_seconds', {}).items())})", ""]
+    for note in meta.get("notes", []):
+        out += [f"> {note}", ""]
+    out += ["Contents: accuracy (per condition, ratios to oSVD, targets, label noise, figures) · speed and memory "
+            "(training, inference, LSTM paths, roofline) · data (loader, DICOM) · deconvolution · profiling.", ""]
+    if "accuracy" in results:
+        out += _accuracy(results["accuracy"], md_dir, fig_dir)
+    if "speed" in results:
+        out += _speed(results["speed"])
+    if "data" in results:
+        out += _data(results["data"])
+    out += _deconv(results.get("deconv"))
+    if "profile" in results:
+        out += _profiling(results["profile"])
+    for name, err in (results.get("errors") or {}).items():
+        out += [f"## Error in section `{name}`", "", "```", err.strip()[-2500:], "```", ""]
+    out += ["## Left out", ""] + [f"- {x}" for x in meta.get("left_out", [])] + [""]
+    return "\n".join(out)
