@@ -121,6 +121,11 @@ def load_jobs(sweep_dirs: Sequence[str | Path]) -> list[Job]:
         if not sweep.is_dir():
             raise FileNotFoundError(f"{sweep}: sweep directory not found")
         found = [p.parent for p in sweep.rglob("metrics.json") if "wandb" not in p.parts]
+        unfinished = [p.parent for p in sweep.rglob("config.yaml")
+                      if p.parent.name != ".hydra" and not (p.parent / "metrics.json").is_file()]
+        if unfinished:
+            print(f"note: {len(unfinished)} job(s) under {sweep} have no metrics.json (still running or failed): "
+                  + ", ".join(sorted(str(p.relative_to(sweep)) for p in unfinished)), file=sys.stderr)
         for job_dir in sorted(found, key=_job_sort_key):
             metrics = json.loads((job_dir / "metrics.json").read_text())
             cfg_path = job_dir / "config.yaml"
