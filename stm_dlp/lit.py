@@ -8,11 +8,13 @@ in every checkpoint and predictions come back in ml/100g, ml/100g/min and s.
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn as nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
@@ -44,6 +46,25 @@ def physical_maps(pred_scaled: torch.Tensor, scale: torch.Tensor) -> dict[str, t
     out = {p: phys[:, i] for i, p in enumerate(PARAMS)}
     out["mtt"] = mtt_from_cbv_cbf(out["cbv"], out["cbf"])
     return out
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch / numpy / Python RNG states as tensors and plain lists (loadable with
+    ``torch.load(weights_only=True)``)."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "python": [py_version, list(py_state), py_gauss]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
+    version, values, py_gauss = state["python"]
+    random.setstate((version, tuple(values), py_gauss))
 
 
 def _metric_set() -> MetricCollection:
@@ -193,3 +214,15 @@ class PerfusionLitModule(L.LightningModule):
         checkpoint["stm_dlp"] = {"model_config": self.model_config,
                                  "target_scale": self.target_scale.detach().cpu().tolist(),
                                  "params": list(PARAMS)}
+        # Lightning restores loops, optimiser and schedulers but not the global RNGs that draw the
+        # shuffle order and the random crops/augmentation of the next epoch: keep them with the weights.
+        checkpoint["stm_dlp_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume with the RNGs as they were when the checkpoint was written, so a resumed run draws the
+        same data order and crops as an uninterrupted one (single process; with DDP each rank has its own
+        RNG and the DistributedSampler reseeds from ``seed + epoch`` anyway)."""
+        state = checkpoint.get("stm_dlp_rng")
+        trainer = getattr(self, "_trainer", None)
+        if state and (trainer is None or trainer.world_size == 1):
+            set_rng_state(state)
