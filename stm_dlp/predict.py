@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,18 @@ def load_model(ckpt: str | Path, device: torch.device | str = "cpu") -> tuple[to
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. torch's note on a foreign pickle protocol: one stderr line only
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a safe checkpoint"
-        raise StudyError(f"{path}: not a loadable STM-DLP checkpoint with weights_only=True "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        text = str(exc)
+        if "weights only load failed" in text.lower() or "weights_only" in text:
+            detail = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+            raise StudyError(f"{path}: refused — loading it needs unpickling of arbitrary Python objects, which "
+                             f"can run code{f' ({detail[:160]})' if detail else ''}; checkpoints are loaded "
+                             "with weights_only=True only (use one written by stm_dlp.run)") from None
+        raise StudyError(f"{path}: cannot be read as a PyTorch checkpoint, truncated or corrupt? "
+                         f"({type(exc).__name__}: {' '.join(text.split())[:200]})") from None
     info = state.get("stm_dlp") if isinstance(state, dict) else None
     if not info or "model_config" not in info:
         raise StudyError(f"{path}: checkpoint has no STM-DLP model description (was it written by stm_dlp.run?)")

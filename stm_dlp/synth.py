@@ -9,8 +9,9 @@ Each patient becomes, in DESIGN.md's labelled-dataset layout::
 plus ``DIR/cohort.json`` (the settings). Patients cycle through the DICOM time-tag styles of
 :data:`stm_dlp.io.dicom_writer.TIME_STYLES`, so a 4-patient cohort has all of them. Patient
 ``i`` is ``simulate_patient(cfg, seed * 100003 + i)`` — the same phantom as the in-memory
-dataset. The fake PHI (PatientName ``PHANTOM^PATIENT0001``, PatientID ``PHANTOM-<seed>-0001``)
-is written only inside the DICOM files, never in folder names, so tests can check that it never
+dataset. The fake PHI (PatientName ``PHANTOM^PATIENT0001``, PatientID ``PHANTOM-<seed>-0001``,
+a PatientBirthDate and an AccessionNumber ``ACC<seed>-0001``, see :func:`fake_phi_extra`) is written
+only inside the DICOM files, never in folder names, so tests can check that it never
 leaks. Each patient is written to a hidden temporary folder and renamed when complete.
 
 Run ``python -m stm_dlp.synth help`` for every key.
@@ -67,6 +68,12 @@ def fake_phi(index: int, seed: int) -> tuple[str, str]:
     return f"PHANTOM^PATIENT{index + 1:04d}", f"PHANTOM-{seed:03d}-{index + 1:04d}"
 
 
+def fake_phi_extra(index: int, seed: int) -> tuple[str, str]:
+    """``(PatientBirthDate, AccessionNumber)`` of phantom patient ``index``: fake PHI written only into DICOM."""
+    year, month, day = 1930 + (seed * 7 + index) % 60, index % 12 + 1, (seed + index) % 28 + 1
+    return f"{year:04d}{month:02d}{day:02d}", f"ACC{seed:03d}-{index + 1:04d}"
+
+
 def parse_styles(text: str) -> tuple[str, ...]:
     """``"all"`` or a comma-separated list of :data:`TIME_STYLES` → tuple of styles."""
     if text.strip() == "all":
@@ -81,7 +88,7 @@ def parse_styles(text: str) -> tuple[str, ...]:
 
 def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, patient_name: str,
                   patient_id: str, seed: int, truth: dict[str, Any] | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, patient_birth_date: str = "", accession_number: str = "") -> Path:
     """Write one labelled patient (``ctp/`` DICOM, ``maps/`` NIfTI truth, ``truth.json``) atomically.
 
     Everything goes into a hidden temporary sibling folder that is renamed to ``patient_dir`` when
@@ -90,7 +97,8 @@ def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, pat
     Args:
         patient_dir: final folder ``ROOT/<patient>``.
         study: a labelled study (``maps`` (S, 3, H, W) and ``mask`` (S, H, W) required).
-        time_style, patient_name, patient_id, seed: passed to :func:`write_study_dicom`.
+        time_style, patient_name, patient_id, seed, patient_birth_date, accession_number: passed to
+            :func:`write_study_dicom`.
         truth: extra facts for ``truth.json``.
         overwrite: replace an existing ``patient_dir``; otherwise it is an error.
     """
@@ -103,7 +111,8 @@ def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
         write_study_dicom(study, tmp / "ctp", time_style=time_style, patient_name=patient_name,
-                          patient_id=patient_id, seed=seed)
+                          patient_id=patient_id, patient_birth_date=patient_birth_date,
+                          accession_number=accession_number, seed=seed)
         maps = {p: study.maps[:, i] for i, p in enumerate(PARAMS)}
         maps["mtt"] = mtt_from_cbv_cbf(maps["cbv"], maps["cbf"])
         maps["mask"] = np.asarray(study.mask, bool)
@@ -159,6 +168,7 @@ def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | Non
         patient_seed = seed * 100003 + i
         study = simulate_patient(cfg, patient_seed)
         name, pid = fake_phi(i, seed)
+        birth_date, accession = fake_phi_extra(i, seed)
         style = styles[i % len(styles)]
         truth = {
             "patient_dir": targets[i].name,
@@ -177,7 +187,8 @@ def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | Non
             "config": asdict(cfg),
         }
         written.append(write_patient(targets[i], study, time_style=style, patient_name=name, patient_id=pid,
-                                     seed=patient_seed, truth=truth, overwrite=overwrite))
+                                     seed=patient_seed, truth=truth, overwrite=overwrite,
+                                     patient_birth_date=birth_date, accession_number=accession))
     cohort = {"patients": [t.name for t in targets], "seed": seed, "styles": list(styles),
               "config": asdict(cfg)}
     atomic_write_text(root / "cohort.json", json.dumps(cohort, indent=2) + "\n")

@@ -90,6 +90,8 @@ def write_study_dicom(
     time_style: str = "acquisition_time",
     patient_name: str = "ANONYMOUS",
     patient_id: str = "ANONYMOUS",
+    patient_birth_date: str = "",
+    accession_number: str = "",
     seed: int | None = None,
     uid_root: str = DEFAULT_UID_ROOT,
     series_description: str = "CT PERFUSION (STM-DLP phantom)",
@@ -109,7 +111,8 @@ def write_study_dicom(
             ``content_trigger`` (ContentDate/ContentTime fixed at series start + TriggerTime in ms),
             ``acquisition_datetime`` (AcquisitionDateTime),
             ``midnight`` (AcquisitionTime only, series starting just before 00:00 so it crosses it).
-        patient_name, patient_id: the PHI written into every file (nothing else identifies anyone).
+        patient_name, patient_id, patient_birth_date, accession_number: the PHI written into every file
+            (nothing else identifies anyone).
         seed: makes file names, start time and UIDs reproducible; ``None`` → fresh random.
         uid_root: UID prefix (must end with ``.``).
         series_description: SeriesDescription.
@@ -187,7 +190,7 @@ def write_study_dicom(
             ds.AcquisitionDateTime = da + tm
         else:  # midnight: time of day only
             ds.AcquisitionTime = _split(when)[1]
-        ds.AccessionNumber = ""
+        ds.AccessionNumber = accession_number
         ds.Modality = "CT"
         ds.Manufacturer = "STM-DLP"
         ds.ManufacturerModelName = "digital phantom"
@@ -195,7 +198,7 @@ def write_study_dicom(
         ds.SeriesDescription = series_description
         ds.PatientName = patient_name
         ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
+        ds.PatientBirthDate = patient_birth_date
         ds.PatientSex = "O"
         ds.BodyPartExamined = "HEAD"
         ds.KVP = "80"
