@@ -264,6 +264,9 @@ def test_slurm_environment_requeues_on_sigusr1(monkeypatch, tmp_path):
         assert handler is not before
         names = [getattr(h, "__name__", "") for h in getattr(handler, "signal_handlers", [handler])]
         assert "_slurm_sigusr_handler_fn" in names  # saves hpc_ckpt_<n>.ckpt, then `scontrol requeue`
+        term = signal.getsignal(signal.SIGTERM)
+        names = [getattr(h, "__name__", "") for h in getattr(term, "signal_handlers", [term])]
+        assert {"_sigterm_notifier_fn", "_sigterm_handler_fn"} <= set(names)  # noted, loops stop; not killed
     finally:
         connector.teardown()
     assert signal.getsignal(signal.SIGUSR1) == before
