@@ -266,6 +266,34 @@ def _profiling(pr: dict[str, Any]) -> list[str]:
     return out
 
 
+def _headline(results: dict[str, Any]) -> list[str]:
+    """A few numbers from the sections below, for the reader in a hurry."""
+    lines = []
+    acc = results.get("accuracy")
+    if acc:
+        met = [t for t in acc["targets"] if t["met"]]
+        lines.append(f"Targets met: {len(met)} of {len(acc['targets'])}"
+                     + (f" ({'; '.join(t['target'].split(':')[0] for t in met)})" if met else "") + ".")
+        reg = acc["ratios"]["regular"].get("stm_dlp_lstm", {})
+        lines.append("STM-DLP LSTM / oSVD MAE, regular: "
+                     + ", ".join(f"{p.upper()} {_f(v)}" for p, v in reg.items()) + ".")
+    sp = results.get("speed")
+    if sp:
+        for r in sp.get("infer", []):
+            if "error" not in r:
+                lines.append(f"Inference ({r['spec']['device']}): STM-DLP LSTM {_f(r['model_s_per_study'])} s per "
+                             f"16-slice 256² study, oSVD {_f(r.get('osvd_s_per_study'))} s.")
+        for r in sp.get("lstm_paths", []):
+            if "error" not in r:
+                lines.append(f"LSTM packed / causal-gather time ({r['spec']['device']}, forward + backward): "
+                             f"{_f(r['packed_over_gather'])}×.")
+    ld = (results.get("data") or {}).get("loader")
+    if ld:
+        lines.append("Loader / training slices per second: "
+                     + ", ".join(f"{_f(v)}× ({w} workers)" for w, v in ld["loader_over_training"].items()) + ".")
+    return (["**Headline.** " + " ".join(lines), ""] if lines else [])
+
+
 def render(results: dict[str, Any], md_path: Path, fig_dir: Path) -> str:
     md_dir = md_path.parent
     meta = results["meta"]
@@ -277,6 +305,7 @@ def render(results: dict[str, Any], md_path: Path, fig_dir: Path) -> str:
            f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in meta.get('section_seconds', {}).items())})", ""]
     for note in meta.get("notes", []):
         out += [f"> {note}", ""]
+    out += _headline(results)
     out += ["Contents: accuracy (per condition, ratios to oSVD, targets, label noise, figures) · speed and memory "
             "(training, inference, LSTM paths, roofline) · data (loader, DICOM) · deconvolution · profiling.", ""]
     if "accuracy" in results:
