@@ -42,7 +42,7 @@ def _rel(path: str | Path, md_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------------- accuracy
-def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path) -> list[str]:
+def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path, settings: dict[str, Any]) -> list[str]:
     from experiments.bench.accuracy import CALC_LABEL, LABEL_NOISE, MAIN, MODELS
 
     out = ["## Accuracy against ground truth", "",
@@ -61,8 +61,15 @@ def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path) -> list[str]:
     r = acc["runs"].get(LABEL_NOISE, {})
     rows.append(["STM-DLP LSTM on oSVD labels", r.get("epochs"), r.get("fit_seconds"), r.get("wall_seconds"),
                  r.get("n_test_patients")])
-    out += ["### Runs", "", _table(["model", "epochs", "fit s", "wall s (train + all tests)", "test patients"],
-                                   rows), ""]
+    budget = (f"Cohort: {settings.get('n_patients')} phantom patients of {settings.get('n_slices')} slices × "
+              f"{settings.get('height')}² × {settings.get('frames_min')}–{settings.get('frames_max')} frames "
+              "(patient split train / val / test by the DataModule's seed). "
+              f"Training: trainer={settings.get('trainer')}, "
+              f"scale={settings.get('scale')}, at most {settings.get('max_epochs')} epochs"
+              + (f" or {settings['max_time_s']} s of training" if settings.get("max_time_s") else "")
+              + f", batch {settings.get('batch_size')}, random {settings.get('crop_size')}² crops.")
+    header = ["model", "epochs", "fit s", "wall s (train + all tests)", "test patients"]
+    out += ["### Runs", "", budget, "", _table(header, rows), ""]
     cons = acc.get("consistency")
     if cons:
         out += [f"Consistency check — {cons['what']}: largest relative difference "
@@ -188,7 +195,8 @@ def _speed(sp: dict[str, Any]) -> list[str]:
                      100.0 * r["achieved_gflops"] / peak if peak else None])
     out += ["### Inference: seconds per study", "",
             "STM-DLP LSTM (untrained weights: timing does not depend on them) through `stm_dlp.predict.predict_study`, "
-            "and the calculation approach (oSVD, automatic AIF) on the same study.", "",
+            "and the calculation approach (oSVD, automatic AIF, `calculate_maps`) on the same study "
+            "(bench_deconv below times oSVD alone on its own study).", "",
             _table(["device", "study", "STM-DLP LSTM s/study", "oSVD s/study", "peak MB", "GFLOP/slice", "GFLOP/s",
                     "% of peak"], rows), ""]
     rows = []
@@ -309,7 +317,7 @@ def render(results: dict[str, Any], md_path: Path, fig_dir: Path) -> str:
     out += ["Contents: accuracy (per condition, ratios to oSVD, targets, label noise, figures) · speed and memory "
             "(training, inference, LSTM paths, roofline) · data (loader, DICOM) · deconvolution · profiling.", ""]
     if "accuracy" in results:
-        out += _accuracy(results["accuracy"], md_dir, fig_dir)
+        out += _accuracy(results["accuracy"], md_dir, fig_dir, meta.get("profile_settings", {}))
     if "speed" in results:
         out += _speed(results["speed"])
     if "data" in results:
