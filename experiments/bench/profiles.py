@@ -84,14 +84,14 @@ PROFILES: dict[str, Profile] = {
     # This repository's 2-core CPU machine in about half an hour (shared with other work: conservative).
     "cpu": Profile(
         name="cpu", trainer="cpu", n_patients=10, height=32, n_slices=2, frames_min=40, frames_max=50,
-        batch_size=4, crop_size=16, max_epochs=20, max_time_s=300, check_val_every_n_epoch=2,
+        batch_size=4, crop_size=16, max_epochs=40, max_time_s=150, check_val_every_n_epoch=2,
         speed_sizes=(128, 256), speed_frames=16, speed_steps=1, speed_warmup=1,
         infer_slices=2, infer_size=256, infer_frames=50, lstm_compare_n=512, lstm_compare_t=50,
         loader_workers=(0, 1), loader_passes=1, train_rate_steps=3,
         dicom_patients=2, dicom_size=64, dicom_slices=4, dicom_frames=40,
-        notes=("cpu profile: a 10-patient 32×32 phantom cohort (6 training patients), 20 epochs per model "
-               "(capped at 5 min of training each) on a shared 2-core CPU — far from the paper's 200 epochs "
-               "on hundreds of patients; accuracy numbers compare methods at this budget only",
+        notes=("cpu profile: a 10-patient 32×32 phantom cohort and at most 2.5 min of training per model on a "
+               "shared 2-core CPU — far from the paper's 200 epochs; accuracy numbers compare methods at "
+               "this budget only",
                "speed at 128²/256² uses 16 frames per slice (CPU time); model inference runs 2 of the study's 16 "
                "slices and scales linearly (stated in the table); oSVD runs the whole study"),
     ),
