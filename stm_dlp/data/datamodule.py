@@ -12,6 +12,7 @@ deconvolution, :func:`stm_dlp.perfusion.calculate_maps`, computed once and cache
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import defaultdict
@@ -208,7 +209,9 @@ class CTPDataModule(L.LightningDataModule):
 
         for p in track(patients, description="Reading studies"):
             parts = {"kind": self.source, "src": source_fingerprint(p),
-                     "frame_interval_s": self.frame_interval_s, "key": bool(self.pseudonym_key)}
+                     "frame_interval_s": self.frame_interval_s,
+                     # a changed key must re-pseudonymise, so the key's hash (never the key) is in the fingerprint
+                     "key": hashlib.sha256(self.pseudonym_key).hexdigest() if self.pseudonym_key else None}
             if self.source == "isles2018":
                 from stm_dlp.data.isles import read_isles_case
 
@@ -305,4 +308,6 @@ class CTPDataModule(L.LightningDataModule):
 
     def save_split(self, path: str | Path) -> None:
         """Write the patient split (pseudonymised IDs) as JSON."""
-        Path(path).write_text(json.dumps({"seed": self.seed, **self.splits}, indent=2))
+        from stm_dlp.io.atomic import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps({"seed": self.seed, **self.splits}, indent=2))
