@@ -105,6 +105,18 @@ def rigid_warp(frames: Array, shift_px: Array, angle_rad: Array) -> Array:
     return warped[:, 0].numpy()
 
 
+def _warp_frames(f4: Array, idx: Array, shifts: Array, angles: Array) -> Array:
+    """Copy of ``f4`` (S, T, H, W) with frames ``idx`` moved by per-frame ``shifts`` (n, 2) and
+    ``angles`` (n,), the same motion in every slice (the head moves as a whole)."""
+    out = f4.copy()
+    if len(idx):
+        s, hw = f4.shape[0], f4.shape[2:]
+        sel = f4[:, idx].reshape(-1, *hw)
+        warped = rigid_warp(sel, np.tile(shifts, (s, 1)), np.tile(angles, s))
+        out[:, idx] = warped.reshape(s, len(idx), *hw)
+    return out
+
+
 @dataclass
 class RigidMotion:
     """Per-frame random rigid motion (patient jitter): a fraction of frames moved independently.
@@ -122,17 +134,13 @@ class RigidMotion:
         if rng.uniform() >= self.p:
             return frames, times_s
         f4, t2, single = _as_study(frames, times_s)
-        s, t = f4.shape[:2]
+        t = f4.shape[1]
         moved = rng.uniform(size=t) < self.fraction
         moved[0] = False  # keep the reference (pre-bolus) frame in place
         shifts = rng.uniform(-self.max_shift_px, self.max_shift_px, (t, 2)) * moved[:, None]
         angles = np.deg2rad(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg, t)) * moved
-        out = f4.copy()
         idx = np.flatnonzero(moved)
-        if idx.size:
-            sel = f4[:, idx].reshape(-1, *f4.shape[2:])
-            warped = rigid_warp(sel, np.tile(shifts[idx], (s, 1)), np.tile(angles[idx], s))
-            out[:, idx] = warped.reshape(s, idx.size, *f4.shape[2:])
+        out = _warp_frames(f4, idx, shifts[idx], angles[idx])
         return _restore(out.astype(np.float32), t2, single)
 
 
@@ -148,16 +156,13 @@ class Misalignment:
         if rng.uniform() >= self.p:
             return frames, times_s
         f4, t2, single = _as_study(frames, times_s)
-        s, t = f4.shape[:2]
+        t = f4.shape[1]
         start = int(rng.integers(max(1, t // 5), max(2, t - 1)))
         direction = rng.normal(size=2)
         shift = self.shift_px * direction / (np.linalg.norm(direction) + 1e-12)
         angle = np.deg2rad(self.rotation_deg) * rng.choice([-1.0, 1.0])
         n = t - start
-        sel = f4[:, start:].reshape(-1, *f4.shape[2:])
-        warped = rigid_warp(sel, np.tile(shift, (s * n, 1)), np.full(s * n, angle))
-        out = f4.copy()
-        out[:, start:] = warped.reshape(s, n, *f4.shape[2:])
+        out = _warp_frames(f4, np.arange(start, t), np.tile(shift, (n, 1)), np.full(n, angle))
         return _restore(out.astype(np.float32), t2, single)
 
 
