@@ -71,7 +71,7 @@ def plot_frames_curves(path: str | Path, curves: Mapping[str, Mapping[float, Map
     fig.supxlabel("frames kept (% of the acquisition, first frames, original timing)", fontsize=9)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside lower center", ncol=max(1, len(labels)), fontsize=9)
+        fig.legend(handles, labels, loc="outside right upper", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
