@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from stm_dlp.data.cache import StudyCache, source_fingerprint
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
@@ -108,20 +108,29 @@ class SliceDataset(Dataset):
                        maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask))
 
 
-class SizeGroupedBatchSampler(Sampler[list[int]]):
-    """Deterministic batches of slices that share (H, W), for whole-slice evaluation."""
+class SizeGroupedBatchSampler(BatchSampler):
+    """Deterministic batches of slices that share (H, W), for whole-slice evaluation.
 
-    def __init__(self, dataset: SliceDataset, batch_size: int):
+    Follows :class:`~torch.utils.data.BatchSampler`'s API (``sampler, batch_size, drop_last``), so
+    Lightning can swap ``sampler`` for a ``DistributedSampler`` under DDP: each rank then batches
+    only its own share of the slices (and torchmetrics syncs the metrics over all ranks).
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool = False):
+        super().__init__(sampler, batch_size, drop_last)
+        self.dataset = getattr(sampler, "dataset", None) or sampler.data_source
+
+    def _batches(self) -> list[list[int]]:
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i in range(len(dataset)):
-            groups[dataset.shape_of(i)].append(i)
-        self.batches = [idx[j:j + batch_size] for idx in groups.values() for j in range(0, len(idx), batch_size)]
+        for i in self.sampler:
+            groups[self.dataset.shape_of(i)].append(i)
+        return [idx[j:j + self.batch_size] for idx in groups.values() for j in range(0, len(idx), self.batch_size)]
 
     def __iter__(self):
-        return iter(self.batches)
+        return iter(self._batches())
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self._batches())
 
 
 class CTPDataModule(L.LightningDataModule):
@@ -283,8 +292,8 @@ class CTPDataModule(L.LightningDataModule):
                           persistent_workers=self.num_workers > 0)
 
     def _eval_loader(self, ds: SliceDataset) -> DataLoader:
-        return DataLoader(ds, batch_sampler=SizeGroupedBatchSampler(ds, self.eval_batch_size),
-                          num_workers=self.num_workers, collate_fn=collate_slices)
+        sampler = SizeGroupedBatchSampler(SequentialSampler(ds), self.eval_batch_size)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers, collate_fn=collate_slices)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(self.val_set)
