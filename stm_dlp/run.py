@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import re
 import sys
 import time
@@ -442,8 +443,19 @@ def main(cfg: DictConfig) -> float | None:
     except (StudyError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except pickle.UnpicklingError as exc:  # a checkpoint that weights_only=True refuses
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"error: {cfg.get('ckpt_path')}: refused to load the checkpoint ({first})", file=sys.stderr)
+        sys.exit(2)
     return float(results["cbf"]["mae"]) if results else None
 
 
 if __name__ == "__main__":
+    from stm_dlp.config_check import check_overrides
+
+    try:  # an unknown group option (encoder=foo) gets one line and exit 2 instead of Hydra's traceback
+        check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -67,11 +67,11 @@ def test_bad_value_is_one_line_exit_2_before_any_data(cli_results, override):
 
 
 def test_unknown_group_option_is_refused_before_any_data(cli_results):
-    """``encoder=foo`` is a config-group choice: Hydra refuses it while composing, before ``main`` runs
-    (its own message, listing the options, exit 1). :func:`check_overrides` gives the project's one-line
-    form for a caller that runs it first."""
+    """``encoder=foo`` is a config-group choice: ``stm_dlp.run`` checks it with :func:`check_overrides`
+    before Hydra composes anything — one line, exit 2, the valid options listed."""
     code, stderr, tmp = cli_results["encoder=foo"]
-    assert code != 0 and "Traceback" not in stderr
+    assert code == 2 and "Traceback" not in stderr
+    assert stderr.strip() == "error: encoder=foo: unknown option; valid values: cnn, lstm, mlp_mixer"
     assert all(o in stderr for o in ("cnn", "lstm", "mlp_mixer")), stderr
     _assert_nothing_read_or_written(tmp)
     with pytest.raises(ConfigError) as info:
