@@ -21,7 +21,6 @@ from stm_dlp.run import check_launch, is_global_zero_env, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
-SAMPLER_BLOCKER = "inject a (distributed) sampler"
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -50,9 +49,6 @@ def test_ddp_two_cpu_processes_one_run_dir_same_metrics(tmp_path):
     shows the metrics are synchronised over the whole test split and the split is the same on every rank."""
     common = ["trainer=smoke", "lit.lr=1e-12", "logger=csv"]
     ddp = _cli([*common, "+trainer.strategy=ddp", "trainer.devices=2", "experiment_name=ddp"], tmp_path)
-    if ddp.returncode != 0 and SAMPLER_BLOCKER in ddp.stderr:
-        pytest.xfail("CTPDataModule's eval batch sampler does not follow torch's BatchSampler API, so Lightning "
-                     "cannot shard val/test under DDP (change requested in stm_dlp/data/datamodule.py)")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     run_dirs = [p for p in (tmp_path / "outputs" / "ddp").iterdir() if p.is_dir()]
     assert len(run_dirs) == 1, f"DDP children must share the run dir, got {run_dirs}"
