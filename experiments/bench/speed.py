@@ -281,7 +281,8 @@ def measure_lstm_paths(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec.get("device", "cpu")
     s = scale_widths(spec["scale"])
     torch.manual_seed(0)
-    enc = LSTMTemporalEncoder(in_features=s["spatial_channels"] + 1, hidden=s["temporal_hidden"]).to(device)
+    enc = LSTMTemporalEncoder(in_features=s["spatial_channels"] + 1, hidden=s["temporal_hidden"],
+                               pool="last").to(device)  # the two paths compared read the final state
     n, t = spec["n"], spec["t"]
     x = torch.randn(n, t, s["spatial_channels"] + 1, device=device)
     lengths = torch.randint(max(1, t // 2), t + 1, (n,), device=device)
