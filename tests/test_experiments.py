@@ -123,17 +123,17 @@ def _fake_job(root: Path, num: int, experiment: str, variant: str, label: str, s
     d = root / str(num)
     d.mkdir(parents=True)
 
-    def test(scale):
+    def scaled(scale):
         return {p: {"mae": mae * scale, "rmse": 2 * mae * scale, "r2": 1 - mae * scale / 10}
                 for p in ("cbv", "cbf", "tmax", "mtt")}
 
-    metrics = {"test": test(1.0), "experiment": experiment, "variant": variant, "label": label, "seed": seed,
+    metrics = {"test": scaled(1.0), "experiment": experiment, "variant": variant, "label": label, "seed": seed,
                "model": model, "eval_corruption": "none", "frame_fraction": 1.0, "n_test_patients": 3,
                "conditions": {}}
     if failed is not None:
         metrics["failed_studies"] = 0
     for name, (corruption, ff, scale) in (conditions or {}).items():
-        metrics["conditions"][name] = {"eval_corruption": corruption, "frame_fraction": ff, "test": test(scale),
+        metrics["conditions"][name] = {"eval_corruption": corruption, "frame_fraction": ff, "test": scaled(scale),
                                        **({"failed_studies": failed} if failed is not None else {})}
     (d / "metrics.json").write_text(json.dumps(metrics))
     (d / "config.yaml").write_text(yaml.safe_dump({"experiment_name": experiment, "seed": seed,
