@@ -166,7 +166,7 @@ def oscillation_index(k: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """
     f = k[:, ::stride] if stride > 1 else k
     n = f.shape[-1]
-    fmax = f.max(-1).values
+    fmax = f.amax(-1)  # amax: values only, several times faster than max() on CPU
     d2 = torch.add(f[:, 2:], f[:, :-2]).sub_(f[:, 1:-1], alpha=2.0).abs_().sum(-1)
     oi = d2 / (n * fmax.clamp_min(torch.finfo(f.dtype).tiny))
     return torch.where(fmax > 0, oi, torch.full_like(oi, float("inf")))
@@ -176,8 +176,9 @@ def _peak_stats(kt: torch.Tensor, n_neg: int, dt_s: float, method: str, peak_fra
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kmax, tmax_s)`` of residues ``kt`` ``(P, J)`` in time order (sample ``i`` is lag ``(i - n_neg) dt``)."""
     n = kt.shape[-1]
-    kmax, iglob = kt.max(-1)
+    kmax = kt.amax(-1)
     if method == "half_rise":
+        iglob = kt.argmax(-1)
         ar = torch.arange(n, device=kt.device)
         level = 0.5 * kmax[:, None]
         below = (ar[None] < iglob[:, None]) & (kt < level)
@@ -255,13 +256,14 @@ class Deconvolver:
                 cand = torch.tensor(self.candidates, dtype=torch.float64, device=self.device)
                 self.n_keep = (sv[kept][None, :] > cand[:, None] * self.s_max).sum(-1)  # (M,)
             self.freq_idx = kept  # (Fk,) rfft bins, in the order used everywhere below
-            self.g_re = g.real.to(self.dtype)
-            self.g_im = g.imag.to(self.dtype)
             n = self.n_window
             fk = kept.to(torch.float64)
             # Forward basis on grid samples 0..L-1 (the rest of the window is zero padding).
             ang = 2 * math.pi * torch.arange(self.n_grid, dtype=torch.float64, device=self.device)[:, None] * fk / n
-            self.fwd = torch.cat([torch.cos(ang), -torch.sin(ang)], dim=1)  # (L, 2Fk) float64
+            # Forward DFT followed by the per-frequency division by the AIF spectrum, as one real
+            # matrix: [Re K | Im K] = c @ fwd (the complex product by g folded into the columns).
+            cos_a, msin_a = torch.cos(ang), -torch.sin(ang)
+            self.fwd = torch.cat([cos_a * g.real - msin_a * g.imag, cos_a * g.imag + msin_a * g.real], dim=1)
             self._wf = torch.where((kept == 0) | (2 * kept == n), 1.0, 2.0).to(torch.float64) / n
             rank = torch.arange(kept.numel(), device=self.device)
             self._masks = (rank[None, :] < self.n_keep[:, None]).to(self.dtype).repeat(1, 2)  # (M, 2Fk)
@@ -329,10 +331,7 @@ class Deconvolver:
             mat = self._get("fwd", lambda: self.fwd.to(self.dtype))
         else:  # (T, 2Fk): a few MFLOP, cheaper to redo per chunk than to cache safely
             mat = (resample.to(torch.float64).T @ self.fwd).to(self.dtype)
-        spec = x.to(self.dtype) @ mat
-        fk = self.freq_idx.shape[0]
-        cr, ci = spec[:, :fk], spec[:, fk:]
-        return torch.cat([cr * self.g_re - ci * self.g_im, cr * self.g_im + ci * self.g_re], dim=1)
+        return x.to(self.dtype) @ mat
 
     def _apply(self, kf: torch.Tensor, m: torch.Tensor | int, basis: torch.Tensor) -> torch.Tensor:
         """Residues at the samples of ``basis`` ``(2Fk, J)`` for candidate ``m`` (int, or ``(P,)``)."""

@@ -228,10 +228,14 @@ def calculate_maps(
     region = (_dilate(brain, grow) & (base_img > MIN_VESSEL_BASE_HU)
               & (base_img < MAX_VESSEL_BASE_HU)) | brain
 
-    # 2. enhancement curves, slice by slice: (P_s, T) for the region pixels of slice s (flat index).
-    flat_idx, conc = [], []
+    # 2. enhancement curves, slice by slice: (P_s, T) for the region pixels of slice s (flat index),
+    # brain pixels first so that step 4 deconvolves contiguous row ranges without another gather.
+    flat_idx, conc, n_brain = [], [], []
     for s in range(s_count):
-        idx = torch.nonzero(region[s].reshape(-1)).flatten()
+        in_brain = brain[s].reshape(-1)
+        idx = torch.cat([torch.nonzero(in_brain).flatten(),
+                         torch.nonzero(region[s].reshape(-1) & ~in_brain).flatten()])
+        n_brain.append(int(in_brain.sum()))
         c = fr[s].reshape(n_t, -1)[:, idx].T - base_img[s].reshape(-1)[idx][:, None]
         if temporal_sigma_s > 0:
             c = gaussian_smooth_time(c, tt[s].to(dtype), temporal_sigma_s)
@@ -279,23 +283,21 @@ def calculate_maps(
     if chunk_pixels <= 0:
         chunk_pixels = 1 << 20 if dev.type == "cuda" else 32768
     for s in range(s_count):
-        in_brain = brain[s].reshape(-1)[flat_idx[s]]
-        rows = torch.nonzero(in_brain).flatten()
-        if rows.numel() == 0:
+        if n_brain[s] == 0:
             continue
         wmat = interp_matrix(tt[s], grid)  # (L, T) float64
         area_w = (wmat.T @ trapz_w).to(dtype)  # (T,): ∫ of the resampled curve
-        for start in range(0, rows.numel(), chunk_pixels):
-            part = rows[start: start + chunk_pixels]
-            x = conc[s][part]
+        for start in range(0, n_brain[s], chunk_pixels):
+            stop = min(start + chunk_pixels, n_brain[s])
+            x = conc[s][start:stop]
             res = dec.analyse(x, wmat)
             num = x @ area_w if cbv_method == "area" else res["kint"] * aif_area
-            pix = flat_idx[s][part]
+            pix = flat_idx[s][start:stop]
             out["cbf"][s, pix] = res["kmax"] / TISSUE_SCALE
             out["cbv"][s, pix] = num / aif_area / (60.0 * TISSUE_SCALE)
             out["tmax"][s, pix] = res["tmax_s"].to(dtype)
             out["thr"][s, pix] = res["threshold"].to(dtype)
-            done += part.numel()
+            done += stop - start
             if progress is not None:
                 progress(done, total)
     out = {k: v.reshape(s_count, h, w) for k, v in out.items()}
