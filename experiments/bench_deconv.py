@@ -5,7 +5,9 @@
 * Simulates one phantom study (:func:`stm_dlp.data.phantom.simulate_patient`; ``cpu``/``gpu``
   profiles: 16 slices x 256² x 50 frames, clinical two-phase framing, ``--noise`` HU).
 * Times our oSVD end to end (HU frames -> baseline, enhancement, resampling, deconvolution, maps;
-  :func:`stm_dlp.perfusion.maps.calculate_maps`) on the CPU, and on the GPU when there is one.
+  :func:`stm_dlp.perfusion.maps.calculate_maps`) on the CPU, and on the GPU when there is one: with
+  our defaults (in-plane smoothing σ 1.5 px, half-rise TMAX) and ``_unsmoothed`` (like for like with
+  the peer, which gets the same unsmoothed enhancement curves and uses its argmax TMAX).
 * Times the peer's oSVD (``osipy.dsc.parameters.compute_perfusion_maps`` with ``OSVDFitter``, the
   path its documentation gives users) on the same arrays: the same enhancement curves (our baseline,
   computed once outside both timings), the same true AIF, the same brain mask and the same OI target.
@@ -187,12 +189,17 @@ def bench(profile: str = "cpu", osipy_python: str | None = DEFAULT_OSIPY, noise_
     runs = result["runs"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and profile != "cpu" else [])
     for dev in devices:
-        maps, secs, info = _run_ours(study, aif, dev, prof["repeats"], method="osvd", oi_target=OI_TARGET)
-        runs[f"ours_osvd_{dev}"] = {"seconds": secs, "cpu_seconds": info["cpu_seconds"],
-                                    "mae": _mae(maps, study.maps, mask),
-                                    "timing_s": info["timing_s"], "median_threshold": info["threshold_used"]["median"]}
+        # our defaults (in-plane smoothing, half-rise TMAX), then like for like with the peer, which
+        # sees the same unsmoothed enhancement curves
+        for suffix, kw in (("", {}), ("_unsmoothed", {"spatial_sigma_px": 0.0})):
+            maps, secs, info = _run_ours(study, aif, dev, prof["repeats"], method="osvd", oi_target=OI_TARGET, **kw)
+            runs[f"ours_osvd_{dev}{suffix}"] = {
+                "seconds": secs, "cpu_seconds": info["cpu_seconds"], "mae": _mae(maps, study.maps, mask),
+                "timing_s": info["timing_s"], "median_threshold": info["threshold_used"]["median"],
+                "spatial_sigma_px": info["params"]["spatial_sigma_px"], "tmax_method": info["params"]["tmax_method"]}
     grid = _delay_grid()
-    g_maps, _, _ = _run_ours(grid, grid.meta["aif_hu"][0], "cpu", 1, method="osvd", oi_target=OI_TARGET)
+    g_maps, _, _ = _run_ours(grid, grid.meta["aif_hu"][0], "cpu", 1, method="osvd", oi_target=OI_TARGET,
+                             spatial_sigma_px=0.0)  # one (MTT, delay) per pixel: nothing to smooth
     result["delay"] = {"delays_s": list(grid.meta["delay_values"]), "ours_osvd": _delay_ratio(g_maps["cbf"])}
 
     peer = osipy_python or ""

@@ -35,6 +35,7 @@ run is ~1000 ``calculate_maps`` calls on 4 x 128² studies, about 10 minutes on 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import sys
@@ -57,8 +58,9 @@ TISSUES: dict[str, int] = {"wm": WM, "gm": GM, "csf": CSF, "penumbra": PENUMBRA,
 #: CBF relative errors are taken where the true CBF is at least this (ml/100g/min): GM and normal WM.
 CBF_REL_MIN: float = 30.0
 #: calculate_maps defaults the grid varies around.
-DEFAULTS: dict[str, Any] = dict(method="osvd", aif="auto", spatial_sigma_px=0.0, temporal_sigma_s=0.0,
-                                tmax_method="argmax", oi_target=0.095)
+_SIGNATURE = inspect.signature(calculate_maps).parameters
+DEFAULTS: dict[str, Any] = {"aif": "auto", **{k: _SIGNATURE[k].default for k in (
+    "method", "spatial_sigma_px", "temporal_sigma_s", "tmax_method", "oi_target")}}
 SPATIAL: tuple[float, ...] = (0.0, 0.7, 1.0, 1.5)
 TEMPORAL: tuple[float, ...] = (0.0, 1.0, 2.0)
 TMAX_METHODS: tuple[str, ...] = ("argmax", "half_rise")
@@ -69,12 +71,12 @@ OI_TARGETS: tuple[float, ...] = (0.095, 0.15)
 class Setting:
     """One point of the grid: ``calculate_maps`` keyword arguments (``aif`` as ``"auto"`` or ``"true"``)."""
 
-    method: str = "osvd"
-    aif: str = "auto"
-    spatial_sigma_px: float = 0.0
-    temporal_sigma_s: float = 0.0
-    tmax_method: str = "argmax"
-    oi_target: float = 0.095
+    method: str = DEFAULTS["method"]
+    aif: str = DEFAULTS["aif"]
+    spatial_sigma_px: float = DEFAULTS["spatial_sigma_px"]
+    temporal_sigma_s: float = DEFAULTS["temporal_sigma_s"]
+    tmax_method: str = DEFAULTS["tmax_method"]
+    oi_target: float = DEFAULTS["oi_target"]
 
     @property
     def label(self) -> str:

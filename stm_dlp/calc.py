@@ -21,6 +21,7 @@ status 2.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import sys
@@ -32,22 +33,26 @@ from typing import Any
 import numpy as np
 
 from stm_dlp.cli import REQUIRED, parse_bool, parse_kv, run_cli
+from stm_dlp.perfusion.maps import calculate_maps
 from stm_dlp.types import UNITS, Study
+
+#: calculate_maps' own defaults, so that the CLI and the library never disagree.
+_DEFAULT = {k: p.default for k, p in inspect.signature(calculate_maps).parameters.items()}
 
 SPEC = {
     "input": (str, REQUIRED, "study folder (DICOM / patient with ctp/ / ISLES case) or a root of patients"),
     "output": (str, REQUIRED, "output folder (one sub-folder per patient for a root)"),
     "method": (str, "osvd", "osvd, bcsvd, ssvd or tikhonov"),
     "device": (str, "auto", "cpu, cuda or auto"),
-    "dt": (float, 0.5, "uniform deconvolution grid step in seconds"),
+    "dt": (float, _DEFAULT["dt_s"], "uniform deconvolution grid step in seconds"),
     "aif": (str, "auto", "auto, or a .json / .csv file with AIF pixels or an AIF curve"),
-    "threshold": (float, 0.2, "sSVD/bcSVD relative SVD threshold"),
-    "oi_target": (float, 0.095, "oSVD oscillation-index target (CT 0.095, MR 0.035)"),
-    "tmax": (str, "argmax", "TMAX estimator: argmax (paper) or half_rise"),
-    "cbv": (str, "area", "CBV from the area ratio (area) or the residue integral (residue)"),
-    "temporal_sigma_s": (float, 0.0, "Gaussian temporal smoothing in seconds (0 = off)"),
-    "spatial_sigma_px": (float, 0.0, "Gaussian in-plane smoothing in pixels (0 = off)"),
-    "pv_correction": (parse_bool, True, "scale the AIF area to the VOF's (partial volume)"),
+    "threshold": (float, _DEFAULT["threshold"], "sSVD/bcSVD relative SVD threshold"),
+    "oi_target": (float, _DEFAULT["oi_target"], "oSVD oscillation-index target (CT 0.095, MR 0.035)"),
+    "tmax": (str, _DEFAULT["tmax_method"], "TMAX estimator: half_rise (unbiased) or argmax (literal)"),
+    "cbv": (str, _DEFAULT["cbv_method"], "CBV from the area ratio (area) or the residue integral (residue)"),
+    "temporal_sigma_s": (float, _DEFAULT["temporal_sigma_s"], "Gaussian temporal smoothing in seconds (0 = off)"),
+    "spatial_sigma_px": (float, _DEFAULT["spatial_sigma_px"], "in-plane smoothing (px), vessels left out (0 = off)"),
+    "pv_correction": (parse_bool, _DEFAULT["pv_correction"], "scale the AIF area to the VOF's (partial volume)"),
     "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
     "progress": (parse_bool, True, "show a progress bar"),
 }
@@ -144,11 +149,11 @@ def save_aif_png(path: str | Path, study: Study, info: dict[str, Any]) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device: str = "auto", dt: float = 0.5,
+def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device: str = "auto",
+               dt: float = _DEFAULT["dt_s"],
                aif: Any = "auto", progress_cb: Any = None, **params: Any) -> dict[str, Any]:
     """Maps of one study written to ``output``; returns the summary written to ``summary.json``."""
     from stm_dlp.io.outputs import write_outputs
-    from stm_dlp.perfusion.maps import calculate_maps
 
     t0 = time.perf_counter()
     maps, info = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s), study.mask, method=method,
@@ -177,10 +182,12 @@ def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device
     return summary
 
 
-def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto", dt: float = 0.5,
-             aif: str = "auto", threshold: float = 0.2, oi_target: float = 0.095, tmax: str = "argmax",
-             cbv: str = "area", temporal_sigma_s: float = 0.0, spatial_sigma_px: float = 0.0,
-             pv_correction: bool = True, frame_interval_s: float | None = None,
+def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto", dt: float = _DEFAULT["dt_s"],
+             aif: str = "auto", threshold: float = _DEFAULT["threshold"], oi_target: float = _DEFAULT["oi_target"],
+             tmax: str = _DEFAULT["tmax_method"], cbv: str = _DEFAULT["cbv_method"],
+             temporal_sigma_s: float = _DEFAULT["temporal_sigma_s"],
+             spatial_sigma_px: float = _DEFAULT["spatial_sigma_px"],
+             pv_correction: bool = _DEFAULT["pv_correction"], frame_interval_s: float | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Read one study or a root of patients, compute and write maps; returns the summaries."""
     from rich.console import Console

@@ -3,8 +3,8 @@
 Measured (48² x 3 slices, seeds 0/1/2/5, oSVD, ``python -m pytest tests/test_aif.py``):
 noise 0 HU — every chosen AIF and VOF pixel is a true artery / sinus pixel, PV scale 1.02-1.08,
 GM/WM median CBV error +0.2..+0.4 %, CBF -13..-24 % (the band limit of 1.2-3 s frames on a jump
-residue), TMAX (argmax) +1.1..+1.5 s; noise 1 HU — AIF/VOF still 100 % true, CBV within 2.5 %,
-CBF -37..-43 % (oSVD raises the threshold to ~0.15).
+residue), TMAX (half_rise) within 0.5 s (argmax: +1.1..+1.5 s); noise 1 HU — AIF/VOF still 100 %
+true, CBV within 2.5 %, CBF -37..-43 % (oSVD raises the threshold to ~0.15). No in-plane smoothing here.
 """
 
 from __future__ import annotations
@@ -35,8 +35,13 @@ def _median_rel(study, maps, cls: int, i: int, name: str) -> float:
     return float(np.median(maps[name][sel] / study.maps[:, i][sel] - 1))
 
 
+#: 48² heads have 4.6 mm pixels: in-plane smoothing would mix gray and white matter, which is not
+#: what these tests are about (the AIF).
+NO_SMOOTHING = dict(spatial_sigma_px=0.0)
+
+
 def test_auto_aif_finds_arteries_and_sinus(head):
-    maps, info = calculate_maps(head.frames, head.times_s, head.mask)
+    maps, info = calculate_maps(head.frames, head.times_s, head.mask, **NO_SMOOTHING)
     a = info["aif"]
     assert a["source"] == "auto" and len(a["pixels_slice_row_col"]) == 8
     assert _frac_in(a["pixels_slice_row_col"], head.meta["aif_pixels"]) >= 0.8
@@ -47,12 +52,12 @@ def test_auto_aif_finds_arteries_and_sinus(head):
         assert abs(_median_rel(head, maps, cls, 0, "cbv")) < 0.05
         assert -0.30 < _median_rel(head, maps, cls, 1, "cbf") < 0.05
         sel = head.meta["labels"] == cls
-        assert 0.0 < float(np.median(maps["tmax"][sel] - head.maps[:, 2][sel])) < 2.0
+        assert abs(float(np.median(maps["tmax"][sel] - head.maps[:, 2][sel]))) < 0.5  # half_rise: unbiased
 
 
 def test_auto_aif_with_noise():
     st = simulate_patient(PhantomConfig(height=48, width=48, n_slices=3, noise_hu=1.0), seed=2)
-    maps, info = calculate_maps(st.frames, st.times_s, st.mask)
+    maps, info = calculate_maps(st.frames, st.times_s, st.mask, **NO_SMOOTHING)
     assert _frac_in(info["aif"]["pixels_slice_row_col"], st.meta["aif_pixels"]) >= 0.8
     for cls in (GM, WM):
         assert abs(_median_rel(st, maps, cls, 0, "cbv")) < 0.08

@@ -108,13 +108,25 @@ def gaussian_smooth_time(x: torch.Tensor, times_s: torch.Tensor, sigma_s: float)
     return torch.einsum("...ij,...j->...i", w, x)
 
 
-def gaussian_smooth_space(x: torch.Tensor, sigma_px: float) -> torch.Tensor:
+def gaussian_smooth_space(x: torch.Tensor, sigma_px: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Separable in-plane Gaussian over the last two axes ``(..., H, W)`` (reflect padding).
 
     ``sigma_px <= 0`` returns ``x`` unchanged. Kernel radius ``ceil(3 σ)``.
+
+    With ``weights`` (``(H, W)`` or broadcastable to ``x``'s leading dims + ``(H, W)``, e.g. a 0/1
+    tissue mask) this is a *normalised convolution* (Knutsson & Westin 1993):
+    ``y = G * (w x) / G * w`` — pixels with weight 0 (vessels, background) neither contribute to
+    their neighbours nor are changed themselves (they keep ``x``), so smoothing does not spread a
+    vessel's enhancement into tissue or blur tissue across the brain edge.
     """
     if sigma_px <= 0:
         return x
+    if weights is not None:
+        w = weights.to(x.dtype).expand_as(x)
+        num = gaussian_smooth_space(x * w, sigma_px)
+        den = gaussian_smooth_space(w.contiguous(), sigma_px)
+        keep = (w > 0) & (den > 1e-3)
+        return torch.where(keep, num / den.clamp_min(1e-3), x)
     radius = max(1, int(math.ceil(3 * sigma_px)))
     g = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
     g = torch.exp(-0.5 * (g / sigma_px) ** 2)
