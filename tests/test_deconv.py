@@ -352,6 +352,15 @@ def test_masked_smoothing_keeps_vessels_out_of_tissue():
     torch.testing.assert_close(out[0][weights > 0], torch.full((255,), 30.0))
     plain = gaussian_smooth_space(img, 1.5)
     assert float(plain[0, 8, 9]) > 40.0  # what the mask prevents
+    # weights on an off-centre block: outside it nothing changes, inside it is the masked mean
+    noisy = torch.randn(3, 20, 24, dtype=torch.float64)
+    block = torch.zeros(20, 24, dtype=torch.float64)
+    block[3:12, 5:21] = 1.0
+    out = gaussian_smooth_space(noisy, 1.0, block)
+    torch.testing.assert_close(out[:, block == 0], noisy[:, block == 0])
+    ref = gaussian_smooth_space(noisy * block, 1.0) / gaussian_smooth_space(block, 1.0)  # reflect pad, far from edges
+    torch.testing.assert_close(out[:, 6:9, 9:17], ref[:, 6:9, 9:17])
+    assert float(out[:, block > 0].std()) < 0.6 * float(noisy[:, block > 0].std())
 
 
 def test_user_aif_gets_the_tissue_temporal_smoothing():
