@@ -179,13 +179,13 @@ def _peak_stats(kt: torch.Tensor, n_neg: int, dt_s: float, method: str, peak_fra
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kmax, tmax_s)`` of residues ``kt`` ``(P, J)`` in time order (sample ``i`` is lag ``(i - n_neg) dt``)."""
     n = kt.shape[-1]
-    kmax = kt.amax(-1)
     if method == "half_rise":
-        iglob = kt.argmax(-1)
-        ar = torch.arange(n, device=kt.device)
+        kmax, iglob = kt.max(-1)
+        # last sample before the peak that is below half of it; float indices and one where/amax
+        # are several times faster on CPU than integer or boolean reductions
+        ar = torch.arange(n, device=kt.device, dtype=kt.dtype)
         level = 0.5 * kmax[:, None]
-        below = (ar[None] < iglob[:, None]) & (kt < level)
-        j = torch.where(below, ar[None], torch.full_like(ar[None], -1)).max(-1).values
+        j = torch.where((kt < level) & (ar[None] < iglob[:, None]), ar[None], -1.0).amax(-1).long()
         jj = j.clamp(min=0)
         y0 = kt.gather(-1, jj[:, None])[:, 0]
         y1 = kt.gather(-1, (jj + 1).clamp(max=n - 1)[:, None])[:, 0]
@@ -193,6 +193,7 @@ def _peak_stats(kt: torch.Tensor, n_neg: int, dt_s: float, method: str, peak_fra
         frac = ((level[:, 0] - y0) / step).clamp(0.0, 1.0)
         pos = torch.where(j >= 0, jj.to(kt.dtype) + frac, iglob.to(kt.dtype))
     else:
+        kmax = kt.amax(-1)
         cand = kt >= peak_frac * kmax[:, None]
         cand[:, 1:] &= kt[:, 1:] >= kt[:, :-1]
         cand[:, :-1] &= kt[:, :-1] >= kt[:, 1:]
