@@ -117,3 +117,34 @@ def test_select_aif_prefers_early_narrow_high_curves():
         select_aif(torch.zeros(4, 40, dtype=torch.float64), t, coords[:4], grid)
     with pytest.raises(ValueError, match="increasing"):
         aif_from_curve(art, t.flip(0), grid)
+
+
+def test_motion_spikes_are_not_arteries():
+    """A one-frame spike (bone moved into the pixel) or a curve pushed negative by a corrupted baseline
+    outscores any artery on peak height and earliness; the plausibility checks keep it out."""
+    t = torch.linspace(0, 60, 40, dtype=torch.float64)
+    art = arterial_input_function(t, t0_s=5.0, peak_hu=300.0)
+    spike = torch.full((40,), -60.0, dtype=torch.float64)
+    spike[3] = 900.0
+    lone = torch.zeros(40, dtype=torch.float64)
+    lone[4] = 800.0
+    conc = torch.cat([art.expand(4, -1), spike.expand(3, -1), lone.expand(3, -1),
+                      0.05 * art.expand(30, -1)])
+    coords = torch.stack([torch.zeros(40, dtype=torch.long), torch.arange(40), torch.zeros(40, dtype=torch.long)], 1)
+    sel = select_aif(conc, t, coords, uniform_grid(60.0, 0.5, dtype=torch.float64), n_aif=4, n_vof=0)
+    assert sorted(r for _, r, _ in sel.pixels) == [0, 1, 2, 3]
+    f = curve_features(conc[:10], t)
+    assert bool((f["support"][:4] > 0.25).all()) and bool((f["support"][4:10] < 0.25).all())
+
+
+def test_motion_corrupted_study_still_gets_maps():
+    """Under rigid motion the automatic AIF used to average motion spikes into a negative curve and
+    fail ("no positive enhancement") on 4 of 12 phantom patients; now every one gets maps."""
+    from stm_dlp.data.corrupt import corrupt_study, named_corruption
+
+    for seed in (0, 4):
+        st = simulate_patient(PhantomConfig(height=32, width=32, n_slices=2, frames_min=40, frames_max=50), seed=seed)
+        cs = corrupt_study(st, named_corruption("motion"), seed=seed)
+        maps, info = calculate_maps(cs.frames, cs.times_s, cs.mask)
+        assert info["aif"]["pv_scale"] >= 1.0 and max(info["aif"]["aif_hu"]) > 100
+        assert all(np.isfinite(m).all() for m in maps.values())

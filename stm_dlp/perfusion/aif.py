@@ -92,7 +92,10 @@ def curve_features(conc: torch.Tensor, times: torch.Tensor) -> dict[str, torch.T
     Returns:
         dict of ``(P,)`` tensors: ``peak`` (HU), ``t_peak`` (s), ``arrival`` (s, first sample above 10 %
         of the peak), ``fwhm`` (s, time spent above half the peak), ``area`` (HU·s, trapezoid) and
-        ``roughness`` (mean squared second difference / peak², dimensionless).
+        ``roughness`` (mean squared second difference / peak², dimensionless) and ``support`` (the
+        larger of the two frames next to the peak, / peak: a bolus, even sampled every 3 s, keeps
+        a neighbour well above a quarter of its peak; a one-frame spike — motion bringing bone into
+        the pixel — does not).
     """
     t = times.to(conc.dtype).expand_as(conc)
     peak, ipk = conc.max(-1)
@@ -108,8 +111,12 @@ def curve_features(conc: torch.Tensor, times: torch.Tensor) -> dict[str, torch.T
     area = (conc * share).sum(-1)
     d2 = rel[:, 2:] - 2 * rel[:, 1:-1] + rel[:, :-2] if conc.shape[-1] >= 3 else torch.zeros_like(rel)
     roughness = (d2**2).mean(-1)
+    n_t = conc.shape[-1]
+    left = rel.gather(-1, (ipk - 1).clamp(min=0)[:, None])[:, 0]
+    right = rel.gather(-1, (ipk + 1).clamp(max=n_t - 1)[:, None])[:, 0]
+    support = torch.maximum(torch.where(ipk > 0, left, right), torch.where(ipk < n_t - 1, right, left))
     return {"peak": peak, "t_peak": t_peak, "arrival": arrival, "fwhm": fwhm, "area": area,
-            "roughness": roughness}
+            "roughness": roughness, "support": support}
 
 
 def _robust_z(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +158,7 @@ def select_aif(
     min_peak_frac: float = 0.5,
     max_late_s: float = 6.0,
     max_roughness: float = 0.5,
+    min_support: float = 0.25,
     vof_min_lag_s: float = 1.0,
     pv_correction: bool = True,
     max_pv_scale: float = 3.0,
@@ -168,6 +176,8 @@ def select_aif(
             (an artery is a high peak first; noise can make a dim tissue curve look early and narrow).
         max_late_s: exclude candidates whose peak is this much later than the earliest candidate peak.
         max_roughness: exclude candidates with a larger roughness (noisy or artefact curves).
+        min_support: exclude candidates whose peak's larger neighbour is below this fraction of the
+            peak (one-frame spikes), and candidates with a non-positive area.
         vof_min_lag_s: VOF candidates peak at least this long after the AIF.
         pv_correction: scale the AIF area up to the VOF's (see module docstring).
         max_pv_scale: cap of that scale.
@@ -186,8 +196,13 @@ def select_aif(
     pool = torch.topk(peak, n_pool).indices
     f = {k: v[pool] for k, v in feats.items()}
     ref_peak = torch.topk(f["peak"], min(n_aif, n_pool)).values[-1]
-    ok = (f["peak"] >= min_peak_frac * ref_peak) & (f["peak"] > 0) & (f["roughness"] <= max_roughness)
+    # plausible boluses only: enhancement over the baseline overall (a motion artefact can corrupt
+    # the baseline and leave a negative area) and not a one-frame spike
+    plausible = (f["area"] > 0) & (f["support"] >= min_support)
+    ok = (f["peak"] >= min_peak_frac * ref_peak) & (f["peak"] > 0) & (f["roughness"] <= max_roughness) & plausible
     ok &= f["t_peak"] <= f["t_peak"][ok].min() + max_late_s if bool(ok.any()) else ok
+    if int(ok.sum()) == 0:
+        ok = (f["peak"] > 0) & plausible
     if int(ok.sum()) == 0:
         ok = f["peak"] > 0
     score = _robust_z(f["peak"]) - _robust_z(f["arrival"]) - _robust_z(f["fwhm"]) - 0.5 * _robust_z(f["roughness"])
@@ -204,7 +219,7 @@ def select_aif(
     rest = torch.ones(n_pool, dtype=torch.bool, device=conc.device)
     rest[best] = False
     vsel = rest & (f["t_peak"] >= aif_tpk + vof_min_lag_s) & (f["peak"] >= 0.5 * aif_peak)
-    vsel &= f["roughness"] <= max_roughness
+    vsel &= (f["roughness"] <= max_roughness) & plausible
     if n_vof > 0 and int(vsel.sum()) > 0:
         varea = torch.where(vsel, f["area"], torch.full_like(f["area"], float("-inf")))
         vbest = torch.topk(varea, int(min(n_vof, int(vsel.sum())))).indices
