@@ -148,3 +148,17 @@ def test_motion_corrupted_study_still_gets_maps():
         maps, info = calculate_maps(cs.frames, cs.times_s, cs.mask)
         assert info["aif"]["pv_scale"] >= 1.0 and max(info["aif"]["aif_hu"]) > 100
         assert all(np.isfinite(m).all() for m in maps.values())
+
+
+def test_vof_area_is_not_inflated_by_noise():
+    """Ranking VOF candidates by area picks the pixels whose baseline came out low (area overestimated
+    by 9-16 % on these studies at 6 HU); ranking by peak keeps the bias under 8 %."""
+    from stm_dlp.perfusion.concentration import interp_matrix
+
+    ratios = []
+    for seed in (0, 1):
+        st = simulate_patient(PhantomConfig(height=96, width=96, n_slices=2, noise_hu=6.0), seed=seed)
+        _, info = calculate_maps(st.frames, st.times_s, st.mask)
+        w = interp_matrix(torch.tensor(st.times_s[0] - st.times_s[0].min()), torch.tensor(info["aif"]["grid_s"]))
+        ratios.append(float(np.sum(info["aif"]["vof_hu"]) / (w.numpy() @ st.meta["vof_hu"]).sum()))
+    assert 0.95 < float(np.mean(ratios)) < 1.08, ratios
