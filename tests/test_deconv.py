@@ -398,3 +398,22 @@ def test_default_smoothing_tames_noise(noisy_head):
     assert tmax_d < 1.5
     assert info["params"]["spatial_sigma_px"] == 1.5 and info["params"]["tmax_method"] == "half_rise"
     assert info["median_frame_interval_s"] == pytest.approx(float(np.median(np.diff(st.times_s, axis=1))), abs=0.05)
+
+
+def test_csf_is_excluded_not_given_a_noise_tmax(noisy_head):
+    """CSF has no flow; left in, its noise-driven residue gives a random TMAX that reads as hypoperfusion."""
+    from stm_dlp.data.phantom import CSF
+
+    st = noisy_head
+    csf = (st.meta["labels"] == CSF) & st.mask
+    assert csf.sum() > 20
+    maps, info = calculate_maps(st.frames, st.times_s, st.mask)
+    kept, _ = calculate_maps(st.frames, st.times_s, st.mask, csf_max_hu=None)
+    assert info["n_csf_pixels"] >= 0.8 * csf.sum()  # the rest: CSF pixels next to tissue (smoothed test)
+    zeroed = csf & (maps["cbv"] == 0) & (maps["cbf"] == 0) & (maps["mtt"] == 0) & (maps["tmax"] == 0)
+    assert zeroed.sum() >= 0.8 * csf.sum()
+    assert float(np.median(kept["tmax"][csf])) > 2.0  # what CSF looked like before
+    tissue = st.mask & ~csf
+    assert float(np.mean(maps["cbf"][tissue] > 0)) > 0.97  # parenchyma is not mistaken for CSF
+    err = {k: float(np.abs(m["tmax"] - st.maps[:, 2])[st.mask].mean()) for k, m in (("csf", maps), ("kept", kept))}
+    assert err["csf"] < 0.6 * err["kept"], err

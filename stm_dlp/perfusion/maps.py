@@ -29,7 +29,8 @@ with ``label_source=calc`` and by the benchmarks):
    * **TMAX** (s) = the peak time of ``k``: by default the half-rise time of its leading edge, an
      unbiased estimate of ``argmax k`` (see :class:`~stm_dlp.perfusion.deconv.DeconvParams`).
 
-Pixels outside the mask are 0; no NaN or inf ever leaves this module; negative CBF/CBV/TMAX are
+Pixels outside the mask, and CSF inside it (pre-bolus HU below ``csf_max_hu``), are 0; no NaN or
+inf ever leaves this module; negative CBF/CBV/TMAX are
 clipped to 0.
 """
 
@@ -72,6 +73,10 @@ SEARCH_GROW_FRAC: float = 0.04
 #: (unscaled) peak are vessels: left out of the smoothing and kept as they are. Tissue peaks at
 #: well under 15 % of the AIF (CBV <= 8 ml/100g), partial-volume arteries far above.
 VESSEL_PEAK_FRAC: float = 0.3
+#: The CSF test (``csf_max_hu``) looks at the pre-bolus image smoothed this much (px, inside the brain):
+#: enough to keep per-pixel noise from punching holes in parenchyma (clinical noise ~5 HU on a
+#: 4-frame baseline -> ~2 HU), little enough that CSF one pixel from tissue still counts as CSF.
+CSF_SMOOTH_PX: float = 0.7
 #: Automatic AIF/VOF candidates: the most enhancing AIF_POOL_FRAC of the search region (at least
 #: AIF_POOL_MIN pixels); arteries and the sinus are a few per mille of a head slice.
 AIF_POOL_FRAC: float = 0.02
@@ -152,6 +157,7 @@ def calculate_maps(
     n_vof: int = 8,
     pv_correction: bool = True,
     cbf_floor: float = 0.5,
+    csf_max_hu: float | None = 15.0,
     chunk_pixels: int = 0,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -187,6 +193,11 @@ def calculate_maps(
             ``python -m experiments.calc_settings``).
         n_aif, n_vof, pv_correction: automatic AIF options (:func:`select_aif`).
         cbf_floor: below this CBF (ml/100g/min) TMAX and MTT are set to 0 (no usable residue).
+        csf_max_hu: brain pixels whose pre-bolus HU (smoothed like the tissue curves) is below this
+            are CSF: left out of the smoothing and 0 in every map, as clinical packages exclude them
+            (CSF 0-15 HU, brain parenchyma 20-45 HU). Without it CSF, which has no flow, gets a
+            noise-driven TMAX (3 HU phantom: median +7 s, MAE 19 s) that reads like hypoperfusion.
+            ``None`` keeps CSF pixels.
         chunk_pixels: pixels deconvolved at once (0: 32768 on CPU, where cache-sized chunks are
             fastest, 2^20 on GPU).
         progress: optional ``callback(done_pixels, total_pixels)``.
@@ -294,16 +305,21 @@ def calculate_maps(
     # enhancement nor the skull edge leaks into tissue.
     tissue = [conc[s][: n_brain[s]] for s in range(s_count)]
     n_vessel = 0
+    if csf_max_hu is not None:
+        base_ref = gaussian_smooth_space(base_img, CSF_SMOOTH_PX, brain.to(dtype))
+        csf = brain & (base_ref < csf_max_hu)
+    else:
+        csf = torch.zeros_like(brain)
     if spatial_sigma_px > 0:
         vessel_hu = VESSEL_PEAK_FRAC * float(aif_sel.curve_raw.max())
         for s in range(s_count):
             if n_brain[s] == 0:
                 continue
             idx = flat_idx[s][: n_brain[s]]
-            is_tissue = tissue[s].amax(-1) < vessel_hu
-            n_vessel += int((~is_tissue).sum())
+            not_vessel = tissue[s].amax(-1) < vessel_hu
+            n_vessel += int((~not_vessel).sum())
             weights = torch.zeros(h * w, dtype=dtype, device=dev)
-            weights[idx] = is_tissue.to(dtype)
+            weights[idx] = (not_vessel & ~csf[s].reshape(-1)[idx]).to(dtype)
             enh = fr[s] - base_img[s]
             smoothed = gaussian_smooth_space(enh, spatial_sigma_px, weights.reshape(h, w))
             c = smoothed.reshape(n_t, -1)[:, idx].T
@@ -352,7 +368,9 @@ def calculate_maps(
     cbf = torch.nan_to_num(out["cbf"], 0.0, 0.0, 0.0).clamp_min(0.0)
     cbv = torch.nan_to_num(out["cbv"], 0.0, 0.0, 0.0).clamp_min(0.0)
     tmax = torch.nan_to_num(out["tmax"], 0.0, 0.0, 0.0).clamp_min(0.0)
-    flow = brain & (cbf >= cbf_floor)
+    cbf = torch.where(csf, torch.zeros_like(cbf), cbf)
+    cbv = torch.where(csf, torch.zeros_like(cbv), cbv)
+    flow = brain & ~csf & (cbf >= cbf_floor)
     tmax = torch.where(flow, tmax, torch.zeros_like(tmax))
     mtt = torch.where(flow, mtt_from_cbv_cbf(cbv, cbf), torch.zeros_like(cbf))
     maps = {
@@ -369,6 +387,7 @@ def calculate_maps(
                    "dt_s": dt_s, "cbv_method": cbv_method, "band_limit": band_limit,
                    "temporal_sigma_s": temporal_sigma_s, "spatial_sigma_px": spatial_sigma_px,
                    "n_aif": n_aif, "n_vof": n_vof, "pv_correction": pv_correction, "cbf_floor": cbf_floor,
+                   "csf_max_hu": csf_max_hu,
                    "dtype": str(dtype).replace("torch.", "")},
         "aif": aif_sel.to_dict(),
         "time_origin_s": t0,
@@ -377,6 +396,7 @@ def calculate_maps(
         "baseline_frames": n_base,
         "mask_source": mask_source,
         "n_vessel_pixels_unsmoothed": n_vessel,
+        "n_csf_pixels": int(csf.sum()),
         "n_brain_pixels": total,
         "threshold_used": {"mean": float(thr_used.mean()) if thr_used.numel() else 0.0,
                            "median": float(thr_used.median()) if thr_used.numel() else 0.0},
