@@ -39,6 +39,11 @@ from stm_dlp.types import UNITS, Study
 #: calculate_maps' own defaults, so that the CLI and the library never disagree.
 _DEFAULT = {k: p.default for k, p in inspect.signature(calculate_maps).parameters.items()}
 
+def _optional_float(text: str) -> float | None:
+    """A number, or ``none`` / ``off`` for None."""
+    return None if text.strip().lower() in ("none", "off") else float(text)
+
+
 SPEC = {
     "input": (str, REQUIRED, "study folder (DICOM / patient with ctp/ / ISLES case) or a root of patients"),
     "output": (str, REQUIRED, "output folder (one sub-folder per patient for a root)"),
@@ -52,6 +57,7 @@ SPEC = {
     "cbv": (str, _DEFAULT["cbv_method"], "CBV from the area ratio (area) or the residue integral (residue)"),
     "temporal_sigma_s": (float, _DEFAULT["temporal_sigma_s"], "Gaussian temporal smoothing in seconds (0 = off)"),
     "spatial_sigma_px": (float, _DEFAULT["spatial_sigma_px"], "in-plane smoothing (px), vessels left out (0 = off)"),
+    "csf_max_hu": (_optional_float, _DEFAULT["csf_max_hu"], "brain below this pre-bolus HU is CSF (none = keep)"),
     "pv_correction": (parse_bool, _DEFAULT["pv_correction"], "scale the AIF area to the VOF's (partial volume)"),
     "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
     "progress": (parse_bool, True, "show a progress bar"),
@@ -187,7 +193,8 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
              tmax: str = _DEFAULT["tmax_method"], cbv: str = _DEFAULT["cbv_method"],
              temporal_sigma_s: float = _DEFAULT["temporal_sigma_s"],
              spatial_sigma_px: float = _DEFAULT["spatial_sigma_px"],
-             pv_correction: bool = _DEFAULT["pv_correction"], frame_interval_s: float | None = None,
+             pv_correction: bool = _DEFAULT["pv_correction"], csf_max_hu: float | None = _DEFAULT["csf_max_hu"],
+             frame_interval_s: float | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Read one study or a root of patients, compute and write maps; returns the summaries."""
     from rich.console import Console
@@ -203,7 +210,8 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
         raise FileNotFoundError(f"input {src} does not exist")
     aif_arg: Any = aif if aif == "auto" else load_aif_file(aif)
     params = dict(threshold=threshold, oi_target=oi_target, tmax_method=tmax, cbv_method=cbv,
-                  temporal_sigma_s=temporal_sigma_s, spatial_sigma_px=spatial_sigma_px, pv_correction=pv_correction)
+                  temporal_sigma_s=temporal_sigma_s, spatial_sigma_px=spatial_sigma_px, pv_correction=pv_correction,
+                  csf_max_hu=csf_max_hu)
     patients = list_patients(src) if src.is_dir() else []
     multi = len(patients) > 1 or (len(patients) == 1 and patients[0] != src)
     jobs = [(p, Path(output) / p.name) for p in patients] if multi else [(src, Path(output))]

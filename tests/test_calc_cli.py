@@ -53,10 +53,12 @@ def test_calc_single_study_and_root(cohort, tmp_path, capsys):
     label = np.asarray(nib.load(patient / "maps" / "cbf.nii.gz").dataobj)
     brain = label > 0
     assert 0.4 < np.median(cbf[brain] / label[brain]) < 1.2  # oSVD on 1 HU noise: CBF reads ~20-40 % low
-    assert main([f"input={cohort}", f"output={tmp_path / 'all'}", "method=bcsvd", "progress=false"]) == 0
+    assert main([f"input={cohort}", f"output={tmp_path / 'all'}", "method=bcsvd", "progress=false",
+                 "csf_max_hu=none"]) == 0
     assert sorted(p.name for p in (tmp_path / "all").iterdir()) == ["sub-0001", "sub-0002"]
     for p in (tmp_path / "all").iterdir():
-        assert _check_bundle(p, (2, 32, 32))["method"] == "bcsvd"
+        summary = _check_bundle(p, (2, 32, 32))
+        assert summary["method"] == "bcsvd" and summary["params"]["csf_max_hu"] is None
     assert "2 studies" in capsys.readouterr().out
 
 
