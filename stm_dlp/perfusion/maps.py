@@ -9,9 +9,10 @@ with ``label_source=calc`` and by the benchmarks):
 2. per-pixel pre-bolus baseline and enhancement curves (:mod:`~stm_dlp.perfusion.concentration`),
    arrival detected per slice on its most enhancing pixels;
 3. AIF (and VOF) selection (:mod:`~stm_dlp.perfusion.aif`) or a user AIF;
-   3b. optional in-plane smoothing of the tissue curves (default σ = 1.5 px), a normalised
-   convolution inside the brain mask that leaves vessels (peak > :data:`VESSEL_PEAK_FRAC` of the
-   AIF's) out — after AIF selection, which wants unsmoothed arteries;
+   3b. CSF (pre-bolus HU < ``csf_max_hu``) is marked as no tissue; optional in-plane smoothing of
+   the tissue curves (default σ = 1.5 px), a normalised convolution inside the brain mask that
+   leaves vessels (peak > :data:`VESSEL_PEAK_FRAC` of the AIF's) and CSF out — after AIF selection,
+   which wants unsmoothed arteries;
 4. tissue curves resampled from their real frame times onto a uniform grid (``dt_s``, default
    0.5 s) and deconvolved (:mod:`~stm_dlp.perfusion.deconv`), in chunks, on CPU or GPU; the
    acquisition's frame interval (band limit, OI sampling) is the **median** interval, i.e. that of
@@ -193,7 +194,7 @@ def calculate_maps(
             ``python -m experiments.calc_settings``).
         n_aif, n_vof, pv_correction: automatic AIF options (:func:`select_aif`).
         cbf_floor: below this CBF (ml/100g/min) TMAX and MTT are set to 0 (no usable residue).
-        csf_max_hu: brain pixels whose pre-bolus HU (smoothed like the tissue curves) is below this
+        csf_max_hu: brain pixels whose pre-bolus HU (lightly smoothed, :data:`CSF_SMOOTH_PX`) is below this
             are CSF: left out of the smoothing and 0 in every map, as clinical packages exclude them
             (CSF 0-15 HU, brain parenchyma 20-45 HU). Without it CSF, which has no flow, gets a
             noise-driven TMAX (3 HU phantom: median +7 s, MAE 19 s) that reads like hypoperfusion.
@@ -300,9 +301,9 @@ def calculate_maps(
         raise ValueError("the arterial input function has no positive enhancement; choose another AIF")
     t_aif = time.perf_counter()
 
-    # 3b. tissue curves: in-plane smoothing (after AIF selection, which wants unsmoothed vessels) by
-    # normalised convolution inside the brain mask with vessels left out, so neither a vessel's
-    # enhancement nor the skull edge leaks into tissue.
+    # 3b. CSF (no tissue), then the tissue curves' in-plane smoothing (after AIF selection, which
+    # wants unsmoothed vessels): a normalised convolution inside the brain mask with vessels and CSF
+    # left out, so neither a vessel's enhancement, CSF nor the skull edge leaks into tissue.
     tissue = [conc[s][: n_brain[s]] for s in range(s_count)]
     n_vessel = 0
     if csf_max_hu is not None:
