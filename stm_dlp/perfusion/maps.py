@@ -190,7 +190,7 @@ def calculate_maps(
         spatial_sigma_px: in-plane Gaussian smoothing of the tissue curves in pixels (0 = off), a
             normalised convolution inside the brain mask that leaves vessels out (see step 3b).
             Default 1.5: per-pixel CT noise otherwise dominates every map (3 HU phantom noise:
-            CBV MAE 1.9 -> 0.5 ml/100g, TMAX 9.0 -> 0.5 s; noise-free cost CBV +0.16 ml/100g;
+            CBV MAE 1.9 -> 0.5 ml/100g, TMAX 9.0 -> 0.5 s; noise-free cost CBV +0.13 ml/100g;
             ``python -m experiments.calc_settings``).
         n_aif, n_vof, pv_correction: automatic AIF options (:func:`select_aif`).
         cbf_floor: below this CBF (ml/100g/min) TMAX and MTT are set to 0 (no usable residue).
