@@ -417,3 +417,6 @@ def test_csf_is_excluded_not_given_a_noise_tmax(noisy_head):
     assert float(np.mean(maps["cbf"][tissue] > 0)) > 0.97  # parenchyma is not mistaken for CSF
     err = {k: float(np.abs(m["tmax"] - st.maps[:, 2])[st.mask].mean()) for k, m in (("csf", maps), ("kept", kept))}
     assert err["csf"] < 0.6 * err["kept"], err
+    # frames that are not HU (here: shifted by -40) would be "all CSF": refused, not silently zeroed
+    with pytest.raises(ValueError, match="Hounsfield"):
+        calculate_maps(st.frames - 40.0, st.times_s, st.mask)

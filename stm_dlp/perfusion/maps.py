@@ -78,6 +78,9 @@ VESSEL_PEAK_FRAC: float = 0.3
 #: enough to keep per-pixel noise from punching holes in parenchyma (clinical noise ~5 HU on a
 #: 4-frame baseline -> ~2 HU), little enough that CSF one pixel from tissue still counts as CSF.
 CSF_SMOOTH_PX: float = 0.7
+#: More than this fraction of the brain mask below ``csf_max_hu`` means the data are not head-CT HU
+#: (ventricles and sulci are ~5-15 % of a slice): refuse rather than return empty maps.
+CSF_MAX_FRAC: float = 0.5
 #: Automatic AIF/VOF candidates: the most enhancing AIF_POOL_FRAC of the search region (at least
 #: AIF_POOL_MIN pixels); arteries and the sinus are a few per mille of a head slice.
 AIF_POOL_FRAC: float = 0.02
@@ -309,6 +312,12 @@ def calculate_maps(
     if csf_max_hu is not None:
         base_ref = gaussian_smooth_space(base_img, CSF_SMOOTH_PX, brain.to(dtype))
         csf = brain & (base_ref < csf_max_hu)
+        if float(csf.sum()) > CSF_MAX_FRAC * float(brain.sum()):
+            raise ValueError(
+                f"{100 * float(csf.sum()) / float(brain.sum()):.0f} % of the brain mask is below {csf_max_hu:g} HU "
+                f"before the bolus (median {float(base_img[brain].median()):.1f}): the frames do not look like "
+                "Hounsfield units of a head CT (check the rescale slope/intercept), or pass csf_max_hu=None to "
+                "keep low-density pixels")
     else:
         csf = torch.zeros_like(brain)
     if spatial_sigma_px > 0:
