@@ -142,10 +142,8 @@ def gaussian_smooth_space(x: torch.Tensor, sigma_px: float, weights: torch.Tenso
         out = x.clone()
         out[..., r0:r1, c0:c1] = torch.where(keep, num / den.clamp_min(1e-3), xc)
         return out
-    radius = max(1, int(math.ceil(3 * sigma_px)))
-    g = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
-    g = torch.exp(-0.5 * (g / sigma_px) ** 2)
-    g = g / g.sum()
+    g = _gaussian_taps(sigma_px, x.dtype, x.device)
+    radius = g.shape[0] // 2
     shape = x.shape
     h, w = shape[-2:]
     y = x.reshape(-1, 1, h, w)
@@ -157,14 +155,21 @@ def gaussian_smooth_space(x: torch.Tensor, sigma_px: float, weights: torch.Tenso
     return y.reshape(shape)
 
 
-def _gaussian_band(n: int, sigma_px: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(n, n)`` symmetric matrix of a normalised Gaussian (radius ``ceil(3 σ)``), zero outside the image."""
+def _gaussian_taps(sigma_px: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Normalised Gaussian kernel ``(2r+1,)``, radius ``r = ceil(3 σ)`` (at least 1)."""
     radius = max(1, int(math.ceil(3 * sigma_px)))
-    i = torch.arange(n, device=device, dtype=dtype)
+    g = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=device, dtype=dtype) / sigma_px) ** 2)
+    return g / g.sum()
+
+
+def _gaussian_band(n: int, sigma_px: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(n, n)`` symmetric banded matrix of :func:`_gaussian_taps`, zero outside the image."""
+    g = _gaussian_taps(sigma_px, dtype, device)
+    radius = g.shape[0] // 2
+    i = torch.arange(n, device=device)
     d = i[:, None] - i[None, :]
-    g = torch.exp(-0.5 * (d / sigma_px) ** 2) * (d.abs() <= radius)
-    norm = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, device=device, dtype=dtype) / sigma_px) ** 2).sum()
-    return g / norm
+    return torch.where(d.abs() <= radius, g[(d + radius).clamp(0, 2 * radius)], torch.zeros((), dtype=dtype,
+                                                                                           device=device))
 
 
 def reference_curve(frames: torch.Tensor, top_frac: float = 0.01, min_pixels: int = 5) -> torch.Tensor:
