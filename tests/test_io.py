@@ -12,8 +12,8 @@ from PIL import Image
 
 from stm_dlp.cli import REQUIRED, parse_kv, run_cli
 from stm_dlp.data.dicom import read_dicom_study
-from stm_dlp.data.geometry import LPS_TO_RAS, affine_from_dicom_geometry
 from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.geometry import LPS_TO_RAS, affine_from_dicom_geometry
 from stm_dlp.io.atomic import atomic_save_npz, atomic_write, atomic_write_text
 from stm_dlp.io.dicom_writer import choose_rescale, geometry_from_affine, write_study_dicom
 from stm_dlp.io.nifti import read_nifti_maps, write_maps_nifti

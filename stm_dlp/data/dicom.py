@@ -54,7 +54,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
-from stm_dlp.data.geometry import affine_from_dicom_geometry
+from stm_dlp.geometry import affine_from_dicom_geometry
 from stm_dlp.types import Study, StudyError
 
 #: Default HMAC key for :func:`pseudonymise`. Pass your own key (``pseudonym_key``) for real data:

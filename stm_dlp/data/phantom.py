@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from stm_dlp.data.geometry import phantom_affine
+from stm_dlp.geometry import phantom_affine
 from stm_dlp.perfusion.physics import (
     RESIDUE_KINDS,
     TissueCurveTable,

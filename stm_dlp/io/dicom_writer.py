@@ -2,7 +2,7 @@
 
 Used by ``python -m stm_dlp.synth`` to put the phantom on disk exactly as a scanner export looks,
 so the DICOM reader is tested against known truth. Geometry is derived from ``study.affine`` (the
-inverse of :func:`stm_dlp.data.geometry.affine_from_dicom_geometry`), so reading the files back
+inverse of :func:`stm_dlp.geometry.affine_from_dicom_geometry`), so reading the files back
 gives the same affine; HU are stored as int16 with a rescale chosen for <= 0.5 HU round-trip error.
 """
 
@@ -18,7 +18,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from stm_dlp.data.geometry import LPS_TO_RAS
+from stm_dlp.geometry import LPS_TO_RAS
 from stm_dlp.types import Study
 
 #: CT Image Storage.
@@ -32,7 +32,7 @@ DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
 def geometry_from_affine(affine: np.ndarray, n_slices: int) -> dict[str, Any]:
     """DICOM geometry of each slice for a NIfTI (RAS+) affine of a ``[c, r, s]`` volume.
 
-    Inverse of :func:`stm_dlp.data.geometry.affine_from_dicom_geometry`.
+    Inverse of :func:`stm_dlp.geometry.affine_from_dicom_geometry`.
 
     Returns:
         ``orientation`` (6,) ImageOrientationPatient, ``pixel_spacing`` (row, column) mm,

@@ -2,7 +2,7 @@
 
 On disk the data array is in ``(W, H, S)`` order — voxel ``[c, r, s]`` is row ``r``, column ``c``
 of slice ``s`` — and the affine is the one from the DICOM geometry
-(:func:`stm_dlp.data.geometry.affine_from_dicom_geometry`), so the maps overlay the scan in any
+(:func:`stm_dlp.geometry.affine_from_dicom_geometry`), so the maps overlay the scan in any
 viewer. In memory maps are ``(S, H, W)``.
 """
 

@@ -1,4 +1,5 @@
-"""Scanner geometry → NIfTI affine (shared by the DICOM reader, the phantom and the writers)."""
+"""Scanner geometry → NIfTI affine (pure numpy; used by the DICOM reader, the phantom and the writers,
+so it sits below both ``data/`` and ``io/``)."""
 
 from __future__ import annotations
 
