@@ -73,3 +73,27 @@ def test_compose_and_noise_level(tiny_study):
 def test_unknown_corruption_lists_valid_names():
     with pytest.raises(ValueError, match="motion"):
         C.named_corruption("earthquake")
+
+
+def test_base_class_probability_check_and_study_view(tiny_study):
+    """p gates every transform the same way (one draw per call); a StudyTransform sees a study even for a slice."""
+    seen = []
+
+    class Record(C.StudyTransform):
+        def apply_study(self, frames, times_s, rng):
+            seen.append(frames.shape)
+            return frames + 1.0, times_s
+
+    f, t = tiny_study.frames[0], tiny_study.times_s[0]
+    rng = np.random.default_rng(5)
+    out_f, out_t = Record(p=0.0)(f, t, rng)
+    assert out_f is f and out_t is t and not seen  # skipped, input returned as is
+    assert rng.uniform() == np.random.default_rng(5).uniform(size=2)[1]  # exactly one draw was used
+    out_f, out_t = Record()(f, t, np.random.default_rng(5))
+    assert seen == [(1, *f.shape)] and out_f.shape == f.shape and out_t.shape == t.shape
+    np.testing.assert_array_equal(out_f, f + 1.0)
+    # every named corruption is a RandomTransform (or the empty Compose); p stays keyword-only
+    assert all(isinstance(tr, C.RandomTransform) for n, tr in C.NAMED_CORRUPTIONS.items() if n != "none")
+    assert C.GaussianNoise(4.0, p=0.5).sigma_hu == 4.0
+    with pytest.raises(TypeError):
+        C.GaussianNoise(4.0, 0.5)

@@ -11,19 +11,27 @@ Every transform is a callable ``t(frames, times_s, rng) -> (frames, times_s)`` o
 Transforms that change T (dropping, truncation) drop the same frames in every slice of a study, so
 a study stays rectangular. Labels are never touched: corruptions change the acquisition, not the
 patient's perfusion.
+
+A new corruption subclasses :class:`RandomTransform` (works on any leading shape) or
+:class:`StudyTransform` (sees a whole study ``(S, T, H, W)`` even when given one slice) and writes
+only ``apply`` / ``apply_study``; the probability check and the slice/study set-up live in the base.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stm_dlp.types import Study
+
 Array = np.ndarray
+#: What every corruption (and :class:`Compose`) is: ``t(frames, times_s, rng) -> (frames, times_s)``.
+Transform = Callable[[Array, Array, np.random.Generator], tuple[Array, Array]]
 
 
 def _as_study(frames: Array, times: Array) -> tuple[Array, Array, bool]:
@@ -40,20 +48,61 @@ def _restore(frames: Array, times: Array, single: bool) -> tuple[Array, Array]:
 
 
 @dataclass
-class GaussianNoise:
+class RandomTransform:
+    """Base of the corruptions: applied with probability ``p``, randomness only from the ``rng`` passed in.
+
+    ``__call__`` draws one uniform number from ``rng`` on every call — also when ``p`` is 1, so the
+    draws that follow (and the outputs for a given seed) do not depend on ``p`` — and calls
+    :meth:`apply` when it is below ``p``; otherwise the input is returned unchanged. (Like MONAI's
+    ``RandomizableTransform``, except that the generator comes with each call: one seeded generator
+    per sample, shared by a :class:`Compose`.) ``p`` is keyword-only so that the subclasses' own
+    fields keep their positions (``GaussianNoise(4.0, p=0.5)``).
+    """
+
+    p: float = field(default=1.0, kw_only=True)
+
+    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if rng.uniform() >= self.p:
+            return frames, times_s
+        return self.apply(frames, times_s, rng)
+
+    def apply(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        """The corruption itself, on ``frames`` (..., T, H, W) HU and ``times_s`` (..., T) s."""
+        raise NotImplementedError
+
+
+@dataclass
+class StudyTransform(RandomTransform):
+    """A corruption that needs the whole study: :meth:`apply_study` sees ``(S, T, H, W)`` / ``(S, T)``.
+
+    One slice ``(T, H, W)`` is viewed as a one-slice study and returned as one slice again, so
+    frame-dependent choices (which frames move or are dropped) are the same in every slice.
+    """
+
+    def apply(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        f4, t2, single = _as_study(frames, times_s)
+        out_f, out_t = self.apply_study(f4, t2, rng)
+        return _restore(out_f, out_t, single)
+
+    def apply_study(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        """The corruption on a study: ``frames`` (S, T, H, W) HU, ``times_s`` (S, T) s."""
+        raise NotImplementedError
+
+
+@dataclass
+class GaussianNoise(RandomTransform):
     """Independent Gaussian noise of ``sigma_hu`` HU on every pixel of every frame."""
 
     sigma_hu: float = 10.0
-    p: float = 1.0
 
-    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
-        if rng.uniform() >= self.p or self.sigma_hu <= 0:
+    def apply(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if self.sigma_hu <= 0:
             return frames, times_s
         return (frames + rng.normal(0.0, self.sigma_hu, frames.shape)).astype(np.float32), times_s
 
 
 @dataclass
-class StructuredNoise:
+class StructuredNoise(RandomTransform):
     """Spatially correlated noise (CT noise texture and streak-like bands) of ``sigma_hu`` HU.
 
     Each frame gets a fresh Gaussian field low-passed to ``length_px`` plus, with probability
@@ -63,10 +112,9 @@ class StructuredNoise:
     sigma_hu: float = 8.0
     length_px: float = 2.0
     streak_probability: float = 0.3
-    p: float = 1.0
 
-    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
-        if rng.uniform() >= self.p or self.sigma_hu <= 0:
+    def apply(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        if self.sigma_hu <= 0:
             return frames, times_s
         h, w = frames.shape[-2:]
         ky = np.fft.fftfreq(h)[:, None]
@@ -118,7 +166,7 @@ def _warp_frames(f4: Array, idx: Array, shifts: Array, angles: Array) -> Array:
 
 
 @dataclass
-class RigidMotion:
+class RigidMotion(StudyTransform):
     """Per-frame random rigid motion (patient jitter): a fraction of frames moved independently.
 
     Shifts are uniform in ±``max_shift_px`` pixels, rotations in ±``max_rotation_deg``. The same
@@ -128,67 +176,55 @@ class RigidMotion:
     max_shift_px: float = 2.0
     max_rotation_deg: float = 3.0
     fraction: float = 0.3
-    p: float = 1.0
 
-    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
-        if rng.uniform() >= self.p:
-            return frames, times_s
-        f4, t2, single = _as_study(frames, times_s)
-        t = f4.shape[1]
+    def apply_study(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        t = frames.shape[1]
         moved = rng.uniform(size=t) < self.fraction
         moved[0] = False  # keep the reference (pre-bolus) frame in place
         shifts = rng.uniform(-self.max_shift_px, self.max_shift_px, (t, 2)) * moved[:, None]
         angles = np.deg2rad(rng.uniform(-self.max_rotation_deg, self.max_rotation_deg, t)) * moved
         idx = np.flatnonzero(moved)
-        out = _warp_frames(f4, idx, shifts[idx], angles[idx])
-        return _restore(out.astype(np.float32), t2, single)
+        out = _warp_frames(frames, idx, shifts[idx], angles[idx])
+        return out.astype(np.float32), times_s
 
 
 @dataclass
-class Misalignment:
+class Misalignment(StudyTransform):
     """The patient moves once: from a random frame on, every frame is shifted/rotated the same way."""
 
     shift_px: float = 3.0
     rotation_deg: float = 4.0
-    p: float = 1.0
 
-    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
-        if rng.uniform() >= self.p:
-            return frames, times_s
-        f4, t2, single = _as_study(frames, times_s)
-        t = f4.shape[1]
+    def apply_study(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        t = frames.shape[1]
         start = int(rng.integers(max(1, t // 5), max(2, t - 1)))
         direction = rng.normal(size=2)
         shift = self.shift_px * direction / (np.linalg.norm(direction) + 1e-12)
         angle = np.deg2rad(self.rotation_deg) * rng.choice([-1.0, 1.0])
         n = t - start
-        out = _warp_frames(f4, np.arange(start, t), np.tile(shift, (n, 1)), np.full(n, angle))
-        return _restore(out.astype(np.float32), t2, single)
+        out = _warp_frames(frames, np.arange(start, t), np.tile(shift, (n, 1)), np.full(n, angle))
+        return out.astype(np.float32), times_s
 
 
 @dataclass
-class DropFrames:
+class DropFrames(StudyTransform):
     """Drop a random ``fraction`` of frames (never the first); the kept frames keep their times."""
 
     fraction: float = 0.3
     min_frames: int = 8
-    p: float = 1.0
 
-    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
-        if rng.uniform() >= self.p:
-            return frames, times_s
-        f4, t2, single = _as_study(frames, times_s)
-        t = f4.shape[1]
+    def apply_study(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        t = frames.shape[1]
         n_drop = min(int(round(self.fraction * t)), max(0, t - self.min_frames))
         if n_drop <= 0:
             return frames, times_s
         drop = rng.choice(np.arange(1, t), size=n_drop, replace=False)
         keep = np.setdiff1d(np.arange(t), drop)
-        return _restore(f4[:, keep], t2[:, keep], single)
+        return frames[:, keep], times_s[:, keep]
 
 
 @dataclass
-class JitterFraming:
+class JitterFraming(StudyTransform):
     """Non-uniform framing: frames re-acquired at jittered times.
 
     New times are the old ones plus Gaussian jitter of ``sigma_s`` × the local interval, kept
@@ -197,19 +233,15 @@ class JitterFraming:
     """
 
     sigma_fraction: float = 0.35
-    p: float = 1.0
 
-    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
-        if rng.uniform() >= self.p:
-            return frames, times_s
-        f4, t2, single = _as_study(frames, times_s)
-        t = f4.shape[1]
-        out_f = np.empty_like(f4, dtype=np.float32)
-        out_t = np.empty_like(t2, dtype=np.float64)
+    def apply_study(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
+        t = frames.shape[1]
+        out_f = np.empty_like(frames, dtype=np.float32)
+        out_t = np.empty_like(times_s, dtype=np.float64)
         jitter = rng.normal(0.0, self.sigma_fraction, t)
         jitter[0] = 0.0
-        for si in range(f4.shape[0]):
-            old = t2[si].astype(np.float64)
+        for si in range(frames.shape[0]):
+            old = times_s[si].astype(np.float64)
             gaps = np.diff(old)
             local = np.concatenate([[gaps[0]], np.minimum(gaps[1:], gaps[:-1]), [gaps[-1]]])
             new = old + np.clip(jitter, -0.45, 0.45) * local
@@ -218,13 +250,13 @@ class JitterFraming:
             # Linear interpolation of every pixel between bracketing original frames.
             idx = np.clip(np.searchsorted(old, new) - 1, 0, t - 2)
             w = ((new - old[idx]) / (old[idx + 1] - old[idx]))[:, None, None]
-            out_f[si] = (1 - w) * f4[si, idx] + w * f4[si, idx + 1]
+            out_f[si] = (1 - w) * frames[si, idx] + w * frames[si, idx + 1]
             out_t[si] = new
-        return _restore(out_f, out_t.astype(np.float32), single)
+        return out_f, out_t.astype(np.float32)
 
 
 @dataclass
-class Truncate:
+class Truncate(RandomTransform):
     """Keep only the first frames (later frames lost, paper Figure 7).
 
     Either ``keep_fraction`` of the frames (rounded, at least ``min_frames``) or exactly ``keep_frames``.
@@ -233,7 +265,6 @@ class Truncate:
     keep_fraction: float = 1.0
     keep_frames: int | None = None
     min_frames: int = 4
-    p: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.keep_fraction <= 1.0:
@@ -245,18 +276,16 @@ class Truncate:
         k = self.keep_frames if self.keep_frames is not None else int(round(self.keep_fraction * t))
         return int(min(t, max(k, self.min_frames)))
 
-    def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
-        if rng.uniform() >= self.p:
-            return frames, times_s
+    def apply(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         k = self.n_keep(frames.shape[-3])
         return frames[..., :k, :, :], np.asarray(times_s)[..., :k]
 
 
 @dataclass
 class Compose:
-    """Apply ``transforms`` in order with one generator. ``seed`` fixes the randomness when given."""
+    """Apply ``transforms`` in order, all drawing from the one generator passed in."""
 
-    transforms: Sequence = field(default_factory=list)
+    transforms: Sequence[Transform] = field(default_factory=list)
 
     def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         for tr in self.transforms:
@@ -264,17 +293,15 @@ class Compose:
         return frames, times_s
 
 
-def corrupt_study(study, transform, seed: int):
+def corrupt_study(study: Study, transform: Transform, seed: int) -> Study:
     """A corrupted copy of a :class:`~stm_dlp.types.Study` (labels, mask, geometry unchanged)."""
-    from dataclasses import replace
-
     frames, times = transform(study.frames, study.times_s, np.random.default_rng(seed))
     return replace(study, frames=np.ascontiguousarray(frames, np.float32),
                    times_s=np.ascontiguousarray(times, np.float32)).validate()
 
 
 #: Named corruptions of the robustness study (paper's D_fail), at the severities used by default.
-NAMED_CORRUPTIONS: dict[str, object] = {
+NAMED_CORRUPTIONS: dict[str, Transform] = {
     "none": Compose([]),
     "noise": GaussianNoise(sigma_hu=15.0),
     "structured_noise": StructuredNoise(sigma_hu=12.0),
@@ -285,7 +312,7 @@ NAMED_CORRUPTIONS: dict[str, object] = {
 }
 
 
-def named_corruption(name: str):
+def named_corruption(name: str) -> Transform:
     """The transform of the robustness study called ``name``; error lists the valid names."""
     if name not in NAMED_CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; valid: {', '.join(NAMED_CORRUPTIONS)}")
