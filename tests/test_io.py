@@ -132,8 +132,8 @@ def test_write_outputs(tmp_path, study):
     paths = write_outputs(tmp_path / "out", maps, study.affine, {"method": "truth", "timing_s": {"x": 1.0}},
                           mask=study.mask)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["cbf.nii.gz", "cbv.nii.gz", "maps.png", "mask.nii.gz", "mtt.nii.gz", "summary.json",
-                     "tmax.nii.gz"]
+    assert names == ["cbf.nii.gz", "cbv.nii.gz", "maps.png", "mask.nii.gz", "mtt.nii.gz", "readout.png",
+                     "summary.json", "tmax.nii.gz"]
     summary = json.loads(paths["summary"].read_text())
     assert summary["method"] == "truth" and summary["units"]["cbf"] == "ml/100g/min"
     assert summary["shape_shw"] == [3, 16, 20] and summary["nifti_shape_whs"] == [20, 16, 3]

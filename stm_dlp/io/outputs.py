@@ -1,4 +1,8 @@
-"""The output bundle of ``predict`` and ``calc``: NIfTI maps, a colour picture and a JSON summary."""
+"""The output bundle of ``predict`` and ``calc``: NIfTI maps, colour pictures and a JSON summary.
+
+Every bundle carries the clinical readout (:mod:`stm_dlp.perfusion.readout`): a ``readout`` block in
+``summary.json``, the core and TMAX > 6 s outlines and volumes on ``maps.png``, and ``readout.png``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import numpy as np
 
 from stm_dlp.io.atomic import atomic_write_text
 from stm_dlp.io.nifti import write_maps_nifti
-from stm_dlp.io.png import DEFAULT_WINDOWS, save_maps_png
+from stm_dlp.io.png import BRAIN_WINDOW_HU, DEFAULT_WINDOWS, OUTLINE_COLORS, save_maps_png, save_readout_png
+from stm_dlp.perfusion.readout import ReadoutThresholds, compute_readout, readout_line, voxel_volume_ml
 from stm_dlp.types import ALL_PARAMS, LONG_NAMES, UNITS, mtt_from_cbv_cbf
 
 
@@ -53,8 +58,10 @@ def map_stats(maps: Mapping[str, np.ndarray], mask: np.ndarray | None) -> dict[s
 
 def write_outputs(out_dir: str | Path, maps: Mapping[str, np.ndarray], affine: np.ndarray,
                   summary: Mapping[str, Any] | None = None, mask: np.ndarray | None = None,
-                  title: str | None = None) -> dict[str, Path]:
-    """Write ``OUT/{cbf,cbv,mtt,tmax}.nii.gz``, ``OUT/maps.png`` and ``OUT/summary.json`` atomically.
+                  title: str | None = None, baseline_hu: np.ndarray | None = None,
+                  readout_thresholds: ReadoutThresholds | None = None) -> dict[str, Path]:
+    """Write ``OUT/{cbf,cbv,mtt,tmax}.nii.gz``, ``OUT/maps.png``, ``OUT/readout.png`` and
+    ``OUT/summary.json`` atomically.
 
     Args:
         out_dir: output folder (created).
@@ -64,10 +71,17 @@ def write_outputs(out_dir: str | Path, maps: Mapping[str, np.ndarray], affine: n
         summary: extra JSON-able facts (method, model, timing_s, source, ...), merged into the file.
         mask: bool ``(S, H, W)`` brain mask; written as ``mask.nii.gz``, used for the picture and stats.
         title: picture title (never a patient name).
+        baseline_hu: ``(S, H, W)`` pre-contrast image (HU), the background of ``readout.png``
+            (:func:`stm_dlp.perfusion.readout.precontrast_image`); without it the CBV map is shown.
+        readout_thresholds: thresholds of the clinical readout (defaults when ``None``).
+
+    The readout (voxel volume from ``affine``) goes into ``summary.json`` as ``readout``, its core and
+    hypoperfusion outlines and volumes onto ``maps.png``, and core (red) / penumbra (green) onto
+    ``readout.png``.
 
     Returns:
         ``{name: path}`` of every written file (``cbv``, ``cbf``, ``tmax``, ``mtt``, [``mask``],
-        ``png``, ``summary``).
+        ``png``, ``readout_png``, ``summary``).
     """
     missing = [p for p in ("cbv", "cbf", "tmax") if p not in maps]
     if missing:
@@ -83,6 +97,10 @@ def write_outputs(out_dir: str | Path, maps: Mapping[str, np.ndarray], affine: n
         mask = np.asarray(mask, bool)
         if mask.shape != shape:
             raise ValueError(f"mask has shape {mask.shape}, maps have {shape}")
+    if baseline_hu is not None:
+        baseline_hu = np.asarray(baseline_hu, np.float32)
+        if baseline_hu.shape != shape:
+            raise ValueError(f"pre-contrast image has shape {baseline_hu.shape}, maps have {shape}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ordered = {p: full[p] for p in ALL_PARAMS}
@@ -90,8 +108,10 @@ def write_outputs(out_dir: str | Path, maps: Mapping[str, np.ndarray], affine: n
     if mask is not None:
         volumes["mask"] = mask
     paths = dict(zip(volumes, write_maps_nifti(out, volumes, affine)))
-    paths["png"] = save_maps_png(out / "maps.png", ordered, mask=mask, title=title)
     affine = np.asarray(affine, np.float64)
+    readout = compute_readout(ordered, mask, voxel_volume_ml(affine), readout_thresholds, affine=affine)
+    paths["png"], paths["readout_png"] = _readout_pictures(out, ordered, mask, baseline_hu, readout.summary,
+                                                           readout.regions, title)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     info: dict[str, Any] = {
         "units": {p: UNITS[p] for p in ALL_PARAMS},
@@ -105,7 +125,45 @@ def write_outputs(out_dir: str | Path, maps: Mapping[str, np.ndarray], affine: n
         "files": {k: p.name for k, p in paths.items()},
     }
     info.update(_jsonable(dict(summary or {})))
+    info["readout"] = _jsonable(readout.summary)
     paths["summary"] = out / "summary.json"
     info["files"]["summary"] = "summary.json"
-    atomic_write_text(paths["summary"], json.dumps(_jsonable(info), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(paths["summary"], json.dumps(_jsonable(info), indent=2, sort_keys=False, allow_nan=False)
+                      + "\n")
     return paths
+
+
+def _readout_pictures(out: Path, maps: Mapping[str, np.ndarray], mask: np.ndarray | None,
+                      baseline_hu: np.ndarray | None, ro: Mapping[str, Any], regions: Mapping[str, np.ndarray],
+                      title: str | None) -> tuple[Path, Path]:
+    """``maps.png`` with the core / hypoperfusion outlines and ``readout.png``; volumes in both titles."""
+    thr = ro["thresholds"]
+    core_txt = f"rCBF < {100 * thr['core_rcbf']:g} %"
+    hypo_txt = f"TMAX > {thr['hypoperfusion_tmax_s']:g} s"
+    line = readout_line(ro)
+    outlines = {f"core ({core_txt}): {ro['core_ml']:.1f} ml": (regions["core"], OUTLINE_COLORS["core"]),
+                f"{hypo_txt}: {ro['hypoperfusion_ml']:.1f} ml": (regions["hypoperfusion"],
+                                                                  OUTLINE_COLORS["hypoperfusion"])}
+    maps_png = save_maps_png(out / "maps.png", maps, mask=mask, title=f"{title}\n{line}" if title else line,
+                             outlines=outlines)
+    ref = ro["reference"]
+    side = (f"{ref['side_anatomical']} hemisphere" if ref.get("side_anatomical")
+            else f"image {ref['side'].replace('_', ' ')}" if ref.get("side") else "")
+    ref_txt = (f"reference CBF {ref['cbf_ml_100g_min']:.1f} ml/100g/min ({ref['method_used']}"
+               f"{', ' + side if ref['method_used'] == 'contralateral' and side else ''})"
+               if ref.get("cbf_ml_100g_min") is not None else "no reference CBF (no tissue in the mask)")
+    hir = ro.get("hypoperfusion_intensity_ratio")
+    extra = f"HIR {hir:.2f} · " if hir is not None else ""
+    lines = [title] if title else []
+    lines += [line, f"{extra}{ref_txt}"]
+    if baseline_hu is not None:
+        background, window, bg_label = baseline_hu, BRAIN_WINDOW_HU, "pre-contrast CT"
+    else:  # no frames at hand: the CBV map shows the anatomy well enough to place the regions
+        background = np.where(mask, maps["cbv"], 0.0) if mask is not None else maps["cbv"]
+        window, bg_label = DEFAULT_WINDOWS["cbv"], "CBV map"
+    readout_png = save_readout_png(
+        out / "readout.png", background, regions["core"], regions["penumbra"], title="\n".join(lines),
+        core_label=f"core ({core_txt}): {ro['core_ml']:.1f} ml",
+        penumbra_label=f"penumbra ({hypo_txt}, not core): {ro['penumbra_ml']:.1f} ml",
+        window_hu=window, background_label=bg_label)
+    return maps_png, readout_png

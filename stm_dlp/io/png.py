@@ -3,6 +3,10 @@
 Every picture uses fixed physical windows (:data:`DEFAULT_WINDOWS`), so colours mean the same
 thing in every figure, run and method: CBV 0-8 ml/100g, CBF 0-80 ml/100g/min, MTT 0-16 s,
 TMAX 0-16 s, with a jet colour map and black outside the brain mask.
+
+:func:`save_maps_png` can outline regions (the readout's core and TMAX > 6 s) on every map, and
+:func:`save_readout_png` draws the clinical readout a stroke team reads at a glance: core red,
+penumbra green, on the pre-contrast CT.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib import colormaps  # noqa: E402
 from matplotlib.colors import Colormap  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from stm_dlp.io.atomic import atomic_write_bytes  # noqa: E402
 from stm_dlp.types import UNITS  # noqa: E402
@@ -32,6 +38,15 @@ DEFAULT_WINDOWS: dict[str, tuple[float, float]] = {
 #: Column order of the pictures.
 DISPLAY_ORDER: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax")
 CMAP_NAME = "jet"
+#: Outline colours on the jet maps: neither colour occurs in jet, so both stay visible on any value.
+OUTLINE_COLORS: dict[str, str] = {"core": "magenta", "hypoperfusion": "white"}
+#: Readout picture: RGBA of the core and penumbra overlays and the CT window (HU) of the background.
+CORE_RGBA = (1.0, 0.0, 0.0, 0.6)
+PENUMBRA_RGBA = (0.0, 0.85, 0.0, 0.45)
+BRAIN_WINDOW_HU = (0.0, 80.0)  # the standard brain window, level 40 / width 80
+
+#: ``label -> ((S, H, W) bool region, matplotlib colour)``, e.g. ``{"core": (core, "magenta")}``.
+Outlines = Mapping[str, tuple[np.ndarray, str]]
 
 
 def _cmap() -> Colormap:
@@ -83,9 +98,22 @@ def _save(fig: plt.Figure, path: str | Path, dpi: int) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+def _outline(ax: plt.Axes, region2d: np.ndarray, color: str) -> None:
+    """Draw the boundary of a bool ``(H, W)`` region (nothing when it is empty or fills the image)."""
+    r = np.asarray(region2d, bool)
+    if r.any() and not r.all():
+        # pad so that a region touching the image edge is closed; contour coordinates shift by 1
+        padded = np.pad(r.astype(np.float32), 1)
+        n_r, n_c = padded.shape
+        ax.contour(np.arange(n_c) - 1, np.arange(n_r) - 1, padded, levels=[0.5], colors=[color],
+                   linewidths=0.9)
+
+
 def _grid(rows: list[tuple[str, dict[str, np.ndarray], np.ndarray | None]], params: list[str],
-          windows: Mapping[str, tuple[float, float]], title: str | None, panel_in: float) -> plt.Figure:
-    """Figure with one row per ``(label, maps2d, mask2d)`` and one column per parameter."""
+          windows: Mapping[str, tuple[float, float]], title: str | None, panel_in: float,
+          outlines: list[dict[str, tuple[np.ndarray, str]]] | None = None) -> plt.Figure:
+    """Figure with one row per ``(label, maps2d, mask2d)`` and one column per parameter; ``outlines``
+    (one ``{label: (region2d, colour)}`` per row) are drawn on every panel of their row."""
     n_r, n_c = len(rows), len(params)
     fig, axes = plt.subplots(n_r, n_c, figsize=(panel_in * n_c + 0.4, panel_in * n_r + 1.0),
                              squeeze=False, layout="constrained")
@@ -102,6 +130,8 @@ def _grid(rows: list[tuple[str, dict[str, np.ndarray], np.ndarray | None]], para
             if p in maps2d:
                 image = ax.imshow(_masked(maps2d[p], mask2d), cmap=cmap, vmin=lo, vmax=hi,
                                   interpolation="nearest")
+                for region2d, color in (outlines[i] if outlines else {}).values():
+                    _outline(ax, region2d, color)
             if i == 0:
                 ax.set_title(p.upper(), fontsize=10)
             if j == 0:
@@ -110,6 +140,12 @@ def _grid(rows: list[tuple[str, dict[str, np.ndarray], np.ndarray | None]], para
             bar = fig.colorbar(image, ax=axes[:, j], location="bottom", shrink=0.9, aspect=15)
             bar.set_label(_label(p), fontsize=8)
             bar.ax.tick_params(labelsize=7)
+    if outlines:
+        handles = [Line2D([0], [0], color=color, lw=1.5, label=label)
+                   for label, (_region, color) in outlines[0].items()]
+        # dark legend box: the outline colours are chosen for the jet maps and the white one vanishes on white
+        fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncols=len(handles), frameon=True,
+                   facecolor="0.2", edgecolor="0.2", labelcolor="white")
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -117,7 +153,8 @@ def _grid(rows: list[tuple[str, dict[str, np.ndarray], np.ndarray | None]], para
 
 def save_maps_png(path: str | Path, maps: Mapping[str, np.ndarray], mask: np.ndarray | None = None,
                   title: str | None = None, windows: Mapping[str, tuple[float, float]] = DEFAULT_WINDOWS,
-                  slice_labels: Sequence[str] | None = None, dpi: int = 100, panel_in: float = 1.8) -> Path:
+                  slice_labels: Sequence[str] | None = None, dpi: int = 100, panel_in: float = 1.8,
+                  outlines: Outlines | None = None) -> Path:
     """Picture of a study's maps: one row per slice, one column per parameter (CBF, CBV, MTT, TMAX).
 
     Args:
@@ -127,6 +164,9 @@ def save_maps_png(path: str | Path, maps: Mapping[str, np.ndarray], mask: np.nda
         title: figure title (never put a patient name here).
         windows: parameter → display window; every parameter shown needs one.
         slice_labels: row labels (default ``slice 0``, ``slice 1``, ...).
+        outlines: ``label -> (bool (S, H, W) region, colour)`` drawn as contours on every map of
+            each slice, with a legend (e.g. the readout's core and TMAX > 6 s,
+            :data:`OUTLINE_COLORS`).
     """
     params = _ordered(list(maps))
     if not params:
@@ -140,7 +180,66 @@ def save_maps_png(path: str | Path, maps: Mapping[str, np.ndarray], mask: np.nda
     labels = list(slice_labels) if slice_labels is not None else [f"slice {s}" for s in range(n_s)]
     rows = [(labels[s], {p: np.asarray(maps[p])[s] for p in params},
              None if mask is None else np.asarray(mask)[s]) for s in range(n_s)]
-    return _save(_grid(rows, params, windows, title, panel_in), path, dpi)
+    per_row = None
+    if outlines:
+        for label, (region, _color) in outlines.items():
+            if np.asarray(region).shape != next(iter(shapes)):
+                raise ValueError(f"outline {label!r} has shape {np.asarray(region).shape}, the maps "
+                                 f"{next(iter(shapes))}")
+        per_row = [{label: (np.asarray(region, bool)[s], color) for label, (region, color) in outlines.items()}
+                   for s in range(n_s)]
+    return _save(_grid(rows, params, windows, title, panel_in, per_row), path, dpi)
+
+
+def save_readout_png(path: str | Path, background_hu: np.ndarray, core: np.ndarray, penumbra: np.ndarray,
+                     title: str | None = None, core_label: str = "core", penumbra_label: str = "penumbra",
+                     window_hu: tuple[float, float] = BRAIN_WINDOW_HU, background_label: str = "pre-contrast CT",
+                     slice_labels: Sequence[str] | None = None, dpi: int = 100, panel_in: float = 2.2) -> Path:
+    """The clinical readout at a glance: core red and penumbra green over a grey image, one panel per slice.
+
+    Args:
+        path: output PNG (written atomically).
+        background_hu: ``(S, H, W)`` grey background, e.g. the pre-contrast CT in HU (shown in
+            ``window_hu``, the brain window 0-80 HU by default).
+        core, penumbra: bool ``(S, H, W)`` regions (:func:`stm_dlp.perfusion.readout.readout_regions`).
+        title: figure title, e.g. the volumes (never a patient name).
+        core_label, penumbra_label: legend texts (e.g. with the thresholds and volumes).
+        background_label: what the grey image is (in the legend).
+        slice_labels: panel titles (default ``slice 0``, ``slice 1``, ...).
+    """
+    bg = np.asarray(background_hu, np.float64)
+    c, pen = np.asarray(core, bool), np.asarray(penumbra, bool)
+    if bg.ndim != 3 or c.shape != bg.shape or pen.shape != bg.shape:
+        raise ValueError(f"readout picture needs (S, H, W) background, core and penumbra of one shape, got "
+                         f"{bg.shape}, {c.shape}, {pen.shape}")
+    n_s = bg.shape[0]
+    labels = list(slice_labels) if slice_labels is not None else [f"slice {s}" for s in range(n_s)]
+    n_c = min(n_s, max(4, int(np.ceil(np.sqrt(n_s)))))
+    n_r = int(np.ceil(n_s / n_c))
+    fig, axes = plt.subplots(n_r, n_c, figsize=(panel_in * n_c + 0.4, panel_in * n_r + 1.1), squeeze=False,
+                             layout="constrained")
+    fig.set_facecolor("white")
+    lo, hi = window_hu
+    for k, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_facecolor("black")
+        if k >= n_s:
+            ax.axis("off")
+            continue
+        ax.imshow(np.nan_to_num(bg[k], nan=lo), cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        overlay = np.zeros((*bg.shape[1:], 4))
+        overlay[pen[k] & ~c[k]] = PENUMBRA_RGBA
+        overlay[c[k]] = CORE_RGBA
+        ax.imshow(overlay, interpolation="nearest")
+        ax.set_title(labels[k], fontsize=9)
+    unit = " HU" if window_hu == BRAIN_WINDOW_HU or "CT" in background_label else ""
+    handles = [Patch(color=CORE_RGBA[:3], label=core_label), Patch(color=PENUMBRA_RGBA[:3], label=penumbra_label),
+               Patch(facecolor="0.5", edgecolor="0.2", label=f"{background_label} (grey {lo:g}-{hi:g}{unit})")]
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, ncols=3, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path, dpi)
 
 
 def save_comparison_png(path: str | Path, rows: Mapping[str, Mapping[str, np.ndarray]],

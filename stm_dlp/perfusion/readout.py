@@ -617,3 +617,33 @@ def precontrast_image(frames: Any, n_frames: int | Sequence[int] | None = None) 
         n = finite.sum(0)
         out[s] = np.where(n > 0, np.where(finite, part, 0.0).sum(0) / np.maximum(n, 1), 0.0)
     return out
+
+
+def _reference_method(text: str) -> str:
+    value = text.strip().lower()
+    if value not in REFERENCE_METHODS:
+        raise ValueError(f"must be one of {', '.join(REFERENCE_METHODS)}")
+    return value
+
+
+#: ``key=value`` options of the ``predict`` / ``calc`` command lines that set the readout thresholds
+#: (``name -> (type, default, help)``, the :func:`stm_dlp.cli.parse_kv` spec format).
+CLI_OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    "readout_core_rcbf": (float, ReadoutThresholds.core_rcbf, "readout: core where CBF < this x reference CBF"),
+    "readout_tmax_s": (float, ReadoutThresholds.hypoperfusion_tmax_s, "readout: hypoperfusion where TMAX > this (s)"),
+    "readout_min_cluster_ml": (float, ReadoutThresholds.min_cluster_ml,
+                               "readout: drop connected regions smaller than this (ml; 0 = keep all)"),
+    "readout_reference": (_reference_method, ReadoutThresholds.reference,
+                          "readout: reference CBF from the contralateral hemisphere or the global median"),
+}
+
+
+def thresholds_from_options(options: dict[str, Any]) -> ReadoutThresholds:
+    """Remove the :data:`CLI_OPTIONS` keys from a parsed ``key=value`` dict; their thresholds."""
+    values = {k: options.pop(k) for k in list(CLI_OPTIONS) if k in options}
+    return ReadoutThresholds(
+        core_rcbf=values.get("readout_core_rcbf", ReadoutThresholds.core_rcbf),
+        hypoperfusion_tmax_s=values.get("readout_tmax_s", ReadoutThresholds.hypoperfusion_tmax_s),
+        min_cluster_ml=values.get("readout_min_cluster_ml", ReadoutThresholds.min_cluster_ml),
+        reference=values.get("readout_reference", ReadoutThresholds.reference),
+    )
