@@ -1,0 +1,217 @@
+"""From records to a ``[slice][frame]`` grid: one series, one geometry, slices along the normal,
+frames in time order, the same number of frames in every slice — and the grid's place in space.
+
+Today a study is exactly one series (:func:`select_series`). One-series-per-time-point exports
+(each time point its own SeriesInstanceUID) would be accepted there, by grouping the series of
+one acquisition instead of refusing them; :func:`arrange_frames` does not care which series a
+record came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stm_dlp.data.dicom.pseudonym import hash_uid
+from stm_dlp.data.dicom.record import FrameRecord
+from stm_dlp.data.dicom.times import DUP_TIME_S, frame_times
+from stm_dlp.geometry import affine_from_dicom_geometry
+from stm_dlp.types import StudyError
+
+#: Slice positions (mm along the normal) closer than this are the same slice.
+SLICE_TOL_MM = 0.05
+
+
+def select_series(recs: list[FrameRecord], root: Path) -> list[FrameRecord]:
+    """The records of the one CT series in ``root``; more than one SeriesInstanceUID is an error."""
+    by_series: dict[str, list[FrameRecord]] = {}
+    for r in recs:
+        by_series.setdefault(r.series_uid, []).append(r)
+    if len(by_series) > 1:
+        parts = [f"series {hash_uid(uid)} ({len(rs)} files, e.g. {rs[0].path})"
+                 for uid, rs in by_series.items()]
+        raise StudyError(f"{root}: more than one CT series with pixel data (SeriesInstanceUID): "
+                         + "; ".join(parts) + ". Put each series in its own folder.")
+    return next(iter(by_series.values()))
+
+
+def check_consistent(recs: list[FrameRecord]) -> None:
+    """Refuse a series that mixes image sizes, orientations, pixel spacings or patients, repeats an
+    image (SOPInstanceUID), or holds multi-frame or multi-sample images."""
+    first = recs[0]
+    sizes: dict[tuple[int, int], int] = {}
+    for r in recs:
+        sizes[(r.rows, r.cols)] = sizes.get((r.rows, r.cols), 0) + 1
+    if len(sizes) > 1:
+        common = max(sizes, key=lambda k: sizes[k])
+        odd = next(r for r in recs if (r.rows, r.cols) != common)
+        raise StudyError(f"{odd.path}: Rows/Columns {odd.rows}×{odd.cols} differ from the "
+                         f"{common[0]}×{common[1]} of the other files in the series")
+    seen: dict[str, FrameRecord] = {}
+    patients: dict[str, FrameRecord] = {}
+    for r in recs:
+        if r.sop_uid in seen:
+            raise StudyError(f"{r.path}: duplicate SOPInstanceUID — the same image as "
+                             f"{seen[r.sop_uid].path}; remove one copy")
+        seen[r.sop_uid] = r
+        patients.setdefault(r.patient, r)
+        if r.n_frames != 1:  # the single-frame source; a multi-frame one would give one record per frame
+            raise StudyError(f"{r.path}: NumberOfFrames is {r.n_frames}; multi-frame (enhanced) CT is not "
+                             "supported, export one file per image")
+        if r.samples != 1:
+            raise StudyError(f"{r.path}: SamplesPerPixel is {r.samples}; a CT image has 1 "
+                             "(is it a screenshot?)")
+        if r.iop is not None and first.iop is not None and np.max(np.abs(r.iop - first.iop)) > 1e-4:
+            raise StudyError(f"{r.path}: ImageOrientationPatient differs from {first.path}; the series mixes "
+                             "orientations")
+        if (r.pixel_spacing is not None and first.pixel_spacing is not None
+                and np.max(np.abs(np.subtract(r.pixel_spacing, first.pixel_spacing))) > 1e-4):
+            raise StudyError(f"{r.path}: PixelSpacing {r.pixel_spacing} differs from {first.pixel_spacing} "
+                             f"of {first.path}")
+    if len(patients) > 1:
+        a, b = list(patients.values())[:2]
+        raise StudyError(f"{a.path} and {b.path}: PatientID differs — the series mixes patients (IDs not "
+                         "shown); a study folder must hold one patient's series")
+
+
+def slice_positions(recs: list[FrameRecord]) -> tuple[np.ndarray, np.ndarray, str]:
+    """Position (mm) of every record along the slice normal, the normal, and the tag used."""
+    iop = next((r.iop for r in recs if r.iop is not None), None)
+    if iop is None:
+        normal = np.array([0.0, 0.0, 1.0])
+    else:
+        normal = np.cross(iop[:3], iop[3:])
+        norm = float(np.linalg.norm(normal))
+        if norm < 1e-6:
+            raise StudyError(f"{recs[0].path}: ImageOrientationPatient rows and columns are parallel")
+        normal = normal / norm
+    if all(r.ipp is not None for r in recs) and iop is not None:
+        if any(r.iop is None for r in recs):
+            r = next(r for r in recs if r.iop is None)
+            raise StudyError(f"{r.path}: ImageOrientationPatient is missing (other files have it)")
+        return np.array([float(r.ipp @ normal) for r in recs]), normal, "ImagePositionPatient"  # type: ignore[operator]
+    if all(r.slice_location is not None for r in recs):
+        return np.array([float(r.slice_location) for r in recs]), normal, "SliceLocation"  # type: ignore[arg-type]
+    r = next(r for r in recs if r.ipp is None or r.iop is None)
+    raise StudyError(f"{r.path}: neither ImagePositionPatient/ImageOrientationPatient nor SliceLocation is "
+                     "present in every file; cannot tell which slice it is")
+
+
+def group_slices(positions: np.ndarray) -> list[list[int]]:
+    """Indices of ``positions`` (mm) grouped into slices (within :data:`SLICE_TOL_MM`), ascending."""
+    order = np.argsort(positions, kind="stable")
+    groups: list[list[int]] = []
+    last = None
+    for i in order:
+        if last is None or positions[i] - last > SLICE_TOL_MM:
+            groups.append([])
+        groups[-1].append(int(i))
+        last = positions[i]
+    return groups
+
+
+def _frame_count_error(recs: list[FrameRecord], ordered: list[list[int]], counts: list[int], times: np.ndarray,
+                       positions: np.ndarray) -> None:
+    """Raise for slices with differing frame counts, naming the odd slice and, if possible, the gap."""
+    # the most common count is the reference (ties: the larger, as a lost file is likelier than an extra)
+    common = max(set(counts), key=lambda c: (counts.count(c), c))
+    k = next(i for i, c in enumerate(counts) if c != common)
+    ref = next(i for i, c in enumerate(counts) if c == common)
+    odd_t = times[ordered[k]] - times[ordered[k][0]]
+    ref_t = times[ordered[ref]] - times[ordered[ref][0]]
+    hint = ""
+    if counts[k] < common:
+        tol = 0.5 * float(np.min(np.diff(ref_t))) if len(ref_t) > 1 else 0.5
+        j = next((j for j, t in enumerate(ref_t) if np.min(np.abs(odd_t - t)) > tol), None)
+        if j is not None and j > 0:
+            before = recs[ordered[k][min(j, len(ordered[k])) - 1]]
+            hint = f"; its frame {j} (~{ref_t[j]:.2f} s) is missing, after {before.path.name}"
+    example = recs[ordered[k][0]]
+    raise StudyError(
+        f"{example.path.parent}: slice {k} (position {positions[ordered[k][0]]:.2f} mm, e.g. "
+        f"{example.path.name}) has {counts[k]} frames but slice {ref} has {common} (frames per slice: "
+        f"{counts}){hint}; every slice must have the same number of frames (a missing or extra file?)")
+
+
+
+@dataclass
+class FrameGrid:
+    """The records of one series arranged ``[slice][frame]``: slices ascending along the normal,
+    frames in time order within a slice, every slice with the same number of frames."""
+
+    records: list[list[FrameRecord]]
+    times_s: np.ndarray  # (S, T) float64, absolute seconds (from the chosen time tag)
+    time_tag: str
+    crosses_midnight: bool
+    slice_positions_mm: np.ndarray  # (S,) position along the normal of each slice's first frame
+    normal: np.ndarray  # (3,) unit slice normal, LPS
+    geometry_tag: str  # "ImagePositionPatient" or "SliceLocation"
+
+
+def arrange_frames(recs: list[FrameRecord], root: Path) -> FrameGrid:
+    """Group ``recs`` (one consistent series) into slices, order each slice in time, check the counts.
+
+    Raises:
+        StudyError: no slice has two frames (a plain CT), no usable time tag, a duplicate frame
+            (same slice and time), or slices with differing numbers of frames.
+    """
+    positions, normal, geometry_tag = slice_positions(recs)
+    slices = group_slices(positions)
+    if max(len(sl) for sl in slices) < 2:
+        raise StudyError(f"{root}: every slice position has a single image ({len(recs)} files); a perfusion "
+                         "series needs several frames per slice (is this a plain CT?)")
+    times, time_tag, crossed = frame_times(recs, slices)
+
+    ordered: list[list[int]] = []
+    for sl in slices:
+        sl = sorted(sl, key=lambda i: (times[i], recs[i].rel))
+        for a, b in zip(sl[:-1], sl[1:]):
+            if times[b] - times[a] <= DUP_TIME_S:
+                raise StudyError(f"{recs[b].path}: duplicate frame — same slice position and same time "
+                                 f"({time_tag}) as {recs[a].path}; frame times must increase within a slice")
+        ordered.append(sl)
+    counts = [len(sl) for sl in ordered]
+    if len(set(counts)) > 1:
+        _frame_count_error(recs, ordered, counts, times, positions)
+    return FrameGrid(
+        records=[[recs[i] for i in sl] for sl in ordered],
+        times_s=np.array([[times[i] for i in sl] for sl in ordered], np.float64),
+        time_tag=time_tag,
+        crosses_midnight=crossed,
+        slice_positions_mm=np.array([positions[sl[0]] for sl in ordered]),
+        normal=normal,
+        geometry_tag=geometry_tag,
+    )
+
+
+def study_affine(grid: FrameGrid) -> tuple[np.ndarray, tuple[float, float], list[str]]:
+    """NIfTI (RAS+) affine of ``grid`` for arrays in ``(W, H, S)`` order, the pixel spacing used
+    (mm, between rows then columns) and notes on what had to be assumed (for warnings and meta)."""
+    first = grid.records[0][0]
+    n_s = len(grid.records)
+    spacing = first.pixel_spacing
+    notes = []
+    if spacing is None:
+        spacing = (1.0, 1.0)
+        notes.append("PixelSpacing missing: 1 mm assumed")
+    iop = first.iop if first.iop is not None else np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    if first.iop is None:
+        notes.append("ImageOrientationPatient missing: axial assumed")
+    slice_pos, normal = grid.slice_positions_mm, grid.normal
+    if grid.geometry_tag == "ImagePositionPatient":
+        origin = first.ipp
+        last = grid.records[-1][0].ipp
+        step = (last - origin) / (n_s - 1) if n_s > 1 else normal * (first.slice_spacing or 1.0)  # type: ignore[operator]
+    else:
+        origin = normal * slice_pos[0]
+        gap = (slice_pos[-1] - slice_pos[0]) / (n_s - 1) if n_s > 1 else (first.slice_spacing or 1.0)
+        step = normal * gap
+        notes.append("ImagePositionPatient missing: affine origin from SliceLocation (approximate)")
+    if n_s > 2:
+        gaps = np.diff(slice_pos)
+        if np.max(np.abs(gaps - gaps.mean())) > 0.01 * abs(gaps.mean()) + 0.01:
+            notes.append(f"irregular slice spacing {np.round(gaps, 3).tolist()} mm: affine uses the mean")
+    affine = affine_from_dicom_geometry(origin, iop, spacing, step)  # type: ignore[arg-type]
+    return affine, spacing, notes
