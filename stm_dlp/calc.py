@@ -7,8 +7,11 @@
   (``OUT/<patient folder>``) and a progress bar.
 * Each output folder gets ``{cbf,cbv,mtt,tmax}.nii.gz`` (+ ``mask.nii.gz``) with the scan's geometry,
   ``maps.png``, ``aif.png`` (the AIF and VOF curves and where they were taken) and ``summary.json``
-  (units, method and parameters, AIF pixels and curves, timing) — the same bundle as
-  ``stm_dlp.predict``.
+  (units, method and parameters, AIF pixels and curves, timing, the clinical ``readout``) and
+  ``readout.png`` (core red, penumbra green on the pre-contrast CT) — the same bundle as
+  ``stm_dlp.predict``. The last stdout line(s) are the readout, one per study: core, TMAX > 6 s and
+  mismatch volumes and the DEFUSE-3 profile (``readout_*`` options set the thresholds;
+  :mod:`stm_dlp.perfusion.readout`).
 * ``aif=auto`` (default) selects the AIF automatically; ``aif=FILE.json`` holds either
   ``{"aif_pixels": [[slice, row, col], ...]}`` or ``{"times_s": [...], "aif": [...]}`` (enhancement
   in HU over baseline, times on the study clock: seconds from its first frame); ``aif=FILE.csv`` has
@@ -34,6 +37,8 @@ import numpy as np
 
 from stm_dlp.cli import REQUIRED, parse_bool, parse_kv, run_cli
 from stm_dlp.perfusion.maps import calculate_maps
+from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
+from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
 from stm_dlp.types import UNITS, Study
 
 #: calculate_maps' own defaults, so that the CLI and the library never disagree.
@@ -60,6 +65,7 @@ SPEC = {
     "csf_max_hu": (_optional_float, _DEFAULT["csf_max_hu"], "brain below this pre-bolus HU is CSF (none = keep)"),
     "pv_correction": (parse_bool, _DEFAULT["pv_correction"], "scale the AIF area to the VOF's (partial volume)"),
     "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
+    **READOUT_OPTIONS,
     "progress": (parse_bool, True, "show a progress bar"),
 }
 
@@ -157,7 +163,8 @@ def save_aif_png(path: str | Path, study: Study, info: dict[str, Any]) -> Path:
 
 def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device: str = "auto",
                dt: float = _DEFAULT["dt_s"],
-               aif: Any = "auto", progress_cb: Any = None, **params: Any) -> dict[str, Any]:
+               aif: Any = "auto", progress_cb: Any = None, readout_thresholds: ReadoutThresholds | None = None,
+               **params: Any) -> dict[str, Any]:
     """Maps of one study written to ``output``; returns the summary written to ``summary.json``."""
     from stm_dlp.io.outputs import write_outputs
 
@@ -183,7 +190,10 @@ def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device
         "timing_s": {**info["timing_s"], "calc_total": round(time.perf_counter() - t0, 4)},
     }
     out = Path(output)
-    write_outputs(out, maps, study.affine, summary, mask=mask, title=f"{study.patient_id} — {info['method']}")
+    write_outputs(out, maps, study.affine, summary, mask=mask, title=f"{study.patient_id} — {info['method']}",
+                  baseline_hu=precontrast_image(study.frames, info["baseline_frames"]),
+                  readout_thresholds=readout_thresholds)
+    summary["readout"] = json.loads((out / "summary.json").read_text(encoding="utf-8"))["readout"]
     save_aif_png(out / "aif.png", study, info)
     return summary
 
@@ -195,7 +205,7 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
              spatial_sigma_px: float = _DEFAULT["spatial_sigma_px"],
              pv_correction: bool = _DEFAULT["pv_correction"], csf_max_hu: float | None = _DEFAULT["csf_max_hu"],
              frame_interval_s: float | None = None,
-             progress: bool = True) -> list[dict[str, Any]]:
+             progress: bool = True, readout_thresholds: ReadoutThresholds | None = None) -> list[dict[str, Any]]:
     """Read one study or a root of patients, compute and write maps; returns the summaries."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -228,7 +238,7 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
                 bar.update(pix_task, completed=done, total=total)
 
             summaries.append(calc_study(study, out, method=method, device=device, dt=dt, aif=aif_arg,
-                                        progress_cb=cb, **params))
+                                        progress_cb=cb, readout_thresholds=readout_thresholds, **params))
             bar.advance(studies_task)
     return summaries
 
@@ -236,9 +246,12 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
 def main(argv: Sequence[str] | None = None) -> int:
     def _main() -> int:
         args = parse_kv(sys.argv[1:] if argv is None else list(argv), SPEC, prog="python -m stm_dlp.calc")
-        summaries = run_calc(**args)
+        readout_thresholds = thresholds_from_options(args)
+        summaries = run_calc(**args, readout_thresholds=readout_thresholds)
         n = len(summaries)
         print(f"wrote {args['method']} maps for {n} stud{'y' if n == 1 else 'ies'} to {args['output']}")
+        for s in summaries:  # the clinical readout is the last thing on stdout: one line per study
+            print(readout_line(s["readout"]) if n == 1 else f"{s['patient_id']}: {readout_line(s['readout'])}")
         return 0
 
     return run_cli(_main)
