@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from stm_dlp.io.png import save_comparison_png
 from stm_dlp.perfusion import calculate_maps
 from stm_dlp.predict import load_model, predict_study
-from stm_dlp.types import ALL_PARAMS, PARAMS, mtt_from_cbv_cbf
+from stm_dlp.types import ALL_PARAMS, maps_by_name
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, scale, _ = load_model(ckpt)
     pred, _ = predict_study(model, scale, study)
     calc, _ = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s), np.asarray(study.mask))
-    truth = {p: np.asarray(study.maps)[:, i] for i, p in enumerate(PARAMS)}
-    truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+    truth = maps_by_name(study.maps)
     mask = np.asarray(study.mask)[s]
     rows = {"truth": {p: truth[p][s] for p in ALL_PARAMS},
             "STM-DLP": {p: pred[p][s] for p in ALL_PARAMS},

@@ -387,9 +387,9 @@ def qualitative_figure(jobs: Sequence[Job], rows: Sequence[Row], path: Path, pat
 
     from experiments.figures import plot_qualitative
     from stm_dlp.calc_eval import CalcBaseline
+    from stm_dlp.conditions import CONDITION_KEYS
     from stm_dlp.predict import load_model, predict_study
-    from stm_dlp.run import CONDITION_KEYS
-    from stm_dlp.types import mtt_from_cbv_cbf
+    from stm_dlp.types import maps_by_name
 
     reference = next((j for j in jobs if not j.is_calc), jobs[0])
     data_cfg = dict(reference.config.get("data") or {})
@@ -412,8 +412,7 @@ def qualitative_figure(jobs: Sequence[Job], rows: Sequence[Row], path: Path, pat
     if not 0 <= s < study.n_slices:
         raise ValueError(f"--slice {s}: the study has {study.n_slices} slices")
     mask = np.asarray(study.mask[s], bool) if study.mask is not None else None
-    truth = {p: np.asarray(study.maps[s, i], np.float32) for i, p in enumerate(PARAMS)}
-    truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+    truth = maps_by_name(study.maps[s], axis=0)
     panels: dict[str, dict[str, np.ndarray]] = {"Truth": truth}
     order = list(dict.fromkeys(r.key for r in rows))
     first_job = {}

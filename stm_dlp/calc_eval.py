@@ -1,7 +1,8 @@
 """The calculation approach evaluated exactly like a trained model (``python -m stm_dlp.run model=calc``).
 
 ``model=calc`` (``conf/model/calc.yaml``) instantiates :class:`CalcBaseline`; :func:`stm_dlp.run.train`
-sees it, skips training and calls :func:`evaluate_studies` on the DataModule's test studies — the
+sees it, skips training and calls :func:`evaluate_calculation`, which runs :func:`evaluate_studies` on
+the DataModule's test studies — the
 same patients, the same corruption (``data.eval_corruption``) and frame truncation
 (``data.frame_fraction``) the model is tested on — and writes the same ``metrics.json``: MAE, RMSE
 and R² per parameter inside the brain mask, in physical units, with the torchmetrics definitions of
@@ -13,21 +14,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
-from stm_dlp.lit import _metric_set
-from stm_dlp.types import ALL_PARAMS, PARAMS, Study, mtt_from_cbv_cbf
-
-
-def _calculate_maps() -> Callable[..., tuple[dict[str, np.ndarray], dict[str, Any]]]:
-    try:
-        from stm_dlp.perfusion import calculate_maps
-    except ImportError:  # the package's public entry point is not exported yet
-        from stm_dlp.perfusion.maps import calculate_maps
-    return calculate_maps
+from stm_dlp.metrics import PerPatientMAE, metric_set
+from stm_dlp.types import ALL_PARAMS, PARAMS, Study, maps_by_name, mtt_from_cbv_cbf
 
 
 @dataclass
@@ -52,7 +47,8 @@ class CalcBaseline:
 
     def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """``{cbv, cbf, tmax, mtt}`` of ``(S, H, W)`` float32 in physical units, and the info dict."""
-        calculate_maps = _calculate_maps()
+        from stm_dlp.perfusion import calculate_maps
+
         mask = None if study.mask is None else np.array(study.mask, bool)  # a writable copy for torch
         maps, info = calculate_maps(np.array(study.frames, np.float32), np.array(study.times_s, np.float32),
                                     mask, method=self.method, aif=self.aif, device=self.device,
@@ -76,8 +72,8 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
     truncated or corrupted input — the failure the paper's D_fail study is about) scores as all-zero
     maps, what a reader gets from a failed calculation, and is counted in ``failed_studies``.
     """
-    metrics = {p: _metric_set() for p in ALL_PARAMS}
-    per_patient: dict[str, dict[str, float]] = {}
+    metrics = {p: metric_set() for p in ALL_PARAMS}
+    per_patient = PerPatientMAE()
     failures: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for k, study in enumerate(studies):
@@ -88,27 +84,55 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
         except ValueError as exc:  # StudyError included: the calculation gives no maps for this study
             pred = {p: np.zeros(np.asarray(study.maps[:, 0]).shape, np.float32) for p in ALL_PARAMS}
             failures.append({"study": k, "error": str(exc).splitlines()[0][:300]})
-        truth = {p: torch.from_numpy(np.asarray(study.maps[:, i], np.float32)) for i, p in enumerate(PARAMS)}
-        truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+        truth = maps_by_name(torch.from_numpy(np.asarray(study.maps, np.float32)))
         if study.mask is not None:
             mask = torch.from_numpy(np.asarray(study.mask, bool))
         else:
             mask = torch.ones(truth["cbv"].shape, dtype=torch.bool)
-        sums = {}
-        for p in ALL_PARAMS:
-            pr = torch.from_numpy(np.nan_to_num(pred[p], nan=0.0, posinf=0.0, neginf=0.0))[mask]
-            tr = truth[p][mask]
-            if pr.numel():
-                metrics[p].update(pr, tr)
-            sums[p] = float((pr - tr).abs().sum()) / max(int(mask.sum()), 1)
-        per_patient[study.patient_id] = sums
+        pred_t = {p: torch.from_numpy(np.nan_to_num(pred[p], nan=0.0, posinf=0.0, neginf=0.0)) for p in ALL_PARAMS}
+        if mask.any():
+            for p in ALL_PARAMS:
+                metrics[p].update(pred_t[p][mask], truth[p][mask])
+        per_patient.update(study.patient_id, pred_t, truth, mask)
         if progress is not None:
             progress(k + 1, len(studies))
     results: dict[str, Any] = {}
     for p in ALL_PARAMS:
         results[p] = {name: float(v) for name, v in metrics[p].compute().items()}
-    results["per_patient_mae"] = per_patient
+    results["per_patient_mae"] = per_patient.compute()
     results["seconds"] = round(time.perf_counter() - t0, 3)
     results["failed_studies"] = len(failures)
     results["failures"] = failures  # study index within the split and the reason; no patient identifier
+    return results
+
+
+def evaluate_calculation(cfg: DictConfig, baseline: CalcBaseline, out_dir: Path) -> dict[str, Any]:
+    """``model=calc``: no training; the calculation approach on the test split (+ each eval condition),
+    with the same run files, ``metrics.json``, loggers and printed table as a trained model."""
+    from hydra.utils import instantiate
+
+    from stm_dlp.conditions import condition_datamodule, conditions
+    from stm_dlp.launch import is_global_zero_env
+    from stm_dlp.reporting import log_final, print_results, run_loggers, write_metrics, write_run_files
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    zero = is_global_zero_env()
+    if zero:
+        write_run_files(cfg, out_dir, datamodule)
+    with run_loggers(cfg, enabled=zero) as loggers:
+        t0 = time.perf_counter()
+        results = evaluate_studies(baseline, datamodule.test_set.studies)
+        by_condition = {}
+        for name, overrides in conditions(cfg):
+            studies = condition_datamodule(cfg, overrides).test_set.studies
+            by_condition[name] = (overrides, evaluate_studies(baseline, studies))
+        seconds = time.perf_counter() - t0
+        if zero:
+            n_test = len(datamodule.splits["test"])
+            write_metrics(cfg, out_dir, results, by_condition, n_test,
+                          {"best_checkpoint": None, "epochs": 0, "fit_seconds": 0.0,
+                           "method": baseline.method, "eval_seconds": round(seconds, 2)})
+            log_final(loggers, results, by_condition, step=0, log_test=True)
+            print_results(out_dir, n_test, results, by_condition, f"calculation approach ({baseline.label})")
     return results

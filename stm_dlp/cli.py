@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -113,13 +114,18 @@ def run_cli(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
     :class:`StudyError`, :class:`ValueError` and :class:`OSError` (file not found, permission,
     disk full, ...) print ``error: <message>`` on stderr and raise ``SystemExit(2)``. Anything
-    else is a bug and propagates with its traceback. ``KeyboardInterrupt`` exits with 130.
+    else is a bug and propagates with its traceback. A checkpoint that ``torch.load(weights_only=True)``
+    refuses (``pickle.UnpicklingError``) is a user error too. ``KeyboardInterrupt`` exits with 130.
     Returns ``main_fn``'s result on success.
     """
     try:
         return main_fn(*args, **kwargs)
     except (StudyError, ValueError, OSError) as exc:
         print(error_line(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"error: refused to load the checkpoint ({first})", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

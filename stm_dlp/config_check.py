@@ -20,6 +20,7 @@ drop a key still validate.
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -29,6 +30,13 @@ from typing import Any
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 #: Special values of ``ckpt_path`` that Lightning resolves itself.
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+
+
+def _defaults(fn: Any) -> dict[str, Any]:
+    """The keyword defaults of a constructor: a key the config omits is checked at the code's own default
+    (never a default restated here)."""
+    return {k: v.default for k, v in inspect.signature(fn).parameters.items()
+            if v.default is not inspect.Parameter.empty}
 
 
 class ConfigError(ValueError):
@@ -96,24 +104,27 @@ def _check_model(model: Any, p: _Problems) -> None:
               "stm_dlp.models.UniToBrain, stm_dlp.calc_eval.CalcBaseline")
         return
     if name == "STMDLP":
-        from stm_dlp.models import ENCODERS, EXCHANGE_LAYERS, ORDERS, TIME_INPUTS
+        from stm_dlp.models import ENCODERS, EXCHANGE_LAYERS, ORDERS, STMDLP, TIME_INPUTS
 
-        encoder, order = _get(model, "encoder", "lstm"), _get(model, "order", "spatial_first")
-        time_input = _get(model, "time_input", "temporal")
+        d = _defaults(STMDLP)
+        encoder, order = _get(model, "encoder", d["encoder"]), _get(model, "order", d["order"])
+        time_input = _get(model, "time_input", d["time_input"])
         p.one_of("model.encoder", encoder, ENCODERS)
         p.one_of("model.order", order, ORDERS)
         p.one_of("model.time_input", time_input, TIME_INPUTS)
         if order in ORDERS and time_input in TIME_INPUTS and order != "spatial_first" and time_input != "temporal":
             p.add(f"model.time_input={time_input!r} needs model.order=spatial_first (got {order!r}); "
                   "valid time_input for temporal_first and joint: temporal")
-        p.one_of("model.exchange_layers", _get(model, "exchange_layers", 2), EXCHANGE_LAYERS)
+        p.one_of("model.exchange_layers", _get(model, "exchange_layers", d["exchange_layers"]), EXCHANGE_LAYERS)
         for key in ("spatial_channels", "temporal_hidden", "mpp_hidden", "unet_depth", "baseline_frames"):
             if _get(model, key) is not None:
                 p.integer(f"model.{key}", _get(model, key), lo=1)
         if _get(model, "mpp_kernel_size") is not None:
             p.one_of("model.mpp_kernel_size", _get(model, "mpp_kernel_size"), (1, 3))
     elif name == "UniToBrain":
-        p.integer("model.n_frames", _get(model, "n_frames", 89), lo=2)
+        from stm_dlp.models import UniToBrain
+
+        p.integer("model.n_frames", _get(model, "n_frames", _defaults(UniToBrain)["n_frames"]), lo=2)
         for key in ("base", "depth"):
             if _get(model, key) is not None:
                 p.integer(f"model.{key}", _get(model, key), lo=1)
@@ -121,27 +132,31 @@ def _check_model(model: Any, p: _Problems) -> None:
 
 def _check_data(data: Any, p: _Problems) -> None:
     from stm_dlp.data.corrupt import NAMED_CORRUPTIONS
-    from stm_dlp.data.datamodule import LABEL_SOURCES, SOURCES
+    from stm_dlp.data.datamodule import FRAME_FRACTION_RANGE, LABEL_SOURCES, SOURCES, CTPDataModule
+    from stm_dlp.data.splits import NEW_PATIENT_POLICIES
 
-    source = _get(data, "source", "phantom")
+    d = _defaults(CTPDataModule)
+    lo_ff, hi_ff = FRAME_FRACTION_RANGE
+    source = _get(data, "source", d["source"])
     p.one_of("data.source", source, SOURCES)
-    p.one_of("data.label_source", _get(data, "label_source", "maps"), LABEL_SOURCES)
-    p.one_of("data.eval_corruption", _get(data, "eval_corruption", "none"), tuple(NAMED_CORRUPTIONS))
-    p.number("data.frame_fraction", _get(data, "frame_fraction", 1.0), 0.0, 1.0, True, False)
-    p.number("data.train_frame_fraction", _get(data, "train_frame_fraction"), 0.0, 1.0, True, False,
+    p.one_of("data.label_source", _get(data, "label_source", d["label_source"]), LABEL_SOURCES)
+    p.one_of("data.eval_corruption", _get(data, "eval_corruption", d["eval_corruption"]), tuple(NAMED_CORRUPTIONS))
+    p.number("data.frame_fraction", _get(data, "frame_fraction", d["frame_fraction"]), lo_ff, hi_ff, True, False)
+    p.number("data.train_frame_fraction", _get(data, "train_frame_fraction"), lo_ff, hi_ff, True, False,
              allow_none=True)
-    val, test = _get(data, "val_fraction", 0.15), _get(data, "test_fraction", 0.25)
+    val, test = _get(data, "val_fraction", d["val_fraction"]), _get(data, "test_fraction", d["test_fraction"])
     p.number("data.val_fraction", val, 0.0, 1.0, False, True)
     p.number("data.test_fraction", test, 0.0, 1.0, False, True)
     if isinstance(val, (int, float)) and isinstance(test, (int, float)) and val + test >= 1.0:
         p.add(f"data.val_fraction + data.test_fraction = {val + test:g} leaves no training patients; "
               "expected a sum < 1")
-    p.integer("data.batch_size", _get(data, "batch_size", 4), lo=1)
-    p.integer("data.eval_batch_size", _get(data, "eval_batch_size", 8), lo=1)
-    p.integer("data.num_workers", _get(data, "num_workers", 0), lo=0)
+    p.integer("data.batch_size", _get(data, "batch_size", d["batch_size"]), lo=1)
+    p.integer("data.eval_batch_size", _get(data, "eval_batch_size", d["eval_batch_size"]), lo=1)
+    p.integer("data.num_workers", _get(data, "num_workers", d["num_workers"]), lo=0)
     p.integer("data.crop_size", _get(data, "crop_size"), lo=1, allow_none=True)
+    p.one_of("data.new_patients", _get(data, "new_patients", d["new_patients"]), NEW_PATIENT_POLICIES)
     if source == "phantom":
-        p.integer("data.n_patients", _get(data, "n_patients", 12), lo=3)
+        p.integer("data.n_patients", _get(data, "n_patients", d["n_patients"]), lo=3)
         phantom = _get(data, "phantom")
         if phantom is not None:
             from stm_dlp.data.phantom import PhantomConfig
@@ -162,10 +177,11 @@ def _check_data(data: Any, p: _Problems) -> None:
 
 
 def _check_lit(lit: Any, p: _Problems) -> None:
-    from stm_dlp.lit import LOSSES
+    from stm_dlp.lit import LOSSES, PerfusionLitModule
 
-    p.one_of("lit.loss", _get(lit, "loss", "charbonnier"), LOSSES)
-    p.number("lit.lr", _get(lit, "lr", 5e-4), 0.0, math.inf, True, True)
+    d = _defaults(PerfusionLitModule)
+    p.one_of("lit.loss", _get(lit, "loss", d["loss"]), LOSSES)
+    p.number("lit.lr", _get(lit, "lr", d["lr"]), 0.0, math.inf, True, True)
     weights = _get(lit, "task_weights")
     if weights is not None:
         vals = list(weights)
@@ -227,8 +243,9 @@ def config_groups(conf_dir: str | Path = CONF_DIR) -> dict[str, list[str]]:
         group = folder.relative_to(root).as_posix()
         if group == "hydra" or group.startswith("hydra/"):
             continue
+        # ``_common.yaml``-style files are bases other options start from, not choices
         options = sorted(f.relative_to(folder).with_suffix("").as_posix()
-                         for f in folder.rglob("*.yaml"))
+                         for f in folder.rglob("*.yaml") if not f.name.startswith("_"))
         out[group] = options
     return out
 

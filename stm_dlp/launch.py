@@ -1,4 +1,5 @@
-"""How sweep jobs get their hardware: one job per GPU on one machine, SLURM task counts, DDP checks.
+"""How a run is launched: one job per GPU on one machine, SLURM task counts, DDP checks, ranks,
+resuming, and the W&B names of a run (resolvers of ``conf/logger/wandb.yaml``).
 
 * ``hydra/launcher=joblib_gpu`` runs ``n_jobs = number of visible GPUs`` jobs at once in reused
   joblib (loky) worker processes. A reused worker keeps the CUDA context of its first job, so setting
@@ -105,15 +106,164 @@ def slurm_gpus_per_node(accelerator: Any, devices: Any) -> int | None:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers used by ``conf/hydra/launcher/*.yaml`` (idempotent)."""
+    """OmegaConf resolvers used by ``conf/hydra/launcher/*.yaml`` and ``conf/logger/wandb.yaml``, and the
+    structured config ``phantom_config`` of ``conf/data/phantom.yaml`` (idempotent)."""
     resolvers = {
         "stm_dlp_n_gpus": lambda: max(1, visible_gpu_count()),
         "stm_dlp_tasks_per_node": slurm_tasks_per_node,
         "stm_dlp_gpus_per_node": slurm_gpus_per_node,
+        "wandb_offline": _wandb_offline,
+        "stm_dlp_wandb_group": _wandb_group,
+        "stm_dlp_wandb_name": _wandb_name,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    # ``conf/data/phantom.yaml`` takes its ``phantom:`` block (fields, types, defaults) from the dataclass
+    # itself, so the YAML never restates a default and ``data.phantom.<field>=…`` is type-checked.
+    from hydra.core.config_store import ConfigStore
+
+    from stm_dlp.data.phantom import PhantomConfig
+
+    ConfigStore.instance().store(name="phantom_config", node=PhantomConfig)
+
+
+# --------------------------------------------------------------------------- Hydra run, W&B names
+def _wandb_offline() -> bool:
+    """W&B runs offline unless the user is logged in (API key in env or ~/.netrc) and not forced."""
+    mode = os.environ.get("WANDB_MODE", "")
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path.home() / ".netrc"
+    return not (netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def current_hydra() -> Any | None:
+    """The running Hydra job's config (``HydraConfig``), or ``None`` outside a Hydra main."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get()
+    except ValueError:
+        return None
+
+
+def is_multirun(hc: Any | None) -> bool:
+    """Whether ``hc`` (a Hydra config, or ``None``) belongs to a ``-m`` sweep job."""
+    return hc is not None and getattr(hc.mode, "name", str(hc.mode)) == "MULTIRUN"
+
+
+def sweep_id(hc: Any | None = None) -> str | None:
+    """The sweep's identity (its directory name, the launch time by default); ``None`` outside a sweep.
+
+    Taken from the job's resolved output dir minus ``hydra.sweep.subdir``, so every job of a sweep
+    agrees even when jobs run in other processes or on other machines.
+    """
+    hc = current_hydra() if hc is None else hc
+    if not is_multirun(hc):
+        return None
+    out = Path(str(hc.runtime.output_dir))
+    depth = len(Path(str(hc.sweep.subdir)).parts)
+    return out.parents[depth - 1].name if depth >= 1 else out.name
+
+
+def _wandb_group(experiment: str) -> str:
+    """W&B group: ``<experiment>-<sweep id>`` for a sweep job, ``<experiment>-<run dir>`` for a single run."""
+    hc = current_hydra()
+    if hc is None:
+        return str(experiment)
+    sid = sweep_id(hc) or Path(str(hc.runtime.output_dir)).name
+    return f"{experiment}-{sid}"
+
+
+def _wandb_name(label: str, seed: Any) -> str:
+    """W&B run name: the variant, the seed and (in a sweep) the job number — never a patient identifier."""
+    hc = current_hydra()
+    name = f"{label}-seed{seed}"
+    if is_multirun(hc):
+        name += f"-job{hc.job.num}"
+    return name
+
+
+def is_global_zero_env(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process is global rank 0, from the environment (usable before the Trainer exists).
+
+    Lightning's DDP children carry ``LOCAL_RANK``/``NODE_RANK``, torchrun sets ``RANK``, SLURM tasks
+    ``SLURM_PROCID``; a process with none of them is rank 0.
+    """
+    env = os.environ if env is None else env
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        value = env.get(key)
+        if value not in (None, "") and int(value) != 0:
+            return False
+    return True
+
+
+
+# --------------------------------------------------------------------------------- launch checks
+def _multi_process(trainer_cfg: Mapping[str, Any]) -> bool:
+    n = world_size(trainer_cfg)
+    if n is None:  # "auto"/-1 devices on an accelerator: as many processes as devices
+        return True
+    return n > 1
+
+
+def check_launch(cfg: DictConfig, hc: Any | None = None, env: Mapping[str, str] | None = None) -> None:
+    """Refuse combinations that cannot work, before any data is read.
+
+    * a multi-process trainer (DDP over several devices or nodes) inside a multirun, unless the
+      SLURM launcher starts one task per device: Lightning's DDP launcher re-runs the command line
+      in each child, which would replay the whole sweep;
+    * several ranks of one single run (torchrun, ``srun -n N``) without a fixed ``hydra.run.dir``:
+      each rank would resolve its own time-stamped run dir;
+    """
+    hc = current_hydra() if hc is None else hc
+    env = os.environ if env is None else env
+    trainer_cfg = cfg.trainer
+    if is_multirun(hc) and _multi_process(trainer_cfg):
+        launcher = str(OmegaConf.select(hc, "launcher._target_", default="") or "")
+        if "submitit" not in launcher.lower() or "slurm" not in launcher.lower():
+            raise ValueError(
+                f"a multi-process trainer ({describe_devices(trainer_cfg)}) inside a multirun (-m) is refused: "
+                "Lightning's DDP launcher re-runs the command in each child and would replay the whole sweep. "
+                "Run sweeps one job per device (trainer=gpu hydra/launcher=joblib_gpu, or trainer.devices=1), "
+                "run a single DDP job without -m, or submit DDP sweeps with hydra/launcher=slurm "
+                "(one SLURM task per device)."
+            )
+    if not is_multirun(hc) and hc is not None:
+        ranks = int(env.get("WORLD_SIZE", "0") or 0) or int(env.get("SLURM_NTASKS", "0") or 0)
+        external = "TORCHELASTIC_RUN_ID" in env or ("SLURM_NTASKS" in env and "SLURM_PROCID" in env)
+        hydra_overrides = [str(o) for o in OmegaConf.select(hc, "overrides.hydra", default=[]) or []]
+        fixed_dir = any(o.startswith("hydra.run.dir=") for o in hydra_overrides)
+        if external and ranks > 1 and not fixed_dir:
+            raise ValueError(
+                f"{ranks} processes (torchrun / srun) each start this run: pass hydra.run.dir=<one directory> "
+                "so every rank writes into the same run dir (e.g. hydra.run.dir=outputs/ddp/$SLURM_JOB_ID)."
+            )
+
+
+
+
+def resume_checkpoint(cfg: DictConfig, out_dir: Path, env: Mapping[str, str] | None = None) -> str | None:
+    """The checkpoint ``trainer.fit`` resumes from.
+
+    ``ckpt_path`` when given. A SLURM job requeued after pre-emption (``SLURM_RESTART_COUNT`` > 0)
+    resumes from Lightning's own ``hpc_ckpt_*.ckpt`` when the requeue signal left one (Lightning picks
+    it up itself, so ``None``), else from ``checkpoints/last.ckpt`` of the same run dir.
+    """
+    env = os.environ if env is None else env
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if int(env.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+        if any(out_dir.glob("hpc_ckpt_*.ckpt")):
+            return None
+        last = out_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            log.info("requeued SLURM job: resuming from %s", last)
+            return str(last)
+    return None
 
 
 # --------------------------------------------------------------------------- one job per GPU
@@ -186,17 +336,11 @@ def pinned_gpu(cfg: DictConfig, hydra_cfg: Any | None = None, n_gpus: int | None
                poll_s: float = 2.0) -> Iterator[int | None]:
     """In a ``joblib`` sweep on a GPU machine: take a free GPU for this job (see module docstring),
     rewrite ``cfg`` to use it, and yield its index; otherwise yield ``None`` and change nothing."""
-    if hydra_cfg is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        try:
-            hydra_cfg = HydraConfig.get()
-        except ValueError:
-            hydra_cfg = None
+    hydra_cfg = current_hydra() if hydra_cfg is None else hydra_cfg
     if hydra_cfg is None:
         yield None
         return
-    multirun = str(hydra_cfg.mode.name if hasattr(hydra_cfg.mode, "name") else hydra_cfg.mode) == "MULTIRUN"
+    multirun = is_multirun(hydra_cfg)
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
     n = visible_gpu_count() if n_gpus is None else n_gpus
     if not wants_gpu_pinning(target, multirun, cfg.trainer.get("accelerator", "auto"), n):
@@ -204,7 +348,7 @@ def pinned_gpu(cfg: DictConfig, hydra_cfg: Any | None = None, n_gpus: int | None
         return
     requested = world_size(cfg.trainer)
     if requested not in (None, 1) and device_count(cfg.trainer.get("devices")) != 1:
-        # a multi-device job in a joblib sweep is refused by stm_dlp.run.check_launch
+        # a multi-device job in a joblib sweep is refused by check_launch
         yield None
         return
     job_num = int(hydra_cfg.job.num)
@@ -226,7 +370,10 @@ def describe_devices(trainer_cfg: Mapping[str, Any]) -> str:
             f"num_nodes={trainer_cfg.get('num_nodes', 1)}, strategy={trainer_cfg.get('strategy', 'auto')}")
 
 
+register_resolvers()  # importing this module is enough for configs that use them
+
 __all__: Sequence[str] = (
-    "apply_gpu", "device_count", "gpu_preference", "gpu_slot", "pinned_gpu", "register_resolvers",
+    "apply_gpu", "check_launch", "device_count", "current_hydra", "is_global_zero_env", "is_multirun",
+    "resume_checkpoint", "sweep_id", "gpu_preference", "gpu_slot", "pinned_gpu", "register_resolvers",
     "slurm_gpus_per_node", "slurm_tasks_per_node", "visible_gpu_count", "wants_gpu_pinning", "world_size",
 )

@@ -9,7 +9,6 @@ in every checkpoint and predictions come back in ml/100g, ml/100g/min and s.
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,9 +16,9 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn as nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
-from stm_dlp.types import ALL_PARAMS, PARAMS, CTPBatch, mtt_from_cbv_cbf
+from stm_dlp.metrics import PerPatientMAE, metric_set
+from stm_dlp.types import ALL_PARAMS, PARAMS, CTPBatch, maps_by_name, physical_maps
 
 LOSSES = ("charbonnier", "mse", "l1")
 
@@ -40,14 +39,6 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ki
     return (err * m).sum(dim=(0, 2, 3)) / m.sum(dim=(0, 2, 3)).clamp(min=1.0)
 
 
-def physical_maps(pred_scaled: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``(B, 3, H, W)`` normalised prediction → ``{cbv, cbf, tmax, mtt}`` of ``(B, H, W)`` in physical units."""
-    phys = pred_scaled * scale.view(1, -1, 1, 1)
-    out = {p: phys[:, i] for i, p in enumerate(PARAMS)}
-    out["mtt"] = mtt_from_cbv_cbf(out["cbv"], out["cbf"])
-    return out
-
-
 def rng_state() -> dict[str, Any]:
     """The global torch / numpy / Python RNG states as tensors and plain lists (loadable with
     ``torch.load(weights_only=True)``)."""
@@ -65,11 +56,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, np.uint32), pos, has_gauss, gauss))
     version, values, py_gauss = state["python"]
     random.setstate((version, tuple(values), py_gauss))
-
-
-def _metric_set() -> MetricCollection:
-    return MetricCollection({"mae": MeanAbsoluteError(), "rmse": MeanSquaredError(squared=False),
-                             "r2": R2Score()})
 
 
 class PerfusionLitModule(L.LightningModule):
@@ -102,19 +88,15 @@ class PerfusionLitModule(L.LightningModule):
         scale = torch.ones(len(PARAMS)) if target_scale is None else torch.as_tensor(target_scale, dtype=torch.float32)
         self.register_buffer("target_scale", scale.clone())
         self.register_buffer("task_weights", torch.tensor(list(task_weights), dtype=torch.float32))
-        self.val_metrics = nn.ModuleDict({p: _metric_set() for p in ALL_PARAMS})
-        self.test_metrics = nn.ModuleDict({p: _metric_set() for p in ALL_PARAMS})
-        self._per_patient: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0.0, 0.0]))
+        self.val_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})
+        self.test_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})
+        self._per_patient = PerPatientMAE()
         self.test_results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: CTPBatch) -> torch.Tensor:
         """Normalised prediction ``(B, 3, H, W)``."""
         return self.model(batch.frames, batch.times_s, batch.lengths)
-
-    def predict_physical(self, batch: CTPBatch) -> dict[str, torch.Tensor]:
-        """Maps in physical units, ``{cbv, cbf, tmax, mtt}`` each ``(B, H, W)``."""
-        return physical_maps(self(batch), self.target_scale)
 
     def _loss(self, pred: torch.Tensor, batch: CTPBatch) -> tuple[torch.Tensor, torch.Tensor]:
         target = batch.maps / self.target_scale.view(1, -1, 1, 1)
@@ -133,8 +115,7 @@ class PerfusionLitModule(L.LightningModule):
 
     def _update_metrics(self, metrics: nn.ModuleDict, pred: torch.Tensor, batch: CTPBatch) -> dict:
         phys = physical_maps(pred.float(), self.target_scale)
-        truth = {p: batch.maps[:, i] for i, p in enumerate(PARAMS)}
-        truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+        truth = maps_by_name(batch.maps)
         m = batch.mask
         if m.any():
             for p in ALL_PARAMS:
@@ -158,14 +139,10 @@ class PerfusionLitModule(L.LightningModule):
     def test_step(self, batch: CTPBatch, batch_idx: int) -> None:
         pred = self(batch)
         phys = self._update_metrics(self.test_metrics, pred, batch)
-        truth = {p: batch.maps[:, i] for i, p in enumerate(PARAMS)}
-        truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+        truth = maps_by_name(batch.maps)
         for b, pid in enumerate(batch.patient_ids):
-            m = batch.mask[b]
-            for p in ALL_PARAMS:
-                acc = self._per_patient[pid][p]
-                acc[0] += float((phys[p][b][m] - truth[p][b][m]).abs().sum())
-                acc[1] += float(m.sum())
+            self._per_patient.update(pid, {p: v[b] for p, v in phys.items()}, {p: v[b] for p, v in truth.items()},
+                                     batch.mask[b])
 
     def on_test_epoch_end(self) -> None:
         results: dict[str, Any] = {}
@@ -175,11 +152,9 @@ class PerfusionLitModule(L.LightningModule):
             for k, v in values.items():
                 self.log(f"test/{k}_{p}", v)
             self.test_metrics[p].reset()
-        per_patient = {pid: {p: (s / max(n, 1.0)) for p, (s, n) in accs.items()}
-                       for pid, accs in self._per_patient.items()}
-        results["per_patient_mae"] = per_patient
+        results["per_patient_mae"] = self._per_patient.compute()
         self.test_results = results
-        self._per_patient.clear()
+        self._per_patient.reset()
 
     # ------------------------------------------------------------------ logging helpers
     def _log_images(self, phys: dict[str, torch.Tensor], batch: CTPBatch) -> None:
@@ -193,8 +168,7 @@ class PerfusionLitModule(L.LightningModule):
                 continue
             from stm_dlp.io.png import colorize
 
-            truth = {p: batch.maps[:, i] for i, p in enumerate(PARAMS)}
-            truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+            truth = maps_by_name(batch.maps)
             images, captions = [], []
             for b in range(min(n, batch.batch_size)):
                 for p in ALL_PARAMS:

@@ -8,7 +8,7 @@ Each patient becomes, in DESIGN.md's labelled-dataset layout::
 
 plus ``DIR/cohort.json`` (the settings). Patients cycle through the DICOM time-tag styles of
 :data:`stm_dlp.io.dicom_writer.TIME_STYLES`, so a 4-patient cohort has all of them. Patient
-``i`` is ``simulate_patient(cfg, seed * 100003 + i)`` — the same phantom as the in-memory
+``i`` is ``simulate_patient(cfg, cohort_member(i, seed)[0])`` — the same phantom as the in-memory
 dataset. The fake PHI (PatientName ``PHANTOM^PATIENT0001``, PatientID ``PHANTOM-<seed>-0001``,
 a PatientBirthDate and an AccessionNumber ``ACC<seed>-0001``, see :func:`fake_phi_extra`) is written
 only inside the DICOM files, never in folder names, so tests can check that it never
@@ -33,11 +33,11 @@ import numpy as np
 
 from stm_dlp.cli import REQUIRED, parse_kv, run_cli
 from stm_dlp.data.dicom import pseudonymise
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import PhantomConfig, cohort_member, simulate_patient
 from stm_dlp.io.atomic import atomic_write_text
 from stm_dlp.io.dicom_writer import TIME_STYLES, write_study_dicom
 from stm_dlp.io.nifti import write_maps_nifti
-from stm_dlp.types import PARAMS, Study, mtt_from_cbv_cbf
+from stm_dlp.types import Study, maps_by_name
 
 SPEC: dict[str, tuple[Any, Any, str]] = {
     "out": (str, REQUIRED, "output folder (created)"),
@@ -45,7 +45,7 @@ SPEC: dict[str, tuple[Any, Any, str]] = {
     "height": (int, 64, "rows per slice"),
     "width": (int, 64, "columns per slice"),
     "slices": (int, 4, "slices per patient"),
-    "seed": (int, 0, "cohort seed (patient i uses seed*100003+i)"),
+    "seed": (int, 0, "cohort seed (patient i is phantom.cohort_member(i, seed))"),
     "noise_hu": (float, 3.0, "Gaussian noise, HU"),
     "residue": (str, "exponential", "residue function: exponential, box, gamma, ... or mixed"),
     "frames_min": (int, 40, "fewest frames per study"),
@@ -113,8 +113,7 @@ def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, pat
         write_study_dicom(study, tmp / "ctp", time_style=time_style, patient_name=patient_name,
                           patient_id=patient_id, patient_birth_date=patient_birth_date,
                           accession_number=accession_number, seed=seed)
-        maps = {p: study.maps[:, i] for i, p in enumerate(PARAMS)}
-        maps["mtt"] = mtt_from_cbv_cbf(maps["cbv"], maps["cbf"])
+        maps = maps_by_name(study.maps)
         maps["mask"] = np.asarray(study.mask, bool)
         write_maps_nifti(tmp / "maps", maps, study.affine)
         atomic_write_text(tmp / "truth.json", json.dumps(truth or {}, indent=2, default=_json_default) + "\n")
@@ -165,7 +164,7 @@ def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | Non
     written = []
     for i in track(range(n_patients), description="Writing phantom patients",
                    console=Console(stderr=True), disable=not progress):
-        patient_seed = seed * 100003 + i
+        patient_seed, _ = cohort_member(i, seed)
         study = simulate_patient(cfg, patient_seed)
         name, pid = fake_phi(i, seed)
         birth_date, accession = fake_phi_extra(i, seed)

@@ -5,7 +5,8 @@
 * :class:`CTPBatch` — a padded batch of slices, the only thing models and the LightningModule see.
 
 Parameter order for maps is :data:`PARAMS` (CBV, CBF, TMAX). MTT is derived as
-``CBV / CBF * 60`` (:func:`mtt_from_cbv_cbf`), never predicted.
+``CBV / CBF * 60`` (:func:`mtt_from_cbv_cbf`), never predicted; :func:`maps_by_name` turns a stack into
+named maps with MTT, :func:`physical_maps` a model's normalised output into physical units.
 """
 
 from __future__ import annotations
@@ -48,6 +49,32 @@ def mtt_from_cbv_cbf(cbv: Any, cbf: Any, eps: float = 1e-3) -> Any:
     cbv = np.asarray(cbv)
     safe = np.where(cbf > eps, cbf, 1.0)
     return np.where(cbf > eps, cbv / safe * 60.0, 0.0).astype(np.float32)
+
+
+def maps_by_name(stack: Any, axis: int = 1) -> dict[str, Any]:
+    """Split a CBV/CBF/TMAX stack (:data:`PARAMS` order along ``axis``) into ``{cbv, cbf, tmax, mtt}``.
+
+    ``stack`` is a numpy array or torch tensor, e.g. labels ``(S, 3, H, W)`` of a study (``axis=1``)
+    or a batch's ``maps`` ``(B, 3, H, W)``; MTT is derived by :func:`mtt_from_cbv_cbf`.
+    """
+    if not isinstance(stack, torch.Tensor):
+        stack = np.asarray(stack, np.float32)
+    if stack.shape[axis] != len(PARAMS):
+        raise ValueError(f"expected {len(PARAMS)} maps (CBV, CBF, TMAX) along axis {axis}, "
+                         f"got shape {tuple(stack.shape)}")
+    index = [slice(None)] * stack.ndim
+    out = {}
+    for i, p in enumerate(PARAMS):
+        index[axis] = i
+        out[p] = stack[tuple(index)]
+    out["mtt"] = mtt_from_cbv_cbf(out["cbv"], out["cbf"])
+    return out
+
+
+def physical_maps(pred_scaled: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A model's normalised ``(B, 3, H, W)`` output times the per-parameter ``scale`` ``(3,)`` →
+    ``{cbv, cbf, tmax, mtt}`` each ``(B, H, W)`` in ml/100g, ml/100g/min, s, s."""
+    return maps_by_name(pred_scaled * scale.view(1, -1, 1, 1), axis=1)
 
 
 @dataclass

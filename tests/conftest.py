@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+import stm_dlp.launch  # noqa: F401 - registers the config resolvers and structured configs compose() needs
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

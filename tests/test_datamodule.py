@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from stm_dlp.data.corrupt import GaussianNoise
-from stm_dlp.data.datamodule import CTPDataModule, split_patients
+from stm_dlp.data.datamodule import CTPDataModule
+from stm_dlp.data.splits import split_patients
 from stm_dlp.types import SliceSample, collate_slices
 
 PHANTOM = dict(height=16, width=16, n_slices=2, frames_min=10, frames_max=14, noise_hu=1.0)

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-import stm_dlp.run  # noqa: F401 - registers the resolvers the configs use
 from stm_dlp import launch
-from stm_dlp.run import check_launch, is_global_zero_env, resume_checkpoint
+from stm_dlp.conditions import check_conditions
+from stm_dlp.launch import check_launch, is_global_zero_env, resume_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
@@ -95,7 +95,7 @@ def test_check_launch_rules():
     check_launch(ddp, _hydra("RUN", overrides_hydra=["hydra.run.dir=outputs/ddp"]), env=torchrun)
     bad = OmegaConf.merge(_cfg(), {"eval_conditions": [{"frame_fraction": 0.5, "lr": 1}]})
     with pytest.raises(ValueError, match="unknown key"):
-        check_launch(bad, _hydra("RUN"), env={})
+        check_conditions(bad)
 
 
 def test_rank_zero_and_resume(tmp_path):

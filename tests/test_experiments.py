@@ -15,9 +15,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-import stm_dlp.run  # noqa: F401 - registers the resolvers the configs use
+import stm_dlp.launch  # noqa: F401 - registers the resolvers the configs use
 from experiments import tables
-from stm_dlp.run import condition_name
+from stm_dlp.conditions import condition_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"

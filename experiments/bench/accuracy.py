@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from experiments.bench.profiles import Profile
-from stm_dlp.types import ALL_PARAMS, Study
+from stm_dlp.types import ALL_PARAMS, Study, maps_by_name
 
 REPO = Path(__file__).resolve().parents[2]
 CALC = "osvd"
@@ -178,11 +178,11 @@ def run_data_config(run_dir: Path):
 
 def test_studies(run_dir: Path, **overrides: Any) -> list[Study]:
     """The test studies of a finished run (its own resolved data config), with ``overrides`` applied."""
-    import stm_dlp.run  # noqa: F401  (registers the config resolvers)
-    from stm_dlp.run import _condition_datamodule
+    import stm_dlp.launch  # noqa: F401  (registers the config resolvers)
+    from stm_dlp.conditions import condition_datamodule
 
     cfg = run_data_config(run_dir)
-    return list(_condition_datamodule(cfg, overrides).test_set.studies)
+    return list(condition_datamodule(cfg, overrides).test_set.studies)
 
 
 def dropped_studies(studies: Sequence[Study], fraction: float, seed: int) -> list[Study]:
@@ -361,7 +361,6 @@ def make_figures(result: dict[str, Any], profile: Profile, providers: dict[str, 
                  log: Callable[[str], None] = print) -> dict[str, str]:
     from experiments.figures import plot_condition_bars, plot_frames_curves
     from stm_dlp.io.png import save_comparison_png
-    from stm_dlp.types import mtt_from_cbv_cbf
 
     figures.mkdir(parents=True, exist_ok=True)
     out: dict[str, str] = {}
@@ -391,8 +390,7 @@ def make_figures(result: dict[str, Any], profile: Profile, providers: dict[str, 
         except ValueError as exc:  # no AIF found: the calculation gives nothing
             log(f"  {cond}: oSVD failed on the shown study ({str(exc).splitlines()[0][:120]}); shown as zeros")
             calc_maps = {p: np.zeros_like(model_maps[p]) for p in ALL_PARAMS}
-        truth = {p: np.asarray(study.maps[s, i]) for i, p in enumerate(("cbv", "cbf", "tmax"))}
-        truth["mtt"] = mtt_from_cbv_cbf(truth["cbv"], truth["cbf"])
+        truth = maps_by_name(study.maps[s], axis=0)
         rows = {result["models"][MAIN]["label"]: {p: model_maps[p][s] for p in ALL_PARAMS},
                 CALC_LABEL: {p: np.asarray(calc_maps[p])[s] for p in ALL_PARAMS},
                 "truth": truth}

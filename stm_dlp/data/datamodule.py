@@ -28,38 +28,16 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 
 from stm_dlp.data.cache import StudyCache, source_fingerprint
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import PhantomConfig, cohort_member, simulate_patient
+from stm_dlp.data.splits import resolve_split
 from stm_dlp.types import PARAMS, SliceSample, Study, StudyError, collate_slices
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("phantom", "dicom", "isles2018")
 LABEL_SOURCES = ("maps", "calc")
-
-
-def split_patients(patient_ids: Sequence[str], seed: int, val_fraction: float,
-                   test_fraction: float) -> dict[str, list[str]]:
-    """Deterministic patient-wise split ``{"train", "val", "test"}`` (no patient in two splits).
-
-    Patients are sorted, shuffled with ``seed``, then cut; with ≥ 3 patients val and test get at
-    least one each. Depends only on the set of IDs and the seed, not on their order.
-    """
-    ids = sorted(set(patient_ids))
-    if len(ids) != len(patient_ids):
-        raise ValueError("duplicate patient IDs in the dataset")
-    rng = np.random.default_rng(seed)
-    order = [ids[i] for i in rng.permutation(len(ids))]
-    n = len(order)
-    n_test = int(round(test_fraction * n))
-    n_val = int(round(val_fraction * n))
-    if n >= 3:
-        n_test = max(1, n_test) if test_fraction > 0 else 0
-        n_val = max(1, n_val) if val_fraction > 0 else 0
-    if n_test + n_val >= n:
-        raise ValueError(f"{n} patients are too few for val_fraction={val_fraction}, "
-                         f"test_fraction={test_fraction}: training would be empty")
-    return {"test": sorted(order[:n_test]), "val": sorted(order[n_test:n_test + n_val]),
-            "train": sorted(order[n_test + n_val:])}
+#: ``frame_fraction`` / ``train_frame_fraction`` lie in (lo, hi]: some frames, at most all of them.
+FRAME_FRACTION_RANGE = (0.0, 1.0)
 
 
 class SliceDataset(Dataset):
@@ -154,6 +132,10 @@ class CTPDataModule(L.LightningDataModule):
         calc: keyword arguments for :func:`stm_dlp.perfusion.calculate_maps` when ``label_source=calc``.
         cache_dir: preprocessing cache (default ``$STM_DLP_CACHE`` or ``~/.cache/stm_dlp``).
         frame_interval_s: ISLES frame interval when the header does not give it.
+        pseudonym_key: HMAC key for patient pseudonyms (DICOM and ISLES alike).
+        split_file: the patient split to read back, created on first use (:mod:`stm_dlp.data.splits`);
+            default ``ROOT/splits.json`` for a dataset root, none for the phantom.
+        new_patients: where patients the split file does not know go (``train``, ``val``, ``test``, ``ignore``).
     """
 
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
@@ -164,7 +146,8 @@ class CTPDataModule(L.LightningDataModule):
                  eval_corruption: str = "none", eval_corruption_seed: int = 1234, frame_fraction: float = 1.0,
                  train_frame_fraction: float | None = None, label_source: str = "maps",
                  calc: dict[str, Any] | None = None, cache_dir: str | None = None,
-                 frame_interval_s: float | None = None, pseudonym_key: str | None = None):
+                 frame_interval_s: float | None = None, pseudonym_key: str | None = None,
+                 split_file: str | None = None, new_patients: str = "train"):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -172,8 +155,10 @@ class CTPDataModule(L.LightningDataModule):
             raise ValueError(f"data.label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
         if source != "phantom" and not root:
             raise ValueError(f"data.root is required for source={source!r}")
-        if not 0.0 < frame_fraction <= 1.0:
-            raise ValueError(f"data.frame_fraction must be in (0, 1], got {frame_fraction}")
+        lo, hi = FRAME_FRACTION_RANGE
+        for key, value in (("frame_fraction", frame_fraction), ("train_frame_fraction", train_frame_fraction)):
+            if value is not None and not lo < value <= hi:
+                raise ValueError(f"data.{key} must be in ({lo:g}, {hi:g}], got {value}")
         named_corruption(eval_corruption)  # fail at start-up on an unknown name
         self.source, self.root, self.n_patients = source, root, n_patients
         self.phantom_cfg = PhantomConfig(**(phantom or {}))
@@ -190,6 +175,10 @@ class CTPDataModule(L.LightningDataModule):
         self.cache = StudyCache(cache_dir)
         self.frame_interval_s = frame_interval_s
         self.pseudonym_key = pseudonym_key.encode() if pseudonym_key else None
+        # a dataset root keeps its split in ROOT/splits.json; the phantom cohort is a function of its seed
+        default_split = None if source == "phantom" else str(Path(root) / "splits.json")
+        self.split_file = split_file or default_split
+        self.new_patients = new_patients
         self.studies: dict[str, Study] = {}
         self.splits: dict[str, list[str]] = {}
 
@@ -198,38 +187,32 @@ class CTPDataModule(L.LightningDataModule):
         cfg = asdict(self.phantom_cfg)
         out = []
         for i in range(self.n_patients):
-            seed = self.seed * 100003 + i
-            pid = f"phantom-{self.seed:03d}-{i:04d}"
+            seed, pid = cohort_member(i, self.seed)
             out.append(self.cache.get({"kind": "phantom", "config": cfg, "seed": seed, "id": pid},
                                       lambda seed=seed, pid=pid: simulate_patient(self.phantom_cfg, seed, pid)))
         return out
 
     def _load_disk(self) -> list[Study]:
-        from stm_dlp.data import studies as readers
+        """Every patient under ``root`` through :func:`~stm_dlp.data.studies.read_any_study` — the one
+        reading path that predict and calc use too — each parsed once into the cache."""
+        from rich.progress import track
+
+        from stm_dlp.data.studies import list_patients, read_any_study
 
         root = Path(self.root)
         if not root.is_dir():
             raise StudyError(f"{root}: dataset root does not exist or is not a directory")
-        patients = readers.list_patients(root)
+        patients = list_patients(root)
         if not patients:
             raise StudyError(f"{root}: no patient folders found (expected ROOT/<patient>/ctp/ or ISLES cases)")
         out = []
-        from rich.progress import track
-
         for p in track(patients, description="Reading studies"):
             parts = {"kind": self.source, "src": source_fingerprint(p),
                      "frame_interval_s": self.frame_interval_s,
                      # a changed key must re-pseudonymise, so the key's hash (never the key) is in the fingerprint
                      "key": hashlib.sha256(self.pseudonym_key).hexdigest() if self.pseudonym_key else None}
-            if self.source == "isles2018":
-                from stm_dlp.data.isles import read_isles_case
-
-                def build(p=p):
-                    return read_isles_case(p, frame_interval_s=self.frame_interval_s)
-            else:
-                def build(p=p):
-                    return readers.read_labelled_study(p, pseudonym_key=self.pseudonym_key)
-            out.append(self.cache.get(parts, build))
+            out.append(self.cache.get(parts, lambda p=p: read_any_study(
+                p, pseudonym_key=self.pseudonym_key, frame_interval_s=self.frame_interval_s)))
         return out
 
     def _with_calc_labels(self, study: Study) -> Study:
@@ -263,7 +246,8 @@ class CTPDataModule(L.LightningDataModule):
                 raise StudyError(f"{s.source}: no label maps; use data.label_source=calc to label it with "
                                  "the calculation approach")
         self.studies = {s.patient_id: s for s in studies}
-        self.splits = split_patients(list(self.studies), self.seed, self.val_fraction, self.test_fraction)
+        self.splits = resolve_split(list(self.studies), self.seed, self.val_fraction, self.test_fraction,
+                                    self.split_file, self.new_patients)
         train_tf = list(self.augment.transforms) if self.augment else []
         if self.train_frame_fraction is not None and self.train_frame_fraction < 1.0:
             train_tf.append(Truncate(keep_fraction=self.train_frame_fraction))

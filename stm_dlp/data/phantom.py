@@ -249,10 +249,17 @@ def simulate_patient(cfg: PhantomConfig, seed: int, patient_id: str | None = Non
     ).validate()
 
 
+def cohort_member(index: int, seed: int = 0) -> tuple[int, str]:
+    """``(patient seed, patient id)`` of patient ``index`` of the cohort ``seed`` — the one definition the
+    DataModule, ``stm_dlp.synth`` and :func:`simulate_cohort` share (so a cohort grows without changing
+    its first patients)."""
+    return seed * 100003 + index, f"phantom-{seed:03d}-{index:04d}"
+
+
 def simulate_cohort(n_patients: int, cfg: PhantomConfig | None = None, seed: int = 0) -> list[Study]:
-    """``n_patients`` independent phantom patients; patient i uses seed ``seed * 100003 + i``."""
+    """``n_patients`` independent phantom patients; patient i is :func:`cohort_member` ``(i, seed)``."""
     cfg = cfg or PhantomConfig()
-    return [simulate_patient(cfg, seed * 100003 + i, f"phantom-{seed:03d}-{i:04d}") for i in range(n_patients)]
+    return [simulate_patient(cfg, *cohort_member(i, seed)) for i in range(n_patients)]
 
 
 def validation_grid(
