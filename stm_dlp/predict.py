@@ -23,8 +23,7 @@ import torch
 from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED
-from stm_dlp.lit import physical_maps
-from stm_dlp.types import ALL_PARAMS, PARAMS, UNITS, Study, StudyError, collate_slices
+from stm_dlp.types import ALL_PARAMS, PARAMS, UNITS, Study, StudyError, collate_slices, physical_maps
 
 
 def load_model(ckpt: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, torch.Tensor, dict]:
