@@ -2,7 +2,9 @@
 
 Reads a DICOM study (``ctp/`` folder or the study folder itself) or an ISLES case, runs the model
 slice by slice in batches (GPU when present, ``torch.inference_mode``), and writes
-``{cbf,cbv,mtt,tmax}.nii.gz`` with the scan's geometry, ``maps.png`` and ``summary.json``.
+``{cbf,cbv,mtt,tmax}.nii.gz`` with the scan's geometry, ``maps.png``, ``readout.png`` and
+``summary.json`` with the clinical readout (:mod:`stm_dlp.perfusion.readout`), whose one-line form
+(core, TMAX > 6 s and mismatch volumes, DEFUSE-3 profile) is the last line on stdout.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: a checkpoint that needs unpickling of
 arbitrary objects is refused. Slices that fail (e.g. non-finite input) are reported and, with
@@ -12,6 +14,7 @@ fails the whole study instead.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import warnings
@@ -23,6 +26,8 @@ import torch
 from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED
+from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
+from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
 from stm_dlp.types import ALL_PARAMS, PARAMS, UNITS, Study, StudyError, collate_slices, physical_maps
 
 
@@ -93,7 +98,8 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
 
 
 def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_size: int = 4,
-                mode: str = "best_effort", frame_interval_s: float | None = None) -> dict[str, Any]:
+                mode: str = "best_effort", frame_interval_s: float | None = None,
+                readout_thresholds: ReadoutThresholds | None = None) -> dict[str, Any]:
     """Read, predict, write. Returns the summary written to ``summary.json``."""
     from stm_dlp.data.studies import read_any_study
     from stm_dlp.io.outputs import write_outputs
@@ -125,7 +131,10 @@ def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_
         "timing_s": {"read": round(t_read, 3), "predict": round(t_pred, 3)},
         "failed_slices": failed,
     }
-    write_outputs(output, maps, study.affine, summary, mask=study.mask)
+    # readout.png's background: the frames before the bolus arrives, detected as the calculation does
+    write_outputs(output, maps, study.affine, summary, mask=study.mask, baseline_hu=precontrast_image(study.frames),
+                  readout_thresholds=readout_thresholds)
+    summary["readout"] = json.loads((Path(output) / "summary.json").read_text(encoding="utf-8"))["readout"]
     return summary
 
 
@@ -137,6 +146,7 @@ SPEC = {
     "batch_size": (int, 4, "slices per forward pass"),
     "mode": (str, "best_effort", "best_effort (skip bad slices) or strict"),
     "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
+    **READOUT_OPTIONS,
 }
 
 
@@ -145,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def _main() -> int:
         args = parse_kv(sys.argv[1:] if argv is None else argv, SPEC)
-        summary = run_predict(**args)
+        readout_thresholds = thresholds_from_options(args)
+        summary = run_predict(**args, readout_thresholds=readout_thresholds)
         print(f"wrote maps for {summary['shape_slices_rows_cols'][0]} slices to {args['output']}"
               + (f" ({len(summary['failed_slices'])} slices failed, see summary.json)"
                  if summary["failed_slices"] else ""))
+        print(readout_line(summary["readout"]))  # the clinical readout is the last line on stdout
         return 0
 
     return run_cli(_main)
