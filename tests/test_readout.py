@@ -355,3 +355,19 @@ def test_calc_cli_last_line_is_the_readout(tiny_dicom_study, tmp_path, capsys):
     assert f"core {ro['core_ml']:.1f} ml" in last and f"TMAX>6 s {ro['hypoperfusion_ml']:.1f} ml" in last
     assert f"mismatch {ro['mismatch_ml']:.1f} ml" in last and "DEFUSE-3 target:" in last
     assert ro["thresholds"]["min_cluster_ml"] == 0.0 and (out / "readout.png").is_file()
+
+
+def test_predict_cli_last_line_is_the_readout(tmp_path, capsys):
+    from bad_studies import make_good
+    from test_robustness_input import tiny_checkpoint
+
+    from stm_dlp.predict import main
+
+    ckpt = tiny_checkpoint(tmp_path / "tiny.ckpt")
+    patient = make_good(tmp_path / "study", seed=11)
+    out = tmp_path / "pred"
+    assert main([f"ckpt={ckpt}", f"input={patient}", f"output={out}", "device=cpu", "readout_reference=global"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    ro = _strict_json((out / "summary.json").read_text())["readout"]
+    assert last == readout_line(ro) and last.startswith(f"core {ro['core_ml']:.1f} ml · TMAX>6 s")
+    assert ro["reference"]["method"] == "global" and (out / "readout.png").is_file()
