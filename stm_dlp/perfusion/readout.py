@@ -372,7 +372,8 @@ def compute_readout(maps: Mapping[str, Any], mask: Any | None, voxel_ml: float,
             core &= tissue & (tmax0 > thr.hypoperfusion_tmax_s)
         core = clean(core)
     penumbra = hypo & ~core
-    tmax_regions = {_tkey(k): clean(tissue & (tmax0 > k)) for k in thr.tmax_volumes_s}
+    tmax_regions = {_tkey(k): hypo if k == thr.hypoperfusion_tmax_s else clean(tissue & (tmax0 > k))
+                    for k in thr.tmax_volumes_s}
     hir_region = tmax_regions.get(_tkey(thr.hir_tmax_s))
     if hir_region is None:
         hir_region = clean(tissue & (tmax0 > thr.hir_tmax_s))
