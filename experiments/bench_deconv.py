@@ -196,7 +196,8 @@ def bench(profile: str = "cpu", osipy_python: str | None = DEFAULT_OSIPY, noise_
             runs[f"ours_osvd_{dev}{suffix}"] = {
                 "seconds": secs, "cpu_seconds": info["cpu_seconds"], "mae": _mae(maps, study.maps, mask),
                 "timing_s": info["timing_s"], "median_threshold": info["threshold_used"]["median"],
-                "spatial_sigma_px": info["params"]["spatial_sigma_px"], "tmax_method": info["params"]["tmax_method"]}
+                "spatial_sigma_px": info["params"]["spatial_sigma_px_used"][0],
+                "tmax_method": info["params"]["tmax_method"]}
     grid = _delay_grid()
     g_maps, _, _ = _run_ours(grid, grid.meta["aif_hu"][0], "cpu", 1, method="osvd", oi_target=OI_TARGET,
                              spatial_sigma_px=0.0)  # one (MTT, delay) per pixel: nothing to smooth

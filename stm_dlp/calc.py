@@ -24,7 +24,6 @@ status 2.
 from __future__ import annotations
 
 import csv
-import inspect
 import io
 import json
 import sys
@@ -36,13 +35,13 @@ from typing import Any
 import numpy as np
 
 from stm_dlp.cli import REQUIRED, parse_bool, parse_kv, run_cli
-from stm_dlp.perfusion.maps import calculate_maps
+from stm_dlp.perfusion.maps import CalcParams, calculate_maps
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
 from stm_dlp.types import UNITS, Study
 
 #: calculate_maps' own defaults, so that the CLI and the library never disagree.
-_DEFAULT = {k: p.default for k, p in inspect.signature(calculate_maps).parameters.items()}
+_DEFAULT = CalcParams().to_dict()
 
 def _optional_float(text: str) -> float | None:
     """A number, or ``none`` / ``off`` for None."""
@@ -61,7 +60,9 @@ SPEC = {
     "tmax": (str, _DEFAULT["tmax_method"], "TMAX estimator: half_rise (unbiased) or argmax (literal)"),
     "cbv": (str, _DEFAULT["cbv_method"], "CBV from the area ratio (area) or the residue integral (residue)"),
     "temporal_sigma_s": (float, _DEFAULT["temporal_sigma_s"], "Gaussian temporal smoothing in seconds (0 = off)"),
-    "spatial_sigma_px": (float, _DEFAULT["spatial_sigma_px"], "in-plane smoothing (px), vessels left out (0 = off)"),
+    "spatial_sigma_mm": (float, _DEFAULT["spatial_sigma_mm"], "in-plane smoothing (mm), vessels out (0 = off)"),
+    "spatial_sigma_px": (_optional_float, _DEFAULT["spatial_sigma_px"], "the same in px; overrides the mm (none = mm)"),
+    "motion": (parse_bool, _DEFAULT["motion"], "rigid in-plane registration of every frame first"),
     "csf_max_hu": (_optional_float, _DEFAULT["csf_max_hu"], "brain below this pre-bolus HU is CSF (none = keep)"),
     "pv_correction": (parse_bool, _DEFAULT["pv_correction"], "scale the AIF area to the VOF's (partial volume)"),
     "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
@@ -170,7 +171,7 @@ def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device
 
     t0 = time.perf_counter()
     maps, info = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s), study.mask, method=method,
-                                aif=aif, dt_s=dt, device=device, progress=progress_cb, **params)
+                                aif=aif, dt_s=dt, device=device, progress=progress_cb, affine=study.affine, **params)
     mask = maps.pop("mask")
     summary = {
         "method": info["method"],
@@ -186,6 +187,10 @@ def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device
         "mask_source": info["mask_source"],
         "arrival_frame": info["arrival_frame"],
         "baseline_frames": info["baseline_frames"],
+        "arrival": info["arrival"],
+        "exclusions": info["exclusions"],
+        "motion": info["motion"],
+        "pixel_mm": info["pixel_mm"],
         "median_threshold": info["threshold_used"]["median"],
         "timing_s": {**info["timing_s"], "calc_total": round(time.perf_counter() - t0, 4)},
     }
@@ -202,7 +207,8 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
              aif: str = "auto", threshold: float = _DEFAULT["threshold"], oi_target: float = _DEFAULT["oi_target"],
              tmax: str = _DEFAULT["tmax_method"], cbv: str = _DEFAULT["cbv_method"],
              temporal_sigma_s: float = _DEFAULT["temporal_sigma_s"],
-             spatial_sigma_px: float = _DEFAULT["spatial_sigma_px"],
+             spatial_sigma_mm: float = _DEFAULT["spatial_sigma_mm"],
+             spatial_sigma_px: float | None = _DEFAULT["spatial_sigma_px"], motion: bool = _DEFAULT["motion"],
              pv_correction: bool = _DEFAULT["pv_correction"], csf_max_hu: float | None = _DEFAULT["csf_max_hu"],
              frame_interval_s: float | None = None,
              progress: bool = True, readout_thresholds: ReadoutThresholds | None = None) -> list[dict[str, Any]]:
@@ -221,7 +227,7 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
     aif_arg: Any = aif if aif == "auto" else load_aif_file(aif)
     params = dict(threshold=threshold, oi_target=oi_target, tmax_method=tmax, cbv_method=cbv,
                   temporal_sigma_s=temporal_sigma_s, spatial_sigma_px=spatial_sigma_px, pv_correction=pv_correction,
-                  csf_max_hu=csf_max_hu)
+                  csf_max_hu=csf_max_hu, spatial_sigma_mm=spatial_sigma_mm, motion=motion)
     patients = list_patients(src) if src.is_dir() else []
     multi = len(patients) > 1 or (len(patients) == 1 and patients[0] != src)
     jobs = [(p, Path(output) / p.name) for p in patients] if multi else [(src, Path(output))]

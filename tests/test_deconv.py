@@ -396,7 +396,9 @@ def test_default_smoothing_tames_noise(noisy_head):
     (cbv_d, tmax_d), (cbv_r, tmax_r) = mae(default), mae(raw)
     assert cbv_d < 0.6 * cbv_r and tmax_d < 0.5 * tmax_r, (mae(default), mae(raw))
     assert tmax_d < 1.5
-    assert info["params"]["spatial_sigma_px"] == 1.5 and info["params"]["tmax_method"] == "half_rise"
+    # no pixel spacing given: the mm default on the fallback pixel (1.72 mm, the 128² phantom) = 1.5 px
+    assert info["params"]["spatial_sigma_px_used"][0] == pytest.approx(1.5, abs=0.02)
+    assert info["params"]["tmax_method"] == "half_rise"
     assert info["median_frame_interval_s"] == pytest.approx(float(np.median(np.diff(st.times_s, axis=1))), abs=0.05)
 
 

@@ -52,6 +52,9 @@ class AIFSelection:
         vof_pixels: chosen VOF pixels.
         pv_scale: factor applied to ``curve_raw`` (1.0 when no correction).
         source: ``"auto"``, ``"pixels"`` or ``"curve"``.
+        fallback: ``None`` when the first automatic choice was used; otherwise ``{"used": "relaxed" |
+            "reference", "tried": [why each earlier choice was unusable]}``
+            (:func:`stm_dlp.perfusion.maps.choose_aif`).
     """
 
     curve: torch.Tensor
@@ -63,11 +66,13 @@ class AIFSelection:
     vof_pixels: list[tuple[int, int, int]] = field(default_factory=list)
     pv_scale: float = 1.0
     source: str = "auto"
+    fallback: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-friendly summary (lists of floats / ints)."""
         return {
             "source": self.source,
+            "fallback": self.fallback,
             "pixels_slice_row_col": [list(p) for p in self.pixels],
             "scores": [round(float(s), 4) for s in self.scores],
             "vof_pixels_slice_row_col": [list(p) for p in self.vof_pixels],

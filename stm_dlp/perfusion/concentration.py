@@ -6,9 +6,12 @@ constant that cancels in deconvolution (:mod:`stm_dlp.perfusion.physics`).
 
 Steps offered here (all pure torch, any device, any leading dims; times may be irregular):
 
-* :func:`detect_arrival` — bolus arrival on a reference curve: the first frame of the rise that
-  leads to the peak above ``baseline + max(k_sigma * sigma, min_rise_frac * (peak - baseline))``.
-  ``sigma`` is a robust (MAD of first differences) noise estimate, so clean and noisy curves work.
+* :func:`detect_arrival` — bolus arrival on a reference curve: the first frame of the *sustained*
+  rise that ends at the peak, above ``baseline + max(k_sigma * sigma, min_rise_frac * rise)``,
+  searched backwards from the peak on the running median of 3; ``sigma`` is a robust noise estimate
+  (:func:`curve_noise`), so a single noisy frame cannot trigger it. :func:`study_arrival` does it
+  for a whole study (reference = the study's most enhancing pixels) and gives each slice's
+  pre-bolus frame count.
 * :func:`concentration_from_hu` — per-pixel baseline = mean of the frames *before* the detected
   arrival (minus a safety margin), enhancement = frames - baseline; optional temporal smoothing.
 * :func:`gaussian_smooth_time` — Gaussian kernel smoothing in **seconds** that respects irregular
@@ -23,6 +26,7 @@ Steps offered here (all pure torch, any device, any leading dims; times may be i
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -31,53 +35,217 @@ def _as_times(times_s: torch.Tensor | object, like: torch.Tensor) -> torch.Tenso
     return torch.as_tensor(times_s, device=like.device).to(like.dtype)
 
 
+def median3(x: torch.Tensor) -> torch.Tensor:
+    """Running median of 3 along the last axis (ends replicated): removes one-frame spikes, keeps edges."""
+    if x.shape[-1] < 3:
+        return x
+    p = torch.cat([x[..., :1], x, x[..., -1:]], dim=-1)
+    a, b, c = p[..., :-2], p[..., 1:-1], p[..., 2:]
+    # median(a, b, c) = max(min(a, b), min(max(a, b), c)): elementwise, no sort
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+
+def curve_noise(x: torch.Tensor) -> torch.Tensor:
+    """Robust per-frame noise level ``(...)`` of curves ``(..., T)``: 1.4826 MAD of second differences / √6.
+
+    Second differences cancel the slowly varying signal (baseline, tissue bolus), so the estimate does
+    not need to know where the bolus is; the MAD ignores the few frames where the signal bends (the
+    arterial peak) and impulses.
+    """
+    if x.shape[-1] < 4:
+        return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
+    d2 = x[..., 2:] - 2 * x[..., 1:-1] + x[..., :-2]
+    med = d2.median(-1, keepdim=True).values
+    return 1.4826 * (d2 - med).abs().median(-1).values / math.sqrt(6.0)
+
+
+def trimmed_mean(x: torch.Tensor, dim: int, trim: float = 0.1) -> torch.Tensor:
+    """Mean along ``dim`` without the lowest and highest ``trim`` fraction of the values (robust to impulses)."""
+    n = x.shape[dim]
+    k = int(math.floor(trim * n))
+    if k == 0 or n - 2 * k < 1:
+        return x.mean(dim)
+    return x.sort(dim).values.narrow(dim, k, n - 2 * k).mean(dim)
+
+
+def _enhancement_score(c: torch.Tensor) -> torch.Tensor:
+    """How strongly curves ``(P, T)`` enhance: their 3rd-highest frame over the median of their first 3.
+
+    The 3rd-highest frame needs a rise that lasts 3 frames — a bolus does, an impulse or a motion
+    spike of one or two frames does not.
+    """
+    n_t = c.shape[-1]
+    k = min(3, n_t)
+    return torch.topk(c, k, dim=-1).values[..., -1] - c[..., :k].median(-1).values
+
+
+def arrival_details(curve: torch.Tensor, k_sigma: float = 3.0, min_rise_frac: float = 0.05) -> dict:
+    """The sustained-rise rule of :func:`detect_arrival` on ``curve`` ``(T,)``: a dict with ``index``
+    (first bolus frame), ``baseline_hu``, ``level_hu``, ``noise_hu``, ``amplitude_hu`` and ``peak_index``."""
+    c = torch.nan_to_num(curve.detach().to(torch.float64).cpu())
+    n_t = c.shape[-1]
+    if n_t < 3:
+        return {"index": 1, "baseline_hu": float(c[0]), "level_hu": float(c[0]), "noise_hu": 0.0,
+                "amplitude_hu": float(c.max() - c[0]), "peak_index": int(c.argmax())}
+    s = median3(c)
+    p = int(torch.argmax(s))
+    sigma = float(curve_noise(c))
+    lo_pre = float(s[: p + 1].min())
+    half = 0.5 * (lo_pre + float(s[p]))
+    below = torch.nonzero(s[:p] <= half).flatten()
+    i_half = int(below[-1]) if below.numel() else 0
+    b = float(c[: max(i_half, 1)].median())  # frames before the half-way crossing: the pre-bolus level
+    amp = max(float(s[p]) - b, 0.0)
+    level = b + max(k_sigma * sigma, min_rise_frac * amp)
+    j = p
+    while j > 0 and float(s[j - 1]) > level:
+        j -= 1
+    # then down to the foot of the rise: while the curve keeps falling and stays above a low level
+    # (one noise sigma, 1 % of the rise), so a slow (tissue-like) rise is not cut at its 5 % point
+    foot = b + max(sigma, 0.01 * amp)
+    while j > 0 and foot < float(s[j - 1]) < float(s[j]):
+        j -= 1
+    return {"index": int(min(max(j, 1), n_t - 1)), "baseline_hu": b, "level_hu": level, "noise_hu": sigma,
+            "amplitude_hu": amp, "peak_index": p}
+
+
 def detect_arrival(
     curve: torch.Tensor,
     times_s: torch.Tensor | None = None,
     k_sigma: float = 3.0,
     min_rise_frac: float = 0.05,
 ) -> int:
-    """Index of the first frame of the bolus rise on one reference curve.
+    """Index of the first frame of the bolus rise on one reference curve (frames before it are pre-bolus).
 
-    Two thresholds (hysteresis): the rise is *detected* where the curve last crosses the high
-    threshold ``c0 + max(k_sigma*sigma, min_rise_frac*rise)`` before its peak, then followed back
-    while it stays above the low threshold ``c0 + max(sigma, 0.1*min_rise_frac*rise)``, so the
-    detected start is the foot of the rise, not its 5 % point. ``c0`` is the median of the frames
-    before the high crossing, ``sigma`` a robust noise level (MAD of first differences), ``rise`` the
-    peak enhancement over ``c0``.
+    The rise is the **sustained** run of frames above a noise-scaled level that ends at the peak,
+    followed *backwards from the peak* on the curve's running median of 3 (:func:`median3`):
+
+    * ``level = b + max(k_sigma * sigma, min_rise_frac * (peak - b))``, where ``sigma`` is the robust
+      per-frame noise (:func:`curve_noise`) and ``b`` the median of the frames before the curve's
+      half-way crossing (the pre-bolus level);
+    * walking back from the peak, the first frame of the rise is the earliest frame of the unbroken
+      run above ``level``.
+
+    A single noisy or spiking frame cannot trigger it: an early spike is separated from the peak by
+    frames below the level (and the running median removes one-frame spikes anyway), and noise that
+    lifts the first frames of a few pixels does not move the run that ends at the peak.
 
     Args:
         curve: ``(T,)`` HU (or enhancement) of a curve that sees the bolus early and clearly (e.g. the
             mean of the most enhancing pixels, or an AIF).
         times_s: ``(T,)`` frame times (s); unused (frames are ordered), kept for API symmetry.
-        k_sigma: high threshold in units of the noise level.
-        min_rise_frac: high threshold as a fraction of the peak enhancement (floor for clean curves).
+        k_sigma: level in units of the noise.
+        min_rise_frac: level as a fraction of the peak enhancement (floor for clean curves).
 
     Returns:
         ``i`` in ``[1, T-1]``: frames ``0 .. i-1`` are pre-bolus.
     """
-    c = curve.detach().to(torch.float64).cpu()
-    t = c.shape[-1]
-    if t < 3:
-        return 1
-    p = int(torch.argmax(c))
-    d = torch.diff(c[: max(p, 2) + 1])
-    sigma = float((d - d.median()).abs().median()) * 1.4826 / math.sqrt(2.0) if d.numel() else 0.0
+    return int(arrival_details(curve, k_sigma, min_rise_frac)["index"])
 
-    def crossing(c0: float) -> tuple[int, float, float]:
-        rise = max(float(c[p]) - c0, 0.0)
-        hi = c0 + max(k_sigma * sigma, min_rise_frac * rise)
-        below = torch.nonzero(c[: p + 1] <= hi).flatten()
-        i_hi = int(below[-1]) + 1 if below.numel() else 1
-        return min(max(i_hi, 1), t - 1), rise, c0
 
-    i_hi, rise, c0 = crossing(float(c[0]))
-    i_hi, rise, c0 = crossing(float(c[:i_hi].median()))
-    lo = c0 + max(sigma, 0.1 * min_rise_frac * rise)
-    i = i_hi
-    while i > 1 and float(c[i - 1]) > lo:
-        i -= 1
-    return int(min(max(i, 1), t - 1))
+@dataclass
+class BolusArrival:
+    """The study's bolus arrival (:func:`study_arrival`).
+
+    Attributes:
+        n_baseline: pre-bolus frame count per slice (>= 1): every frame before the arrival.
+        arrival_time_s: time (study clock, as given) of the first frame of the rise.
+        reference: ``(L,)`` reference curve (HU) the arrival was detected on, at ``reference_times_s``.
+        noise_hu: robust per-frame noise of the reference curve.
+        level_hu, baseline_hu, amplitude_hu: the detection level, pre-bolus level and rise of the reference.
+        n_pixels: pixels averaged into the reference.
+    """
+
+    n_baseline: list[int]
+    arrival_time_s: float
+    reference: torch.Tensor
+    reference_times_s: torch.Tensor
+    noise_hu: float
+    level_hu: float
+    baseline_hu: float
+    amplitude_hu: float
+    n_pixels: int
+
+    def to_dict(self) -> dict:
+        return {"n_baseline": list(self.n_baseline), "arrival_time_s": round(self.arrival_time_s, 3),
+                "reference_noise_hu": round(self.noise_hu, 3), "reference_level_hu": round(self.level_hu, 2),
+                "reference_baseline_hu": round(self.baseline_hu, 2),
+                "reference_amplitude_hu": round(self.amplitude_hu, 2), "reference_pixels": self.n_pixels}
+
+
+#: Candidates for the arrival reference: pixels whose early frames are in this HU range (no air, no
+#: bone: a moving skull edge "enhances" by hundreds of HU).
+REFERENCE_HU_RANGE: tuple[float, float] = (-100.0, 150.0)
+
+
+def study_arrival(
+    frames: torch.Tensor,
+    times_s: torch.Tensor,
+    region: torch.Tensor | None = None,
+    top_frac: float = 0.005,
+    min_pixels: int = 8,
+    k_sigma: float = 3.0,
+    min_rise_frac: float = 0.05,
+) -> BolusArrival:
+    """Bolus arrival of a whole study and the pre-bolus frames of each slice.
+
+    The reference curve is the mean of the study's most enhancing pixels (arteries and the sinus:
+    the bolus arrives there first and clearly), ranked by :func:`_enhancement_score` and averaged
+    with :func:`trimmed_mean` — impulse noise and motion spikes in a few frames neither rank a pixel
+    high nor move the mean. Pixels are taken from the
+    whole study (slices without a large artery do not get a late, venous arrival of their own);
+    the arrival is detected on it with :func:`detect_arrival`, and each slice's baseline is every
+    frame acquired before the first frame of the rise.
+
+    Args:
+        frames: ``(S, T, H, W)`` HU.
+        times_s: ``(S, T)`` frame times (s), strictly increasing per slice.
+        region: optional ``(S, H, W)`` bool candidates (default: pixels whose first frames are in
+            :data:`REFERENCE_HU_RANGE`).
+        top_frac, min_pixels: the reference averages the top ``top_frac`` of the candidates (at least
+            ``min_pixels``).
+        k_sigma, min_rise_frac: see :func:`detect_arrival`.
+    """
+    s_count, n_t, h, w = frames.shape
+    tt = times_s.to(torch.float64).reshape(s_count, n_t)
+    early = frames[:, : min(3, n_t)].median(1).values
+    if region is None:
+        region = (early > REFERENCE_HU_RANGE[0]) & (early < REFERENCE_HU_RANGE[1])
+        if int(region.sum()) < min_pixels:
+            region = torch.ones_like(region)
+    flat = frames.permute(0, 2, 3, 1).reshape(-1, n_t)
+    cand = torch.nonzero(region.reshape(-1)).flatten()
+    # ranked in chunks: median3 over all candidates at once would need several copies of the study
+    score = torch.empty(cand.numel(), dtype=torch.float64, device=frames.device)
+    for i in range(0, cand.numel(), 65536):
+        c = flat[cand[i: i + 65536]]
+        score[i: i + 65536] = _enhancement_score(c).to(torch.float64)
+    n_ref = int(min(cand.numel(), max(min_pixels, round(top_frac * cand.numel()))))
+    top = cand[torch.topk(score, n_ref).indices]
+    slice_of = top // (h * w)
+    same_times = bool(torch.all(tt == tt[:1]))
+    if same_times:
+        ref_t = tt[0]
+        ref = trimmed_mean(flat[top].to(torch.float64), 0)
+    else:  # per-slice times (shuttle mode): each curve onto one grid at the median frame interval
+        dt = float(torch.diff(tt, dim=1).median())
+        ref_t = torch.arange(float(tt[:, 0].max()), float(tt[:, -1].min()) + 1e-9, max(dt, 1e-3),
+                             dtype=torch.float64, device=frames.device)
+        if ref_t.numel() < 3:
+            ref_t = tt[0]
+        on_grid = torch.empty((n_ref, ref_t.numel()), dtype=torch.float64, device=frames.device)
+        for s in torch.unique(slice_of).tolist():
+            sel = slice_of == s
+            on_grid[sel] = flat[top[sel]].to(torch.float64) @ interp_matrix(tt[s], ref_t).T
+        ref = trimmed_mean(on_grid, 0)
+    det = arrival_details(ref, k_sigma, min_rise_frac)
+    j = det["index"]
+    t_first = float(ref_t[j])
+    t_last_pre = float(ref_t[j - 1])
+    n_base = [int(min(max(int((tt[s] <= t_last_pre + 1e-6).sum()), 1), n_t - 1)) for s in range(s_count)]
+    return BolusArrival(n_baseline=n_base, arrival_time_s=t_first, reference=ref.to(torch.float32),
+                        reference_times_s=ref_t, noise_hu=det["noise_hu"], level_hu=det["level_hu"],
+                        baseline_hu=det["baseline_hu"], amplitude_hu=det["amplitude_hu"], n_pixels=n_ref)
 
 
 def gaussian_smooth_time(x: torch.Tensor, times_s: torch.Tensor, sigma_s: float) -> torch.Tensor:
@@ -108,10 +276,12 @@ def gaussian_smooth_time(x: torch.Tensor, times_s: torch.Tensor, sigma_s: float)
     return torch.einsum("...ij,...j->...i", w, x)
 
 
-def gaussian_smooth_space(x: torch.Tensor, sigma_px: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_smooth_space(x: torch.Tensor, sigma_px: float | tuple[float, float],
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
     """Separable in-plane Gaussian over the last two axes ``(..., H, W)`` (reflect padding).
 
-    ``sigma_px <= 0`` returns ``x`` unchanged. Kernel radius ``ceil(3 σ)``.
+    ``sigma_px`` is one σ or ``(σ_rows, σ_cols)`` in pixels (anisotropic pixels: a σ in mm divided by
+    each axis' spacing); ``<= 0`` returns ``x`` unchanged. Kernel radius ``ceil(3 σ)``.
 
     With ``weights`` (``(H, W)`` or broadcastable to ``x``'s leading dims + ``(H, W)``, e.g. a 0/1
     tissue mask) this is a *normalised convolution* (Knutsson & Westin 1993):
@@ -119,7 +289,8 @@ def gaussian_smooth_space(x: torch.Tensor, sigma_px: float, weights: torch.Tenso
     their neighbours nor are changed themselves (they keep ``x``), so smoothing does not spread a
     vessel's enhancement into tissue or blur tissue across the brain edge.
     """
-    if sigma_px <= 0:
+    s_h, s_w = (float(sigma_px), float(sigma_px)) if isinstance(sigma_px, (int, float)) else map(float, sigma_px)
+    if max(s_h, s_w) <= 0:
         return x
     if weights is not None:
         # Zero padding is exact here (the weights say what is outside), so each axis is one banded
@@ -134,24 +305,29 @@ def gaussian_smooth_space(x: torch.Tensor, sigma_px: float, weights: torch.Tenso
         r0, r1 = int(rows[0]), int(rows[-1]) + 1
         c0, c1 = int(cols[0]), int(cols[-1]) + 1
         xc, wc = x[..., r0:r1, c0:c1], w[..., r0:r1, c0:c1]
-        g_h = _gaussian_band(r1 - r0, sigma_px, x.dtype, x.device)
-        g_w = _gaussian_band(c1 - c0, sigma_px, x.dtype, x.device)
+        g_h = _gaussian_band(r1 - r0, s_h, x.dtype, x.device)
+        g_w = _gaussian_band(c1 - c0, s_w, x.dtype, x.device)
         num = g_h @ (xc * wc) @ g_w
         den = g_h @ wc @ g_w
         keep = (wc > 0) & (den > 1e-3)
         out = x.clone()
         out[..., r0:r1, c0:c1] = torch.where(keep, num / den.clamp_min(1e-3), xc)
         return out
-    g = _gaussian_taps(sigma_px, x.dtype, x.device)
-    radius = g.shape[0] // 2
     shape = x.shape
     h, w = shape[-2:]
     y = x.reshape(-1, 1, h, w)
-    pad_h, pad_w = min(radius, h - 1), min(radius, w - 1)
-    y = torch.nn.functional.pad(y, (pad_w, pad_w, 0, 0), mode="reflect")
-    y = torch.nn.functional.conv2d(y, g[radius - pad_w: radius + pad_w + 1].view(1, 1, 1, -1))
-    y = torch.nn.functional.pad(y, (0, 0, pad_h, pad_h), mode="reflect")
-    y = torch.nn.functional.conv2d(y, g[radius - pad_h: radius + pad_h + 1].view(1, 1, -1, 1))
+    if s_w > 0:
+        g = _gaussian_taps(s_w, x.dtype, x.device)
+        radius = g.shape[0] // 2
+        pad_w = min(radius, w - 1)
+        y = torch.nn.functional.pad(y, (pad_w, pad_w, 0, 0), mode="reflect")
+        y = torch.nn.functional.conv2d(y, g[radius - pad_w: radius + pad_w + 1].view(1, 1, 1, -1))
+    if s_h > 0:
+        g = _gaussian_taps(s_h, x.dtype, x.device)
+        radius = g.shape[0] // 2
+        pad_h = min(radius, h - 1)
+        y = torch.nn.functional.pad(y, (0, 0, pad_h, pad_h), mode="reflect")
+        y = torch.nn.functional.conv2d(y, g[radius - pad_h: radius + pad_h + 1].view(1, 1, -1, 1))
     return y.reshape(shape)
 
 
@@ -163,7 +339,9 @@ def _gaussian_taps(sigma_px: float, dtype: torch.dtype, device: torch.device) ->
 
 
 def _gaussian_band(n: int, sigma_px: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(n, n)`` symmetric banded matrix of :func:`_gaussian_taps`, zero outside the image."""
+    """``(n, n)`` symmetric banded matrix of :func:`_gaussian_taps`, zero outside the image (identity for σ <= 0)."""
+    if sigma_px <= 0:
+        return torch.eye(n, dtype=dtype, device=device)
     g = _gaussian_taps(sigma_px, dtype, device)
     radius = g.shape[0] // 2
     i = torch.arange(n, device=device)
@@ -173,15 +351,16 @@ def _gaussian_band(n: int, sigma_px: float, dtype: torch.dtype, device: torch.de
 
 
 def reference_curve(frames: torch.Tensor, top_frac: float = 0.01, min_pixels: int = 5) -> torch.Tensor:
-    """Mean ``(T,)`` curve of the most enhancing curves of ``frames`` ``(P, T)`` (max - first frame).
+    """Mean ``(T,)`` curve of the most enhancing curves of ``frames`` ``(P, T)``.
 
-    The top ``top_frac`` (at least ``min_pixels``) are mostly vessels, so the mean sees the bolus
-    arrive at the earliest (arterial) time.
+    Ranked by :func:`_enhancement_score` (spikes and single noisy frames cannot rank a curve high) and
+    averaged with :func:`trimmed_mean` (nor move the mean); the top ``top_frac`` (at least
+    ``min_pixels``) are mostly vessels, so the mean sees
+    the bolus arrive at the earliest (arterial) time.
     """
-    enh = frames.max(dim=-1).values - frames[..., 0]
     n = int(min(frames.shape[0], max(min_pixels, round(top_frac * frames.shape[0]))))
-    idx = torch.topk(enh, n).indices
-    return frames[idx].mean(0)
+    idx = torch.topk(_enhancement_score(frames), n).indices
+    return trimmed_mean(frames[idx], 0)
 
 
 def concentration_from_hu(

@@ -1,46 +1,58 @@
 """Perfusion maps from a CTP study by deconvolution — "the calculation approach" (paper §2.1).
 
 :func:`calculate_maps` is the one entry point (used by ``python -m stm_dlp.calc``, by the DataModule
-with ``label_source=calc`` and by the benchmarks):
+with ``label_source=calc`` and by the benchmarks). Its options are the fields of :class:`CalcParams`
+(pass ``params=CalcParams(...)``, keyword arguments, or both: keywords win). It runs these steps,
+each a function of this module:
 
-1. brain mask (given, or :func:`auto_brain_mask`); AIF/VOF search region = the mask grown by
-   :data:`SEARCH_GROW_FRAC` of the image size (which also fills its holes up to that size), without
-   bone and air (large vessels are often cut out of brain masks);
-2. per-pixel pre-bolus baseline and enhancement curves (:mod:`~stm_dlp.perfusion.concentration`),
-   arrival detected per slice on its most enhancing pixels;
-3. AIF (and VOF) selection (:mod:`~stm_dlp.perfusion.aif`) or a user AIF;
-   3b. CSF (pre-bolus HU < ``csf_max_hu``) is marked as no tissue; optional in-plane smoothing of
-   the tissue curves (default σ = 1.5 px), a normalised convolution inside the brain mask that
-   leaves vessels (peak > :data:`VESSEL_PEAK_FRAC` of the AIF's) and CSF out — after AIF selection,
-   which wants unsmoothed arteries;
-4. tissue curves resampled from their real frame times onto a uniform grid (``dt_s``, default
-   0.5 s) and deconvolved (:mod:`~stm_dlp.perfusion.deconv`), in chunks, on CPU or GPU; the
-   acquisition's frame interval (band limit, OI sampling) is the **median** interval, i.e. that of
-   the fast bolus phase of a two-phase protocol;
-5. maps in the units of the model (:data:`stm_dlp.types.UNITS`):
+0. :func:`prepare_inputs` — tensors on the device, times checked; optional rigid **motion
+   correction** (:func:`stm_dlp.perfusion.motion.correct_motion`, ``motion=True``): every frame
+   registered in-plane to the mean pre-contrast frame before anything else;
+1. :func:`find_baseline` — the bolus arrival on a robust reference curve (the study's most
+   enhancing pixels, or the user's AIF), a sustained rise searched backwards from the peak
+   (:func:`~stm_dlp.perfusion.concentration.study_arrival`); the baseline is **every** pre-bolus
+   frame, averaged per pixel without outlier frames (impulses, motion spikes);
+2. :func:`brain_and_region` — the brain mask (given, or :func:`~stm_dlp.perfusion.mask.brain_mask`:
+   cortex next to the skull kept, noise-robust) and the AIF/VOF search region = the mask grown by
+   :data:`SEARCH_GROW_FRAC` of the image size, without bone and air (large vessels are often cut
+   out of brain masks);
+3. :func:`enhancement_curves` — per-pixel enhancement over the baseline on the real frame times;
+4. :func:`choose_aif` — automatic AIF (and VOF) selection (:mod:`~stm_dlp.perfusion.aif`) or the
+   user's AIF; an unusable automatic AIF falls back to a relaxed search, then to the arrival
+   reference curve — reported in ``info["aif"]["fallback"]`` and logged, never a silent failure;
+5. :func:`exclusions` and :func:`smooth_tissue` — CSF (pre-bolus HU < ``csf_max_hu`` on a baseline
+   smoothed enough for the study's noise) is no tissue; vessels (peak far above the tissue's, with a
+   noise-aware threshold) are left out of the in-plane smoothing of the tissue curves (a
+   normalised convolution inside the mask; σ in **mm**, converted with the pixel spacing), which
+   runs after AIF selection, which wants unsmoothed arteries; one-frame impulses are removed from
+   tissue curves (``despike_sigma``); counts and thresholds are in ``info["exclusions"]``;
+6. :func:`deconvolve_tissue` — tissue curves resampled from their real frame times onto a uniform
+   grid (``dt_s``, default 0.5 s) and deconvolved (:mod:`~stm_dlp.perfusion.deconv`), in chunks, on
+   CPU or GPU; the acquisition's frame interval (band limit, OI sampling) is the **median**
+   interval, i.e. that of the fast bolus phase of a two-phase protocol;
+7. :func:`finish_maps` — maps in the units of the model (:data:`stm_dlp.types.UNITS`):
 
    * ``k = TISSUE_SCALE * CBF * R`` (enhancement is ``TISSUE_SCALE * CBF * (AIF ⊛ R)``, with
      ``TISSUE_SCALE = rho / kappa_H / 6000``; :mod:`stm_dlp.perfusion.physics`), so
      **CBF = max k / TISSUE_SCALE** ml/100g/min (rho = 1.04 g/ml, kappa_H = 0.733);
    * **CBV** (ml/100g) = ``∫C_t / ∫C_a / (60 * TISSUE_SCALE)`` = area ratio * kappa_H / rho * 100
      (``cbv_method="area"``, default: it does not depend on the regularisation) or ``∫k`` scaled the
-     same way (``cbv_method="residue"``; for circulant engines both agree up to the truncated DC
-     term);
+     same way (``cbv_method="residue"``);
    * **MTT** = CBV / CBF * 60 s (central volume theorem; :func:`stm_dlp.types.mtt_from_cbv_cbf`);
    * **TMAX** (s) = the peak time of ``k``: by default the half-rise time of its leading edge, an
      unbiased estimate of ``argmax k`` (see :class:`~stm_dlp.perfusion.deconv.DeconvParams`).
 
-Pixels outside the mask, and CSF inside it (pre-bolus HU below ``csf_max_hu``), are 0; no NaN or
-inf ever leaves this module; negative CBF/CBV/TMAX are
-clipped to 0.
+Pixels outside the mask, and CSF inside it, are 0; no NaN or inf ever leaves this module; negative
+CBF/CBV/TMAX are clipped to 0.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -48,20 +60,23 @@ import torch
 
 from stm_dlp.perfusion.aif import AIFSelection, aif_from_curve, aif_from_pixels, select_aif
 from stm_dlp.perfusion.concentration import (
-    detect_arrival,
+    BolusArrival,
+    arrival_details,
+    curve_noise,
     gaussian_smooth_space,
     gaussian_smooth_time,
     interp_matrix,
-    reference_curve,
+    median3,
+    study_arrival,
     uniform_grid,
 )
-from stm_dlp.perfusion.deconv import OSVD_THRESHOLDS, Deconvolver, DeconvParams
+from stm_dlp.perfusion.deconv import OI_TARGET_CT, OSVD_THRESHOLDS, Deconvolver, DeconvParams
+from stm_dlp.perfusion.mask import baseline_image, dilate, mask_from_baseline
 from stm_dlp.perfusion.physics import TISSUE_SCALE
 from stm_dlp.types import mtt_from_cbv_cbf
 
-#: Auto brain mask: mean pre-bolus HU strictly inside this range (brain parenchyma ~20-45 HU,
-#: CSF ~0-15 HU; excludes air, fat and bone; Hounsfield scale).
-BRAIN_HU_RANGE: tuple[float, float] = (0.0, 80.0)
+log = logging.getLogger(__name__)
+
 #: The AIF/VOF search region excludes pre-bolus HU above this (bone, calcification) ...
 MAX_VESSEL_BASE_HU: float = 150.0
 #: ... and below this (air, fat).
@@ -70,48 +85,147 @@ MIN_VESSEL_BASE_HU: float = -50.0
 #: field of view), so that vessels cut out of the mask (holes for the arteries, a notch at the brain
 #: surface for the superior sagittal sinus, the VOF) are candidates.
 SEARCH_GROW_FRAC: float = 0.04
-#: With spatial smoothing, brain pixels whose peak enhancement exceeds this fraction of the AIF's
-#: (unscaled) peak are vessels: left out of the smoothing and kept as they are. Tissue peaks at
-#: well under 15 % of the AIF (CBV <= 8 ml/100g), partial-volume arteries far above.
+#: Brain pixels whose peak enhancement exceeds this fraction of the AIF's (unscaled) peak are vessels
+#: (left out of the smoothing and kept as they are). Tissue peaks at well under 15 % of the AIF
+#: (CBV <= 8 ml/100g), partial-volume arteries far above. With noise the threshold is raised to
+#: :data:`VESSEL_NOISE_K` noise levels above the brain's median peak (see :func:`exclusions`).
 VESSEL_PEAK_FRAC: float = 0.3
-#: The CSF test (``csf_max_hu``) looks at the pre-bolus image smoothed this much (px, inside the brain):
-#: enough to keep per-pixel noise from punching holes in parenchyma (clinical noise ~5 HU on a
-#: 4-frame baseline -> ~2 HU), little enough that CSF one pixel from tissue still counts as CSF.
-CSF_SMOOTH_PX: float = 0.7
+VESSEL_NOISE_K: float = 6.0
 #: More than this fraction of the brain mask below ``csf_max_hu`` means the data are not head-CT HU
 #: (ventricles and sulci are ~5-15 % of a slice): refuse rather than return empty maps.
 CSF_MAX_FRAC: float = 0.5
+#: The CSF test smooths the baseline until its noise is at most this (HU): CSF (0-15 HU) and white
+#: matter (25-30 HU) are then > 3 noise levels from the 15 HU threshold.
+CSF_NOISE_TARGET_HU: float = 2.0
+#: ... but never more than this (px): beyond it, the ventricles blur into the parenchyma.
+CSF_MAX_SMOOTH_PX: float = 3.0
 #: Automatic AIF/VOF candidates: the most enhancing AIF_POOL_FRAC of the search region (at least
 #: AIF_POOL_MIN pixels); arteries and the sinus are a few per mille of a head slice.
 AIF_POOL_FRAC: float = 0.02
 AIF_POOL_MIN: int = 40
+#: Pixel spacing assumed when the study's is unknown (mm): the phantom's 128² slice (220 mm field of
+#: view), on which the pixel defaults were first chosen (1.5 px = 2.6 mm).
+FALLBACK_PIXEL_MM: float = 220.0 / 128.0
+#: Pixels sampled to estimate the study's per-frame noise (deterministic stride).
+NOISE_SAMPLE: int = 4096
 
 
-def _dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary dilation of ``(..., H, W)`` by a ``(2r+1)²`` square (two separable max-pools)."""
-    if radius <= 0:
-        return mask
-    x = mask.to(torch.float32).reshape(-1, 1, *mask.shape[-2:])
-    k = 2 * radius + 1
-    x = torch.nn.functional.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
-    x = torch.nn.functional.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
-    return x.reshape(mask.shape) > 0.5
+@dataclass
+class CalcParams:
+    """Every option of the calculation approach (:func:`calculate_maps`), with its default.
 
-
-def _erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    return ~_dilate(~mask, radius)
-
-
-def auto_brain_mask(baseline_hu: torch.Tensor, hu_range: tuple[float, float] = BRAIN_HU_RANGE,
-                    erode_px: int = 1) -> torch.Tensor:
-    """Brain mask ``(S, H, W)`` from the pre-bolus image: ``lo < HU < hi``, eroded by ``erode_px``.
-
-    The erosion removes the partial-volume rim next to the skull. Holes (vessels, calcifications)
-    are kept as holes; CSF (0-15 HU) is inside — its CBF/CBV come out ~0.
+    Attributes:
+        method: ``osvd`` (default), ``bcsvd``, ``ssvd`` or ``tikhonov``.
+        dt_s: uniform deconvolution grid step (s).
+        device: ``cpu``, ``cuda``, ``auto``.
+        dtype: ``float32`` (default) or ``float64`` (a ``torch.dtype`` is accepted).
+        threshold: ``ssvd``/``bcsvd`` relative SVD threshold (Østergaard 1996; Wu 2003: 0.2).
+        oi_target: ``osvd`` oscillation-index target (CT 0.095, MR 0.035).
+        thresholds: ``osvd`` candidate thresholds.
+        tikhonov_lambda: Tikhonov λ relative to the largest singular value.
+        aif_weights: ``rect`` or ``simpson`` (see :func:`~stm_dlp.perfusion.deconv.weighted_aif`).
+        band_limit: circulant engines keep only frequencies up to the acquisition's Nyquist
+            frequency ``1 / (2 * median frame interval)``.
+        tmax_method: ``half_rise`` (default) or ``argmax`` (see :class:`DeconvParams`).
+        cbv_method: ``area`` (default) or ``residue``.
+        temporal_sigma_s: Gaussian smoothing of the curves (tissue and AIF) in seconds (0 = off).
+        spatial_sigma_mm: in-plane Gaussian smoothing of the tissue curves (mm; 0 = off), converted
+            with the pixel spacing (``pixel_mm`` / ``affine`` of :func:`calculate_maps`; without one,
+            :data:`FALLBACK_PIXEL_MM`). A normalised convolution inside the brain mask that leaves
+            vessels and CSF out (step 5).
+        spatial_sigma_px: the same in pixels; when set it overrides ``spatial_sigma_mm``.
+        n_aif, n_vof, pv_correction: automatic AIF options (:func:`select_aif`).
+        cbf_floor: below this CBF (ml/100g/min) TMAX and MTT are set to 0 (no usable residue).
+        csf_max_hu: brain pixels whose pre-bolus HU (smoothed: ``csf_smooth_mm``, more with noise) is
+            below this are CSF: left out of the smoothing and 0 in every map, as clinical packages
+            exclude them (CSF 0-15 HU, parenchyma 20-45 HU). ``None`` keeps CSF pixels.
+        csf_smooth_mm: least smoothing (mm) of the baseline for the CSF test.
+        despike_sigma: tissue-curve frames further than this many noise levels from their running
+            median of 3 are replaced by it (impulse noise, motion spikes); 0 = off. Tissue curves
+            are smooth on the frame scale, so at 6 noise levels nothing else is touched.
+        motion: register every frame in-plane to the mean pre-contrast frame first
+            (:func:`stm_dlp.perfusion.motion.correct_motion`).
+        chunk_pixels: pixels deconvolved at once (0: 32768 on CPU, 2^20 on GPU).
     """
-    lo, hi = hu_range
-    m = (baseline_hu > lo) & (baseline_hu < hi)
-    return _erode(m, erode_px) if erode_px > 0 else m
+
+    method: str = "osvd"
+    dt_s: float = 0.5
+    device: str = "cpu"
+    dtype: str = "float32"
+    threshold: float = 0.2
+    oi_target: float = OI_TARGET_CT
+    thresholds: tuple[float, ...] = field(default_factory=lambda: OSVD_THRESHOLDS)
+    tikhonov_lambda: float = 0.1
+    aif_weights: str = "rect"
+    band_limit: bool = True
+    tmax_method: str = "half_rise"
+    cbv_method: str = "area"
+    temporal_sigma_s: float = 0.0
+    spatial_sigma_mm: float = 2.6
+    spatial_sigma_px: float | None = None
+    n_aif: int = 8
+    n_vof: int = 8
+    pv_correction: bool = True
+    cbf_floor: float = 0.5
+    csf_max_hu: float | None = 15.0
+    csf_smooth_mm: float = 1.2
+    despike_sigma: float = 6.0
+    motion: bool = False
+    chunk_pixels: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, torch.dtype):
+            self.dtype = str(self.dtype).replace("torch.", "")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        self.cbv_method = str(self.cbv_method).lower()
+        if self.cbv_method not in ("area", "residue"):
+            raise ValueError(f"cbv_method must be 'area' or 'residue', got {self.cbv_method!r}")
+        self.thresholds = tuple(float(x) for x in self.thresholds)
+        self.device = str(self.device)
+        # a bad method / TMAX estimator / weights is reported before any work is done
+        DeconvParams(method=self.method, threshold=self.threshold, thresholds=self.thresholds,
+                     tmax_method=self.tmax_method, aif_weights=self.aif_weights)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def sigma_px(self, pixel_mm: tuple[float, float] | None) -> tuple[float, float]:
+        """In-plane smoothing σ in pixels (rows, columns)."""
+        if self.spatial_sigma_px is not None:
+            return float(self.spatial_sigma_px), float(self.spatial_sigma_px)
+        mm = pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM)
+        return self.spatial_sigma_mm / mm[0], self.spatial_sigma_mm / mm[1]
+
+    def deconv_params(self, frame_dt_s: float) -> DeconvParams:
+        """The :class:`DeconvParams` for an acquisition whose median frame interval is ``frame_dt_s``."""
+        return DeconvParams(method=self.method, threshold=self.threshold, oi_target=self.oi_target,
+                            thresholds=self.thresholds, oi_stride=max(1, int(round(frame_dt_s / self.dt_s))),
+                            tikhonov_lambda=self.tikhonov_lambda, aif_weights=self.aif_weights,
+                            max_freq_hz=(0.5 / frame_dt_s) if self.band_limit else None,
+                            tmax_method=self.tmax_method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+#: The field names of :class:`CalcParams` (the keyword options of :func:`calculate_maps`).
+PARAM_NAMES: tuple[str, ...] = tuple(f.name for f in fields(CalcParams))
+
+
+def make_params(params: CalcParams | None = None, **options: Any) -> CalcParams:
+    """``params`` (default :class:`CalcParams`) with ``options`` replacing fields; unknown names are an error."""
+    unknown = sorted(set(options) - set(PARAM_NAMES))
+    if unknown:
+        raise TypeError(f"unknown calculation option(s) {', '.join(unknown)}; valid: {', '.join(PARAM_NAMES)}")
+    return replace(params or CalcParams(), **options)
+
+
+def pixel_spacing_mm(affine: Any) -> tuple[float, float]:
+    """``(row, column)`` pixel spacing (mm) of a NIfTI-style affine for ``(W, H, S)`` arrays (:class:`Study`)."""
+    a = np.asarray(affine, np.float64)
+    return float(np.linalg.norm(a[:3, 1])), float(np.linalg.norm(a[:3, 0]))
 
 
 def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -137,88 +251,30 @@ def _trapz_grid(x: torch.Tensor, dt: float) -> torch.Tensor:
     return (x.sum(-1) - 0.5 * (x[..., 0] + x[..., -1])) * dt
 
 
-def calculate_maps(
-    frames: np.ndarray | torch.Tensor,
-    times_s: np.ndarray | torch.Tensor,
-    mask: np.ndarray | torch.Tensor | None = None,
-    method: str = "osvd",
-    aif: str | Sequence[Sequence[int]] | np.ndarray | torch.Tensor | dict = "auto",
-    *,
-    dt_s: float = 0.5,
-    device: str | torch.device | None = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-    threshold: float = 0.2,
-    oi_target: float = 0.095,
-    thresholds: Sequence[float] = OSVD_THRESHOLDS,
-    tikhonov_lambda: float = 0.1,
-    aif_weights: str = "rect",
-    band_limit: bool = True,
-    tmax_method: str = "half_rise",
-    cbv_method: str = "area",
-    temporal_sigma_s: float = 0.0,
-    spatial_sigma_px: float = 1.5,
-    n_aif: int = 8,
-    n_vof: int = 8,
-    pv_correction: bool = True,
-    cbf_floor: float = 0.5,
-    csf_max_hu: float | None = 15.0,
-    chunk_pixels: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """CBV, CBF, MTT and TMAX maps of one study by deconvolution.
+# -- the steps --------------------------------------------------------------------------------------
 
-    Args:
-        frames: ``(S, T, H, W)`` HU (numpy or torch).
-        times_s: ``(S, T)`` frame times (s), strictly increasing per slice, any spacing; slices may
-            have their own times (the study clock is shared: times are used as given).
-        mask: ``(S, H, W)`` bool brain mask, or ``None`` for :func:`auto_brain_mask`.
-        method: ``osvd`` (default), ``bcsvd``, ``ssvd`` or ``tikhonov``.
-        aif: ``"auto"``; a list of ``(slice, row, col)`` pixels; a curve ``(T,)`` of enhancement (HU)
-            at slice 0's times; or ``{"times_s": (T',), "aif": (T',)}`` (enhancement at given times on
-            the same clock as ``times_s``).
-        dt_s: uniform deconvolution grid step (s).
-        device: ``cpu``, ``cuda``, ``auto``; dtype: ``torch.float32`` (default) or ``float64``.
-        threshold: ``ssvd``/``bcsvd`` relative SVD threshold (Østergaard 1996; Wu 2003: 0.2).
-        oi_target: ``osvd`` oscillation-index target (CT 0.095, MR 0.035).
-        thresholds: ``osvd`` candidate thresholds.
-        tikhonov_lambda: Tikhonov λ relative to the largest singular value.
-        aif_weights: ``rect`` or ``simpson`` (see :func:`~stm_dlp.perfusion.deconv.weighted_aif`).
-        band_limit: circulant engines keep only frequencies up to the acquisition's Nyquist
-            frequency ``1 / (2 * median frame interval)``.
-        tmax_method: ``half_rise`` (default) or ``argmax`` — two estimators of the paper's
-            ``TMAX = argmax k`` (see :class:`DeconvParams`; ``python -m experiments.calc_settings``).
-        cbv_method: ``area`` (default) or ``residue``.
-        temporal_sigma_s: Gaussian smoothing of the curves (tissue and AIF) in seconds (0 = off,
-            default: on the phantom it blurs the residue more than it removes noise).
-        spatial_sigma_px: in-plane Gaussian smoothing of the tissue curves in pixels (0 = off), a
-            normalised convolution inside the brain mask that leaves vessels out (see step 3b).
-            Default 1.5: per-pixel CT noise otherwise dominates every map (3 HU phantom noise:
-            CBV MAE 1.9 -> 0.5 ml/100g, TMAX 9.0 -> 0.5 s; noise-free cost CBV +0.13 ml/100g;
-            ``python -m experiments.calc_settings``).
-        n_aif, n_vof, pv_correction: automatic AIF options (:func:`select_aif`).
-        cbf_floor: below this CBF (ml/100g/min) TMAX and MTT are set to 0 (no usable residue).
-        csf_max_hu: brain pixels whose pre-bolus HU (lightly smoothed, :data:`CSF_SMOOTH_PX`) is below this
-            are CSF: left out of the smoothing and 0 in every map, as clinical packages exclude them
-            (CSF 0-15 HU, brain parenchyma 20-45 HU). Without it CSF, which has no flow, gets a
-            noise-driven TMAX (3 HU phantom: median +7 s, MAE 19 s) that reads like hypoperfusion.
-            ``None`` keeps CSF pixels.
-        chunk_pixels: pixels deconvolved at once (0: 32768 on CPU, where cache-sized chunks are
-            fastest, 2^20 on GPU).
-        progress: optional ``callback(done_pixels, total_pixels)``.
 
-    Returns:
-        ``(maps, info)``: ``maps`` has ``cbv``, ``cbf``, ``tmax``, ``mtt`` float32 ``(S, H, W)`` numpy
-        arrays and ``mask`` bool ``(S, H, W)`` (the mask used); ``info`` is JSON-serialisable: the AIF
-        (pixels, scores, curves on the grid, VOF, PV scale), arrival/baseline frames per slice, the
-        deconvolution parameters, timings (s) and the device.
-    """
-    t_start = time.perf_counter()
-    dev = resolve_device(device)
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    cbv_method = cbv_method.lower()
-    if cbv_method not in ("area", "residue"):
-        raise ValueError(f"cbv_method must be 'area' or 'residue', got {cbv_method!r}")
+@dataclass
+class Inputs:
+    """Step 0's result: the study as tensors. ``frames`` ``(S, T, H, W)``, ``times`` ``(S, T)`` float64
+    seconds from the study's first frame (``t0``, the original clock's value of that instant)."""
+
+    frames: torch.Tensor
+    times: torch.Tensor
+    t0: float
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        s, t, h, w = self.frames.shape
+        return int(s), int(t), int(h), int(w)
+
+
+def prepare_inputs(frames: Any, times_s: Any, p: CalcParams) -> Inputs:
+    """Frames and times as tensors on ``p.device``; shapes and strictly increasing times checked."""
+    dev = resolve_device(p.device)
+    dtype = p.torch_dtype
     fr = _as_tensor(frames, dev, dtype)
     if fr.dim() != 4:
         raise ValueError(f"frames must be (slices, frames, rows, cols), got shape {tuple(fr.shape)}")
@@ -232,216 +288,254 @@ def calculate_maps(
         raise ValueError(f"a deconvolution needs at least 4 frames, got {n_t}")
     if not bool(torch.all(torch.diff(tt, dim=1) > 0)):
         raise ValueError("frame times must be strictly increasing within each slice")
+    if not bool(torch.isfinite(fr).all()):
+        fr = torch.nan_to_num(fr, nan=0.0, posinf=0.0, neginf=0.0)
     t0 = float(tt.min())
-    tt = tt - t0
+    return Inputs(frames=fr, times=(tt - t0).contiguous(), t0=t0, device=dev, dtype=dtype)
 
-    # 1. arrival per slice (on its most enhancing pixels) and the pre-bolus baseline image.
-    arrival, n_base = [], []
-    base_img = torch.empty((s_count, h, w), dtype=dtype, device=dev)
-    for s in range(s_count):
-        flat = fr[s].reshape(n_t, -1).T
-        a = detect_arrival(reference_curve(flat), tt[s])
-        nb = max(1, min(a - 1, n_t - 1))
-        arrival.append(a)
-        n_base.append(nb)
-        base_img[s] = fr[s, :nb].mean(0)
+
+def frame_noise(frames: torch.Tensor, region: torch.Tensor | None = None) -> float:
+    """The study's per-frame noise (HU): median of :func:`curve_noise` over up to
+    :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first frame is soft tissue)."""
+    s_count, n_t, h, w = frames.shape
+    if region is None:
+        first = frames[:, 0]
+        region = (first > -100) & (first < 150)
+    idx = torch.nonzero(region.reshape(-1)).flatten()
+    if idx.numel() == 0:
+        return 0.0
+    idx = idx[:: max(1, idx.numel() // NOISE_SAMPLE)]
+    curves = frames.permute(0, 2, 3, 1).reshape(-1, n_t)[idx]
+    return float(curve_noise(curves.to(torch.float64)).median())
+
+
+def _user_reference(aif: Any, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The user's AIF as ``(curve, times)`` to detect the arrival on (``None`` for ``"auto"``)."""
+    fr, tt = inp.frames, inp.times
+    if isinstance(aif, str):
+        return None
+    if isinstance(aif, dict):
+        return (_as_tensor(aif["aif"], inp.device, torch.float64),
+                _as_tensor(aif["times_s"], inp.device, torch.float64) - inp.t0)
+    arr = np.asarray(aif.cpu() if isinstance(aif, torch.Tensor) else aif, dtype=np.float64)
+    if arr.ndim == 2 and arr.shape[1] == 3 and np.allclose(arr, np.round(arr)):
+        pix = arr.astype(np.int64)
+        s_count, _, h, w = fr.shape
+        if not ((pix >= 0).all() and (pix[:, 0] < s_count).all() and (pix[:, 1] < h).all() and (pix[:, 2] < w).all()):
+            return None  # reported by choose_aif
+        curves = fr[pix[:, 0], :, pix[:, 1], pix[:, 2]].to(torch.float64)
+        return curves.mean(0), tt[int(pix[0, 0])]
+    if arr.ndim == 1 and arr.shape[0] == fr.shape[1]:
+        return torch.as_tensor(arr, device=inp.device), tt[0]
+    return None
+
+
+def find_baseline(inp: Inputs, aif: Any = "auto") -> tuple[BolusArrival, torch.Tensor, torch.Tensor, float]:
+    """Step 1: bolus arrival, pre-bolus frames and the two pre-contrast images.
+
+    Returns ``(arrival, baseline, baseline_median, noise_hu)``: ``baseline`` ``(S, H, W)`` is each
+    pixel's mean over every pre-bolus frame without outlier frames (further than
+    ``max(4 noise, 10 HU)`` from the pixel's median; impulses, motion spikes) — what the enhancement
+    is measured against; ``baseline_median`` the per-pixel median, what the brain mask is made from;
+    ``noise_hu`` the study's per-frame noise (:func:`frame_noise`).
+    """
+    fr, tt = inp.frames, inp.times
+    s_count, n_t, h, w = inp.shape
+    arrival = study_arrival(fr, tt)
+    user = _user_reference(aif, inp)
+    if user is not None:
+        # a user AIF is the earliest curve there is: detect on it, keep the auto reference's report
+        curve, times = user
+        det = arrival_details(curve)
+        # frames before the first sample above the level: a user curve is often given on a fine grid
+        # (linearly interpolated frames), where the rise starts right at the last pre-bolus frame
+        t_first = float(times[det["index"]])
+        arrival = replace(arrival, arrival_time_s=t_first,
+                          n_baseline=[int(min(max(int((tt[s] < t_first - 1e-6).sum()), 1), n_t - 1))
+                                      for s in range(s_count)])
+    noise = frame_noise(fr)
+    base_med = baseline_image(fr, arrival.n_baseline)
+    base = torch.empty_like(base_med)
+    tol = max(4.0 * noise, 10.0)
+    for s, nb in enumerate(arrival.n_baseline):
+        pre = fr[s, :nb]
+        if nb >= 3:
+            keep = ((pre - base_med[s]).abs() <= tol).to(pre.dtype)
+            n_keep = keep.sum(0)
+            base[s] = torch.where(n_keep > 0, (pre * keep).sum(0) / n_keep.clamp_min(1), base_med[s])
+        else:
+            base[s] = pre.mean(0)
+    return arrival, base, base_med, noise
+
+
+def brain_and_region(base_med: torch.Tensor, mask: Any, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Step 2: ``(brain, region, mask_source)``: the brain mask (given or automatic) and the AIF/VOF
+    search region (the mask grown by :data:`SEARCH_GROW_FRAC`, no bone, no air)."""
+    s_count, _, h, w = inp.shape
     if mask is None:
-        brain = auto_brain_mask(base_img)
-        mask_source = "auto"
+        brain = mask_from_baseline(base_med)
+        source = "auto"
     else:
-        brain = _as_tensor(mask, dev, torch.float32) > 0.5
+        brain = _as_tensor(mask, inp.device, torch.float32) > 0.5
         if brain.shape != (s_count, h, w):
             raise ValueError(f"mask must have shape {(s_count, h, w)}, got {tuple(brain.shape)}")
-        mask_source = "given"
+        source = "given"
     grow = max(2, int(round(SEARCH_GROW_FRAC * min(h, w))))
-    region = (_dilate(brain, grow) & (base_img > MIN_VESSEL_BASE_HU)
-              & (base_img < MAX_VESSEL_BASE_HU)) | brain
+    region = (dilate(brain, grow) & (base_med > MIN_VESSEL_BASE_HU) & (base_med < MAX_VESSEL_BASE_HU)) | brain
+    return brain, region, source
 
-    # 2. enhancement curves, slice by slice: (P_s, T) for the region pixels of slice s (flat index),
-    # brain pixels first so that step 4 deconvolves contiguous row ranges without another gather.
-    flat_idx, conc, n_brain = [], [], []
+
+@dataclass
+class Curves:
+    """Step 3's result: per slice, the flat pixel indices of the region (brain pixels first), their
+    enhancement curves ``(P_s, T)`` (HU over the baseline) and how many of them are brain."""
+
+    flat_idx: list[torch.Tensor]
+    conc: list[torch.Tensor]
+    n_brain: list[int]
+
+    @property
+    def n_region(self) -> int:
+        return sum(int(i.numel()) for i in self.flat_idx)
+
+
+def enhancement_curves(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, region: torch.Tensor,
+                       p: CalcParams) -> Curves:
+    """Step 3: enhancement curves of the region pixels, slice by slice (brain pixels first, so that
+    the deconvolution takes contiguous row ranges)."""
+    fr, tt = inp.frames, inp.times
+    s_count, n_t = inp.shape[:2]
+    out = Curves([], [], [])
     for s in range(s_count):
         in_brain = brain[s].reshape(-1)
         idx = torch.cat([torch.nonzero(in_brain).flatten(),
                          torch.nonzero(region[s].reshape(-1) & ~in_brain).flatten()])
-        n_brain.append(int(in_brain.sum()))
-        c = fr[s].reshape(n_t, -1)[:, idx].T - base_img[s].reshape(-1)[idx][:, None]
-        if temporal_sigma_s > 0:
-            c = gaussian_smooth_time(c, tt[s].to(dtype), temporal_sigma_s)
-        flat_idx.append(idx)
-        conc.append(c.contiguous())
-    n_region = sum(int(i.numel()) for i in flat_idx)
-    if n_region == 0:
+        out.n_brain.append(int(in_brain.sum()))
+        c = fr[s].reshape(n_t, -1)[:, idx].T - base[s].reshape(-1)[idx][:, None]
+        if p.temporal_sigma_s > 0:
+            c = gaussian_smooth_time(c, tt[s].to(inp.dtype), p.temporal_sigma_s)
+        out.flat_idx.append(idx)
+        out.conc.append(c.contiguous())
+    if out.n_region == 0:
         raise ValueError("the brain mask is empty: no pixel to compute perfusion for")
-    t_conc = time.perf_counter()
+    return out
 
-    # 3. AIF (automatic selection sees only the most enhancing candidates, gathered across slices).
-    grid = uniform_grid(float(tt[:, -1].max()), dt_s, device=dev)
-    frame_dt = float(torch.diff(tt, dim=1).median())
-    pool_size = int(min(n_region, max(AIF_POOL_MIN, round(AIF_POOL_FRAC * n_region), n_aif + n_vof)))
-    peaks = torch.cat([c.amax(-1) for c in conc])
-    slice_of = torch.cat([torch.full((int(i.numel()),), s, device=dev) for s, i in enumerate(flat_idx)])
-    local = torch.cat([torch.arange(int(i.numel()), device=dev) for i in flat_idx])
-    top = torch.topk(peaks, pool_size).indices
-    pool_conc = torch.empty((pool_size, n_t), dtype=dtype, device=dev)
-    pool_flat = torch.empty((pool_size,), dtype=torch.long, device=dev)
-    for s in range(s_count):
-        sel = slice_of[top] == s
-        pool_conc[sel] = conc[s][local[top][sel]]
-        pool_flat[sel] = flat_idx[s][local[top][sel]]
-    pool_coords = torch.stack([slice_of[top], pool_flat // w, pool_flat % w], dim=1)
-    aif_sel = _resolve_aif(aif, pool_conc, tt[slice_of[top]], pool_coords, fr, base_img, tt, t0, grid,
-                           n_aif, n_vof, pv_correction)
-    if temporal_sigma_s > 0 and aif_sel.source != "auto":
-        # a user AIF gets the tissue curves' temporal smoothing too: smoothing only one side of the
-        # deconvolution would blur the residue and read CBF low.
-        aif_sel.curve = gaussian_smooth_time(aif_sel.curve, grid.to(aif_sel.curve.dtype), temporal_sigma_s)
-        aif_sel.curve_raw = gaussian_smooth_time(aif_sel.curve_raw, grid.to(aif_sel.curve_raw.dtype),
-                                                 temporal_sigma_s)
-    aif_grid = aif_sel.curve.to(dtype)
-    aif_area = float(_trapz_grid(aif_grid, dt_s))
-    if not math.isfinite(aif_area) or aif_area <= 0:
-        raise ValueError("the arterial input function has no positive enhancement; choose another AIF")
-    t_aif = time.perf_counter()
 
-    # 3b. CSF (no tissue), then the tissue curves' in-plane smoothing (after AIF selection, which
-    # wants unsmoothed vessels): a normalised convolution inside the brain mask with vessels and CSF
-    # left out, so neither a vessel's enhancement, CSF nor the skull edge leaks into tissue.
-    tissue = [conc[s][: n_brain[s]] for s in range(s_count)]
-    n_vessel = 0
-    if csf_max_hu is not None:
-        base_ref = gaussian_smooth_space(base_img, CSF_SMOOTH_PX, brain.to(dtype))
-        csf = brain & (base_ref < csf_max_hu)
-        if float(csf.sum()) > CSF_MAX_FRAC * float(brain.sum()):
-            raise ValueError(
-                f"{100 * float(csf.sum()) / float(brain.sum()):.0f} % of the brain mask is below {csf_max_hu:g} HU "
-                f"before the bolus (median {float(base_img[brain].median()):.1f}): the frames do not look like "
-                "Hounsfield units of a head CT (check the rescale slope/intercept), or pass csf_max_hu=None to "
-                "keep low-density pixels")
-    else:
-        csf = torch.zeros_like(brain)
-    if spatial_sigma_px > 0:
-        vessel_hu = VESSEL_PEAK_FRAC * float(aif_sel.curve_raw.max())
+def _aif_problem(sel: AIFSelection, dt_s: float, noise_hu: float) -> str | None:
+    """Why an AIF cannot be deconvolved with, or ``None`` when it can."""
+    c = sel.curve
+    if not bool(torch.isfinite(c).all()):
+        return "its curve is not finite"
+    peak = float(c.max())
+    area = float(_trapz_grid(c, dt_s))
+    if peak <= 0 or area <= 0:
+        return f"it has no positive enhancement (peak {peak:.1f} HU, area {area:.1f} HU·s)"
+    if peak < 5.0 * noise_hu:
+        return f"its peak ({peak:.1f} HU) is within 5 noise levels ({noise_hu:.1f} HU)"
+    return None
+
+
+def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arrival: BolusArrival,
+               base: torch.Tensor, p: CalcParams, noise_hu: float) -> AIFSelection:
+    """Step 4: the AIF (and VOF) — the user's, or automatic with fallbacks.
+
+    Automatic selection sees the most enhancing :data:`AIF_POOL_FRAC` of the region (gathered across
+    slices). When its AIF is unusable (no positive area, peak within the noise) the search is
+    relaxed (a larger pool, no plausibility limits but a positive area), then the arrival reference
+    curve (the mean of the study's most enhancing pixels) is used. Each fallback is logged and
+    recorded in ``AIFSelection.fallback``; only a study without any usable bolus fails.
+    """
+    tt = inp.times
+    s_count, n_t, h, w = inp.shape
+    dev, dtype = inp.device, inp.dtype
+    if not isinstance(aif, str):
+        sel = _user_aif(aif, inp, base, grid)
+        if p.temporal_sigma_s > 0:
+            # a user AIF gets the tissue curves' temporal smoothing too: smoothing only one side of
+            # the deconvolution would blur the residue and read CBF low.
+            sel.curve = gaussian_smooth_time(sel.curve, grid.to(sel.curve.dtype), p.temporal_sigma_s)
+            sel.curve_raw = gaussian_smooth_time(sel.curve_raw, grid.to(sel.curve_raw.dtype), p.temporal_sigma_s)
+        problem = _aif_problem(sel, p.dt_s, 0.0)
+        if problem is not None:
+            raise ValueError(f"the arterial input function given cannot be used: {problem}; choose another AIF")
+        return sel
+    if aif != "auto":
+        raise ValueError(f"aif must be 'auto', a pixel list, a curve or a dict; got {aif!r}")
+    n_region = curves.n_region
+    peaks = torch.cat([c.amax(-1) for c in curves.conc])
+    slice_of = torch.cat([torch.full((int(i.numel()),), s, device=dev) for s, i in enumerate(curves.flat_idx)])
+    local = torch.cat([torch.arange(int(i.numel()), device=dev) for i in curves.flat_idx])
+
+    def pool(frac: float, minimum: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        size = int(min(n_region, max(minimum, round(frac * n_region), p.n_aif + p.n_vof)))
+        top = torch.topk(peaks, size).indices
+        conc = torch.empty((size, n_t), dtype=dtype, device=dev)
+        flat = torch.empty((size,), dtype=torch.long, device=dev)
         for s in range(s_count):
-            if n_brain[s] == 0:
-                continue
-            idx = flat_idx[s][: n_brain[s]]
-            not_vessel = tissue[s].amax(-1) < vessel_hu
-            n_vessel += int((~not_vessel).sum())
-            weights = torch.zeros(h * w, dtype=dtype, device=dev)
-            weights[idx] = (not_vessel & ~csf[s].reshape(-1)[idx]).to(dtype)
-            enh = fr[s] - base_img[s]
-            smoothed = gaussian_smooth_space(enh, spatial_sigma_px, weights.reshape(h, w))
-            c = smoothed.reshape(n_t, -1)[:, idx].T
-            if temporal_sigma_s > 0:
-                c = gaussian_smooth_time(c, tt[s].to(dtype), temporal_sigma_s)
-            tissue[s] = c.contiguous()
-    t_smooth = time.perf_counter()
+            m = slice_of[top] == s
+            conc[m] = curves.conc[s][local[top][m]]
+            flat[m] = curves.flat_idx[s][local[top][m]]
+        coords = torch.stack([slice_of[top], flat // w, flat % w], dim=1)
+        return conc, tt[slice_of[top]], coords
 
-    # 4. deconvolution of the brain pixels, slice by slice, in chunks.
-    params = DeconvParams(method=method, threshold=threshold, oi_target=oi_target, thresholds=tuple(thresholds),
-                          oi_stride=max(1, int(round(frame_dt / dt_s))), tikhonov_lambda=tikhonov_lambda,
-                          aif_weights=aif_weights, max_freq_hz=(0.5 / frame_dt) if band_limit else None,
-                          tmax_method=tmax_method)
-    dec = Deconvolver(aif_grid, dt_s, params)
-    trapz_w = torch.full((grid.shape[0],), dt_s, dtype=torch.float64, device=dev)
-    trapz_w[0] = trapz_w[-1] = 0.5 * dt_s
-    out = {k: torch.zeros((s_count, h * w), dtype=dtype, device=dev) for k in ("cbf", "cbv", "tmax", "thr")}
-    total = int(brain.sum())
-    done = 0
-    if chunk_pixels <= 0:
-        chunk_pixels = 1 << 20 if dev.type == "cuda" else 32768
-    for s in range(s_count):
-        if n_brain[s] == 0:
-            continue
-        wmat = interp_matrix(tt[s], grid)  # (L, T) float64
-        area_w = (wmat.T @ trapz_w).to(dtype)  # (T,): ∫ of the resampled curve
-        for start in range(0, n_brain[s], chunk_pixels):
-            stop = min(start + chunk_pixels, n_brain[s])
-            x = tissue[s][start:stop]
-            res = dec.analyse(x, wmat)
-            num = x @ area_w if cbv_method == "area" else res["kint"] * aif_area
-            pix = flat_idx[s][start:stop]
-            out["cbf"][s, pix] = res["kmax"] / TISSUE_SCALE
-            out["cbv"][s, pix] = num / aif_area / (60.0 * TISSUE_SCALE)
-            out["tmax"][s, pix] = res["tmax_s"].to(dtype)
-            out["thr"][s, pix] = res["threshold"].to(dtype)
-            done += stop - start
-            if progress is not None:
-                progress(done, total)
-    out = {k: v.reshape(s_count, h, w) for k, v in out.items()}
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t_dec = time.perf_counter()
-
-    # 5. clean-up: finite, non-negative, zero outside the mask and where there is no flow.
-    cbf = torch.nan_to_num(out["cbf"], 0.0, 0.0, 0.0).clamp_min(0.0)
-    cbv = torch.nan_to_num(out["cbv"], 0.0, 0.0, 0.0).clamp_min(0.0)
-    tmax = torch.nan_to_num(out["tmax"], 0.0, 0.0, 0.0).clamp_min(0.0)
-    cbf = torch.where(csf, torch.zeros_like(cbf), cbf)
-    cbv = torch.where(csf, torch.zeros_like(cbv), cbv)
-    flow = brain & ~csf & (cbf >= cbf_floor)
-    tmax = torch.where(flow, tmax, torch.zeros_like(tmax))
-    mtt = torch.where(flow, mtt_from_cbv_cbf(cbv, cbf), torch.zeros_like(cbf))
-    maps = {
-        "cbv": cbv.float().cpu().numpy(),
-        "cbf": cbf.float().cpu().numpy(),
-        "tmax": tmax.float().cpu().numpy(),
-        "mtt": torch.nan_to_num(mtt, 0.0, 0.0, 0.0).float().cpu().numpy(),
-        "mask": brain.cpu().numpy(),
-    }
-    thr_used = out["thr"][brain]
-    info: dict[str, Any] = {
-        "method": params.method,
-        "params": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(params).items()},
-                   "dt_s": dt_s, "cbv_method": cbv_method, "band_limit": band_limit,
-                   "temporal_sigma_s": temporal_sigma_s, "spatial_sigma_px": spatial_sigma_px,
-                   "n_aif": n_aif, "n_vof": n_vof, "pv_correction": pv_correction, "cbf_floor": cbf_floor,
-                   "csf_max_hu": csf_max_hu,
-                   "dtype": str(dtype).replace("torch.", "")},
-        "aif": aif_sel.to_dict(),
-        "time_origin_s": t0,
-        "median_frame_interval_s": frame_dt,
-        "arrival_frame": arrival,
-        "baseline_frames": n_base,
-        "mask_source": mask_source,
-        "n_vessel_pixels_unsmoothed": n_vessel,
-        "n_csf_pixels": int(csf.sum()),
-        "n_brain_pixels": total,
-        "threshold_used": {"mean": float(thr_used.mean()) if thr_used.numel() else 0.0,
-                           "median": float(thr_used.median()) if thr_used.numel() else 0.0},
-        "device": str(dev),
-        "timing_s": {"concentration": round(t_conc - t_start, 4), "aif": round(t_aif - t_conc, 4),
-                     "smoothing": round(t_smooth - t_aif, 4), "deconvolution": round(t_dec - t_smooth, 4),
-                     "total": round(time.perf_counter() - t_start, 4)},
-    }
-    return maps, info
+    tried: list[str] = []
+    conc, times, coords = pool(AIF_POOL_FRAC, AIF_POOL_MIN)
+    sel = select_aif(conc, times, coords, grid, n_aif=p.n_aif, n_vof=p.n_vof, pv_correction=p.pv_correction,
+                     pool_frac=1.0)
+    problem = _aif_problem(sel, p.dt_s, noise_hu)
+    if problem is None:
+        return sel
+    tried.append(f"automatic: {problem}")
+    # relaxed: five times the pool, curves cleaned of one-frame spikes, any shape with a positive area
+    conc, times, coords = pool(5 * AIF_POOL_FRAC, 5 * AIF_POOL_MIN)
+    conc = median3(conc)
+    area = (conc * torch.diff(times, dim=-1, prepend=times[:, :1]).to(dtype)).sum(-1)
+    keep = area > 0
+    if int(keep.sum()) >= 1:
+        sel = select_aif(conc[keep], times[keep], coords[keep], grid, n_aif=2 * p.n_aif, n_vof=p.n_vof,
+                         pv_correction=p.pv_correction, pool_frac=1.0, pool_min=1, min_peak_frac=0.3,
+                         max_late_s=float("inf"), max_roughness=float("inf"), min_support=0.0)
+        problem = _aif_problem(sel, p.dt_s, noise_hu)
+        if problem is None:
+            sel.fallback = {"used": "relaxed", "tried": tried}
+            log.warning("automatic AIF unusable (%s); used the relaxed search", tried[-1])
+            return sel
+        tried.append(f"relaxed: {problem}")
+    else:
+        tried.append("relaxed: no candidate with a positive area")
+    # the arrival reference: the mean of the study's most enhancing pixels, over its own baseline
+    ref = arrival.reference.to(torch.float64)
+    nb = max(1, int((arrival.reference_times_s < arrival.arrival_time_s).sum()))
+    curve = ref - ref[:nb].mean()
+    sel = aif_from_curve(curve, arrival.reference_times_s.to(torch.float64), grid)
+    sel.source = "auto"
+    problem = _aif_problem(sel, p.dt_s, noise_hu)
+    if problem is None:
+        sel.fallback = {"used": "reference", "tried": tried}
+        log.warning("automatic AIF unusable (%s); used the arrival reference curve", "; ".join(tried))
+        return sel
+    tried.append(f"reference: {problem}")
+    raise ValueError("no usable arterial input function: " + "; ".join(tried)
+                     + " — is there a contrast bolus in this study? (or give aif=...)")
 
 
-def _resolve_aif(aif: Any, conc: torch.Tensor, times_pix: torch.Tensor, coords: torch.Tensor, fr: torch.Tensor,
-                 base_img: torch.Tensor, tt: torch.Tensor, t0: float, grid: torch.Tensor, n_aif: int,
-                 n_vof: int, pv_correction: bool) -> AIFSelection:
-    """Turn the ``aif`` argument of :func:`calculate_maps` into an :class:`AIFSelection`."""
+def _user_aif(aif: Any, inp: Inputs, base: torch.Tensor, grid: torch.Tensor) -> AIFSelection:
+    """The ``aif`` argument (pixels, a curve, or a dict with its own times) as an :class:`AIFSelection`."""
+    fr, tt = inp.frames, inp.times
     s_count, n_t, h, w = fr.shape
-    if isinstance(aif, str):
-        if aif != "auto":
-            raise ValueError(f"aif must be 'auto', a pixel list, a curve or a dict; got {aif!r}")
-        return select_aif(conc, times_pix, coords, grid, n_aif=n_aif, n_vof=n_vof, pv_correction=pv_correction,
-                          pool_frac=1.0)
     if isinstance(aif, dict):
-        times = _as_tensor(aif["times_s"], fr.device, torch.float64) - t0
+        times = _as_tensor(aif["times_s"], fr.device, torch.float64) - inp.t0
         return aif_from_curve(_as_tensor(aif["aif"], fr.device, torch.float64), times, grid)
     arr = np.asarray(aif.cpu() if isinstance(aif, torch.Tensor) else aif, dtype=np.float64)
     if arr.ndim == 2 and arr.shape[1] == 3 and np.allclose(arr, np.round(arr)):
-        pix = [tuple(int(v) for v in p) for p in arr]
-        for p in pix:
-            if not (0 <= p[0] < s_count and 0 <= p[1] < h and 0 <= p[2] < w):
-                raise ValueError(f"AIF pixel {p} (slice, row, col) is outside the study of shape "
-                                 f"{(s_count, h, w)}")
-        sl = torch.tensor([p[0] for p in pix], device=fr.device)
-        rr = torch.tensor([p[1] for p in pix], device=fr.device)
-        cc = torch.tensor([p[2] for p in pix], device=fr.device)
-        curves = fr[sl, :, rr, cc] - base_img[sl, rr, cc][:, None]
+        pix = [tuple(int(v) for v in q) for q in arr]
+        for q in pix:
+            if not (0 <= q[0] < s_count and 0 <= q[1] < h and 0 <= q[2] < w):
+                raise ValueError(f"AIF pixel {q} (slice, row, col) is outside the study of shape {(s_count, h, w)}")
+        sl = torch.tensor([q[0] for q in pix], device=fr.device)
+        rr = torch.tensor([q[1] for q in pix], device=fr.device)
+        cc = torch.tensor([q[2] for q in pix], device=fr.device)
+        curves = fr[sl, :, rr, cc] - base[sl, rr, cc][:, None]
         return aif_from_pixels(curves, tt[sl], pix, grid)
     if arr.ndim == 1:
         if arr.shape[0] != n_t:
@@ -449,3 +543,281 @@ def _resolve_aif(aif: Any, conc: torch.Tensor, times_pix: torch.Tensor, coords: 
         return aif_from_curve(torch.as_tensor(arr, device=fr.device), tt[0], grid)
     raise ValueError("aif must be 'auto', a list of (slice, row, col) pixels, a (T,) curve or "
                      "{'times_s': [...], 'aif': [...]}")
+
+
+@dataclass
+class Exclusions:
+    """Step 5's result: CSF ``(S, H, W)`` bool, vessel flags per slice (over its brain pixels) and the
+    report for ``info["exclusions"]``."""
+
+    csf: torch.Tensor
+    vessel: list[torch.Tensor]
+    report: dict[str, Any]
+
+
+def exclusions(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Curves, aif_sel: AIFSelection,
+               arrival: BolusArrival, noise_hu: float, p: CalcParams,
+               pixel_mm: tuple[float, float] | None) -> Exclusions:
+    """Step 5a: CSF and vessels inside the brain mask, both noise-aware.
+
+    * CSF: the baseline, smoothed inside the brain (normalised convolution) with σ = ``csf_smooth_mm``
+      — more when the baseline is noisy, until its noise is :data:`CSF_NOISE_TARGET_HU` (at most
+      :data:`CSF_MAX_SMOOTH_PX`) — below ``csf_max_hu``.
+    * Vessels: the running-median-of-3 peak above ``max(VESSEL_PEAK_FRAC * AIF peak, brain median
+      peak + VESSEL_NOISE_K * noise)`` — one noisy frame cannot make a tissue pixel a vessel.
+    """
+    s_count, n_t, h, w = inp.shape
+    dtype = inp.dtype
+    n_brain_total = int(brain.sum())
+    nb_min = max(1, min(arrival.n_baseline))
+    base_noise = noise_hu / math.sqrt(nb_min)
+    report: dict[str, Any] = {"brain_pixels": n_brain_total, "frame_noise_hu": round(noise_hu, 3),
+                              "baseline_noise_hu": round(base_noise, 3)}
+    if p.csf_max_hu is not None:
+        mm = pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM)
+        sigma_min = p.csf_smooth_mm / float(np.mean(mm))
+        # white noise after a 2-D Gaussian of σ px has std σ_n / (2 √π σ)
+        sigma_noise = base_noise / (2.0 * math.sqrt(math.pi) * CSF_NOISE_TARGET_HU)
+        sigma = float(min(max(sigma_min, sigma_noise), CSF_MAX_SMOOTH_PX))
+        base_ref = gaussian_smooth_space(base, sigma, brain.to(dtype))
+        csf = brain & (base_ref < p.csf_max_hu)
+        n_csf = int(csf.sum())
+        if n_csf > CSF_MAX_FRAC * max(n_brain_total, 1):
+            raise ValueError(
+                f"{100 * n_csf / n_brain_total:.0f} % of the brain mask is below {p.csf_max_hu:g} HU before the "
+                f"bolus (median {float(base[brain].median()):.1f}): the frames do not look like Hounsfield units of "
+                "a head CT (check the rescale slope/intercept), or pass csf_max_hu=None to keep low-density pixels")
+        report["csf"] = {"pixels": n_csf, "reason": f"pre-bolus HU < {p.csf_max_hu:g} (baseline smoothed "
+                         f"σ {sigma:.2f} px)", "threshold_hu": p.csf_max_hu, "smooth_px": round(sigma, 3)}
+    else:
+        csf = torch.zeros_like(brain)
+        report["csf"] = {"pixels": 0, "reason": "csf_max_hu=None: CSF kept"}
+    aif_peak = float(aif_sel.curve_raw.max())
+    peaks = [median3(curves.conc[s][: curves.n_brain[s]]).amax(-1) for s in range(s_count)]
+    allp = torch.cat(peaks) if peaks else torch.zeros(0)
+    med_peak = float(allp.median()) if allp.numel() else 0.0
+    vessel_hu = max(VESSEL_PEAK_FRAC * aif_peak, med_peak + VESSEL_NOISE_K * noise_hu)
+    vessel = [pk > vessel_hu for pk in peaks]
+    n_vessel = int(sum(int(v.sum()) for v in vessel))
+    report["vessels"] = {"pixels": n_vessel, "threshold_hu": round(vessel_hu, 2),
+                         "reason": f"peak enhancement > {vessel_hu:.1f} HU (max of {VESSEL_PEAK_FRAC:g} x AIF peak, "
+                                   f"brain median peak + {VESSEL_NOISE_K:g} noise levels): not smoothed"}
+    return Exclusions(csf=csf, vessel=vessel, report=report)
+
+
+def smooth_tissue(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Curves, exc: Exclusions,
+                  p: CalcParams, noise_hu: float, pixel_mm: tuple[float, float] | None) -> list[torch.Tensor]:
+    """Step 5b: the brain pixels' curves for deconvolution: despiked (``despike_sigma``) and smoothed
+    in-plane (σ from :meth:`CalcParams.sigma_px`) by a normalised convolution inside the mask with
+    vessels and CSF left out, so neither a vessel's enhancement, CSF nor the skull edge leaks into
+    tissue. Vessel pixels are kept as they are."""
+    fr, tt = inp.frames, inp.times
+    s_count, n_t, h, w = inp.shape
+    sig = p.sigma_px(pixel_mm)
+    despike = p.despike_sigma > 0 and noise_hu > 0
+    tissue = []
+    for s in range(s_count):
+        nb = curves.n_brain[s]
+        c = curves.conc[s][:nb]
+        if nb == 0:
+            tissue.append(c)
+            continue
+        if max(sig) > 0:
+            idx = curves.flat_idx[s][:nb]
+            weights = torch.zeros(h * w, dtype=inp.dtype, device=inp.device)
+            weights[idx] = (~exc.vessel[s] & ~exc.csf[s].reshape(-1)[idx]).to(inp.dtype)
+            enh = fr[s] - base[s]
+            if despike:
+                enh = _despike(enh.reshape(n_t, -1).T, p.despike_sigma * noise_hu).T.reshape(n_t, h, w)
+            smoothed = gaussian_smooth_space(enh, sig, weights.reshape(h, w))
+            c_new = smoothed.reshape(n_t, -1)[:, idx].T
+            if p.temporal_sigma_s > 0:
+                c_new = gaussian_smooth_time(c_new, tt[s].to(inp.dtype), p.temporal_sigma_s)
+            c = torch.where(exc.vessel[s][:, None], c, c_new)
+        elif despike:
+            c = torch.where(exc.vessel[s][:, None], c, _despike(c, p.despike_sigma * noise_hu))
+        tissue.append(c.contiguous())
+    return tissue
+
+
+def _despike(c: torch.Tensor, tol: float) -> torch.Tensor:
+    """Frames of curves ``(P, T)`` further than ``tol`` from their running median of 3 replaced by it."""
+    m = median3(c)
+    return torch.where((c - m).abs() > tol, m, c)
+
+
+def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], aif_grid: torch.Tensor,
+                      grid: torch.Tensor, dec: Deconvolver, p: CalcParams,
+                      progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Step 6: ``cbf``, ``cbv``, ``tmax``, ``thr`` ``(S, H, W)`` of the brain pixels (raw, before clean-up)."""
+    s_count, n_t, h, w = inp.shape
+    dev, dtype, dt_s = inp.device, inp.dtype, p.dt_s
+    aif_area = float(_trapz_grid(aif_grid, dt_s))
+    trapz_w = torch.full((grid.shape[0],), dt_s, dtype=torch.float64, device=dev)
+    trapz_w[0] = trapz_w[-1] = 0.5 * dt_s
+    out = {k: torch.zeros((s_count, h * w), dtype=dtype, device=dev) for k in ("cbf", "cbv", "tmax", "thr")}
+    total = sum(curves.n_brain)
+    done = 0
+    chunk = p.chunk_pixels if p.chunk_pixels > 0 else (1 << 20 if dev.type == "cuda" else 32768)
+    for s in range(s_count):
+        n_b = curves.n_brain[s]
+        if n_b == 0:
+            continue
+        wmat = interp_matrix(inp.times[s], grid)  # (L, T) float64
+        area_w = (wmat.T @ trapz_w).to(dtype)  # (T,): ∫ of the resampled curve
+        for start in range(0, n_b, chunk):
+            stop = min(start + chunk, n_b)
+            x = tissue[s][start:stop]
+            res = dec.analyse(x, wmat)
+            num = x @ area_w if p.cbv_method == "area" else res["kint"] * aif_area
+            pix = curves.flat_idx[s][start:stop]
+            out["cbf"][s, pix] = res["kmax"] / TISSUE_SCALE
+            out["cbv"][s, pix] = num / aif_area / (60.0 * TISSUE_SCALE)
+            out["tmax"][s, pix] = res["tmax_s"].to(dtype)
+            out["thr"][s, pix] = res["threshold"].to(dtype)
+            done += stop - start
+            if progress is not None:
+                progress(done, total)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return {k: v.reshape(s_count, h, w) for k, v in out.items()}
+
+
+def finish_maps(raw: dict[str, torch.Tensor], brain: torch.Tensor, csf: torch.Tensor,
+                p: CalcParams) -> dict[str, np.ndarray]:
+    """Step 7: finite, non-negative maps, 0 outside the mask, in CSF and (TMAX, MTT) where there is no flow."""
+    cbf = torch.nan_to_num(raw["cbf"], 0.0, 0.0, 0.0).clamp_min(0.0)
+    cbv = torch.nan_to_num(raw["cbv"], 0.0, 0.0, 0.0).clamp_min(0.0)
+    tmax = torch.nan_to_num(raw["tmax"], 0.0, 0.0, 0.0).clamp_min(0.0)
+    zero = torch.zeros_like(cbf)
+    cbf = torch.where(csf, zero, cbf)
+    cbv = torch.where(csf, zero, cbv)
+    flow = brain & ~csf & (cbf >= p.cbf_floor)
+    tmax = torch.where(flow, tmax, zero)
+    mtt = torch.where(flow, mtt_from_cbv_cbf(cbv, cbf), zero)
+    return {
+        "cbv": cbv.float().cpu().numpy(),
+        "cbf": cbf.float().cpu().numpy(),
+        "tmax": tmax.float().cpu().numpy(),
+        "mtt": torch.nan_to_num(mtt, 0.0, 0.0, 0.0).float().cpu().numpy(),
+        "mask": brain.cpu().numpy(),
+    }
+
+
+# -- the entry point --------------------------------------------------------------------------------
+
+
+def calculate_maps(
+    frames: np.ndarray | torch.Tensor,
+    times_s: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None = None,
+    method: str | None = None,
+    aif: str | Sequence[Sequence[int]] | np.ndarray | torch.Tensor | dict = "auto",
+    *,
+    params: CalcParams | None = None,
+    pixel_mm: float | Sequence[float] | None = None,
+    affine: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """CBV, CBF, MTT and TMAX maps of one study by deconvolution (steps in the module docstring).
+
+    Args:
+        frames: ``(S, T, H, W)`` HU (numpy or torch).
+        times_s: ``(S, T)`` (or ``(T,)``) frame times (s), strictly increasing per slice, any spacing;
+            slices may have their own times (the study clock is shared: times are used as given).
+        mask: ``(S, H, W)`` bool brain mask, or ``None`` for :func:`~stm_dlp.perfusion.mask.brain_mask`.
+        method: shorthand for ``params.method`` (``osvd``, ``bcsvd``, ``ssvd``, ``tikhonov``).
+        aif: ``"auto"``; a list of ``(slice, row, col)`` pixels; a curve ``(T,)`` of enhancement (HU)
+            at slice 0's times; or ``{"times_s": (T',), "aif": (T',)}`` (enhancement at given times on
+            the same clock as ``times_s``).
+        params: a :class:`CalcParams` (default: its defaults).
+        pixel_mm: in-plane pixel spacing (mm): one number or ``(row, column)``; or give ``affine``
+            (a :class:`~stm_dlp.types.Study` affine) instead. Converts the mm options to pixels.
+        progress: optional ``callback(done_pixels, total_pixels)``.
+        **options: :class:`CalcParams` fields, overriding ``params`` (e.g. ``spatial_sigma_px=0``).
+
+    Returns:
+        ``(maps, info)``: ``maps`` has ``cbv``, ``cbf``, ``tmax``, ``mtt`` float32 ``(S, H, W)`` numpy
+        arrays and ``mask`` bool ``(S, H, W)`` (the mask used); ``info`` is JSON-serialisable: the AIF
+        (pixels, scores, curves on the grid, VOF, PV scale, any fallback), the bolus arrival and
+        baseline frames, the pixels excluded and why (``exclusions``), motion correction, the
+        parameters, timings (s) and the device.
+    """
+    t_start = time.perf_counter()
+    if method is not None:
+        options["method"] = method
+    p = make_params(params, **options)
+    if pixel_mm is None and affine is not None:
+        pixel_mm = pixel_spacing_mm(affine)
+    mm: tuple[float, float] | None = None
+    if pixel_mm is not None:
+        v = np.atleast_1d(np.asarray(pixel_mm, np.float64))
+        mm = (float(v[0]), float(v[-1]))
+        if not all(math.isfinite(x) and x > 0 for x in mm):
+            raise ValueError(f"pixel spacing must be positive millimetres, got {pixel_mm}")
+    inp = prepare_inputs(frames, times_s, p)
+    s_count, n_t, h, w = inp.shape
+    motion_info: dict[str, Any] = {"enabled": bool(p.motion)}
+    if p.motion:
+        from stm_dlp.perfusion.motion import correct_motion
+
+        first = study_arrival(inp.frames, inp.times)
+        corrected, mreport = correct_motion(inp.frames, first.n_baseline)
+        inp = replace(inp, frames=corrected)
+        motion_info.update(mreport)
+    t_motion = time.perf_counter()
+
+    arrival, base, base_med, noise = find_baseline(inp, aif)
+    brain, region, mask_source = brain_and_region(base_med, mask, inp)
+    curves = enhancement_curves(inp, base, brain, region, p)
+    t_conc = time.perf_counter()
+
+    grid = uniform_grid(float(inp.times[:, -1].max()), p.dt_s, device=inp.device)
+    frame_dt = float(torch.diff(inp.times, dim=1).median())
+    aif_sel = choose_aif(aif, inp, curves, grid, arrival, base, p, noise)
+    aif_grid = aif_sel.curve.to(inp.dtype)
+    t_aif = time.perf_counter()
+
+    exc = exclusions(inp, base, brain, curves, aif_sel, arrival, noise, p, mm)
+    tissue = smooth_tissue(inp, base, brain, curves, exc, p, noise, mm)
+    t_smooth = time.perf_counter()
+
+    dparams = p.deconv_params(frame_dt)
+    dec = Deconvolver(aif_grid, p.dt_s, dparams)
+    raw = deconvolve_tissue(inp, curves, tissue, aif_grid, grid, dec, p, progress)
+    t_dec = time.perf_counter()
+
+    maps = finish_maps(raw, brain, exc.csf, p)
+    brain_np = maps["mask"]
+    zero_all = brain_np & (maps["cbf"] == 0) & (maps["cbv"] == 0)
+    exc.report["zero_pixels"] = int(zero_all.sum())
+    thr_used = raw["thr"][brain]
+    sig = p.sigma_px(mm)
+    info: dict[str, Any] = {
+        "method": dparams.method,
+        "params": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(dparams).items()},
+                   **{k: v for k, v in p.to_dict().items() if k not in ("device", "chunk_pixels", "thresholds")},
+                   "spatial_sigma_px_used": [round(sig[0], 4), round(sig[1], 4)]},
+        "pixel_mm": list(mm) if mm else None,
+        "aif": aif_sel.to_dict(),
+        "time_origin_s": inp.t0,
+        "median_frame_interval_s": frame_dt,
+        "arrival": arrival.to_dict(),
+        "arrival_frame": list(arrival.n_baseline),
+        "baseline_frames": list(arrival.n_baseline),
+        "mask_source": mask_source,
+        "exclusions": exc.report,
+        "n_vessel_pixels_unsmoothed": exc.report["vessels"]["pixels"],
+        "n_csf_pixels": exc.report["csf"]["pixels"],
+        "n_brain_pixels": int(brain.sum()),
+        "motion": motion_info,
+        "threshold_used": {"mean": float(thr_used.mean()) if thr_used.numel() else 0.0,
+                           "median": float(thr_used.median()) if thr_used.numel() else 0.0},
+        "device": str(inp.device),
+        "timing_s": {"motion": round(t_motion - t_start, 4), "concentration": round(t_conc - t_motion, 4),
+                     "aif": round(t_aif - t_conc, 4), "smoothing": round(t_smooth - t_aif, 4),
+                     "deconvolution": round(t_dec - t_smooth, 4),
+                     "total": round(time.perf_counter() - t_start, 4)},
+    }
+    return maps, info
