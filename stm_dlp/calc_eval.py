@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from stm_dlp.metrics import PerPatientMAE, metric_set
+from stm_dlp.metrics import PerPatientMAE, metric_set, param_label_mask
 from stm_dlp.types import ALL_PARAMS, PARAMS, Study, maps_by_name, mtt_from_cbv_cbf
 
 
@@ -74,6 +74,7 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
     """
     metrics = {p: metric_set() for p in ALL_PARAMS}
     per_patient = PerPatientMAE()
+    updated: set[str] = set()
     failures: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     for k, study in enumerate(studies):
@@ -90,15 +91,20 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
         else:
             mask = torch.ones(truth["cbv"].shape, dtype=torch.bool)
         pred_t = {p: torch.from_numpy(np.nan_to_num(pred[p], nan=0.0, posinf=0.0, neginf=0.0)) for p in ALL_PARAMS}
+        flags = param_label_mask(torch.tensor([[p in study.labelled for p in PARAMS]]))
+        labelled = {p: bool(v[0]) for p, v in flags.items()}
         if mask.any():
             for p in ALL_PARAMS:
-                metrics[p].update(pred_t[p][mask], truth[p][mask])
-        per_patient.update(study.patient_id, pred_t, truth, mask)
+                if labelled[p]:
+                    metrics[p].update(pred_t[p][mask], truth[p][mask])
+                    updated.add(p)
+        per_patient.update(study.patient_id, pred_t, truth, mask, labelled)
         if progress is not None:
             progress(k + 1, len(studies))
     results: dict[str, Any] = {}
-    for p in ALL_PARAMS:
-        results[p] = {name: float(v) for name, v in metrics[p].compute().items()}
+    for p in ALL_PARAMS:  # NaN for a parameter no study has a label for (shown as "—")
+        results[p] = ({name: float(v) for name, v in metrics[p].compute().items()} if p in updated
+                      else {name: float("nan") for name in ("mae", "rmse", "r2")})
     results["per_patient_mae"] = per_patient.compute()
     results["seconds"] = round(time.perf_counter() - t0, 3)
     results["failed_studies"] = len(failures)

@@ -17,15 +17,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stm_dlp.metrics import PerPatientMAE, metric_set
+from stm_dlp.metrics import PerPatientMAE, metric_set, param_label_mask
 from stm_dlp.types import ALL_PARAMS, PARAMS, CTPBatch, maps_by_name, physical_maps
 
 LOSSES = ("charbonnier", "mse", "l1")
 
 
 def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "charbonnier",
-                eps: float = 1e-3) -> torch.Tensor:
-    """Per-task loss inside the mask. ``pred``/``target`` (B, P, H, W), ``mask`` (B, H, W) → (P,)."""
+                eps: float = 1e-3, labelled: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-task loss inside the mask. ``pred``/``target`` (B, P, H, W), ``mask`` (B, H, W) → (P,).
+
+    ``labelled`` (B, P) bool leaves out the slices whose label for a task is missing (that task's loss
+    is 0 when no slice of the batch has it)."""
     diff = pred - target
     if kind == "charbonnier":
         err = torch.sqrt(diff * diff + eps * eps)
@@ -36,6 +39,8 @@ def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, ki
     else:
         raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
     m = mask[:, None].to(err.dtype)
+    if labelled is not None:
+        m = m * labelled[:, :, None, None].to(err.dtype)
     return (err * m).sum(dim=(0, 2, 3)) / m.sum(dim=(0, 2, 3)).clamp(min=1.0)
 
 
@@ -91,6 +96,7 @@ class PerfusionLitModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})
         self.test_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})
         self._per_patient = PerPatientMAE()
+        self._updated: set[str] = set()  # parameters some labelled pixel reached since the last compute
         self.test_results: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ forward
@@ -100,7 +106,8 @@ class PerfusionLitModule(L.LightningModule):
 
     def _loss(self, pred: torch.Tensor, batch: CTPBatch) -> tuple[torch.Tensor, torch.Tensor]:
         target = batch.maps / self.target_scale.view(1, -1, 1, 1)
-        per_task = masked_loss(pred, target, batch.mask, self.hparams.loss, self.hparams.charbonnier_eps)
+        per_task = masked_loss(pred, target, batch.mask, self.hparams.loss, self.hparams.charbonnier_eps,
+                               batch.label_mask)
         return (per_task * self.task_weights).sum(), per_task
 
     # ------------------------------------------------------------------ steps
@@ -116,10 +123,12 @@ class PerfusionLitModule(L.LightningModule):
     def _update_metrics(self, metrics: nn.ModuleDict, pred: torch.Tensor, batch: CTPBatch) -> dict:
         phys = physical_maps(pred.float(), self.target_scale)
         truth = maps_by_name(batch.maps)
-        m = batch.mask
-        if m.any():
-            for p in ALL_PARAMS:
+        labelled = param_label_mask(batch.label_mask)
+        for p in ALL_PARAMS:
+            m = batch.mask & labelled[p][:, None, None]
+            if m.any():
                 metrics[p].update(phys[p][m], truth[p][m])
+                self._updated.add(p)
         return phys
 
     def validation_step(self, batch: CTPBatch, batch_idx: int) -> None:
@@ -130,28 +139,37 @@ class PerfusionLitModule(L.LightningModule):
         if batch_idx == 0:
             self._log_images(phys, batch)
 
-    def on_validation_epoch_end(self) -> None:
+    def _compute(self, metrics: nn.ModuleDict) -> dict[str, dict[str, float]]:
+        """MAE/RMSE/R² per parameter; NaN for a parameter no label reached (a dataset without that map)."""
+        out = {}
         for p in ALL_PARAMS:
-            for name, value in self.val_metrics[p].compute().items():
+            if p in self._updated:
+                out[p] = {k: float(v) for k, v in metrics[p].compute().items()}
+            else:
+                out[p] = {k: float("nan") for k in ("mae", "rmse", "r2")}
+            metrics[p].reset()
+        self._updated.clear()
+        return out
+
+    def on_validation_epoch_end(self) -> None:
+        for p, values in self._compute(self.val_metrics).items():
+            for name, value in values.items():
                 self.log(f"val/{name}_{p}", value, sync_dist=False)
-            self.val_metrics[p].reset()
 
     def test_step(self, batch: CTPBatch, batch_idx: int) -> None:
         pred = self(batch)
         phys = self._update_metrics(self.test_metrics, pred, batch)
         truth = maps_by_name(batch.maps)
+        labelled = param_label_mask(batch.label_mask)
         for b, pid in enumerate(batch.patient_ids):
             self._per_patient.update(pid, {p: v[b] for p, v in phys.items()}, {p: v[b] for p, v in truth.items()},
-                                     batch.mask[b])
+                                     batch.mask[b], {p: bool(v[b]) for p, v in labelled.items()})
 
     def on_test_epoch_end(self) -> None:
-        results: dict[str, Any] = {}
+        results: dict[str, Any] = self._compute(self.test_metrics)
         for p in ALL_PARAMS:
-            values = {k: float(v) for k, v in self.test_metrics[p].compute().items()}
-            results[p] = values
-            for k, v in values.items():
+            for k, v in results[p].items():
                 self.log(f"test/{k}_{p}", v)
-            self.test_metrics[p].reset()
         results["per_patient_mae"] = self._per_patient.compute()
         self.test_results = results
         self._per_patient.reset()

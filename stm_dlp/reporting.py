@@ -30,10 +30,13 @@ METRICS = ("mae", "rmse", "r2")
 
 def metrics_table(results: Mapping[str, Any]) -> str:
     """A printable table of MAE / RMSE / R² per parameter in physical units."""
+    def cell(value: Any, width: int) -> str:  # "—" for a parameter the dataset has no label for
+        return f"{'—':>{width}}" if value is None or value != value else f"{value:>{width}.3f}"
+
     lines = [f"{'parameter':<10}{'unit':<14}{'MAE':>10}{'RMSE':>10}{'R2':>9}"]
     for p in ALL_PARAMS:
         r = results[p]
-        lines.append(f"{p.upper():<10}{UNITS[p]:<14}{r['mae']:>10.3f}{r['rmse']:>10.3f}{r['r2']:>9.3f}")
+        lines.append(f"{p.upper():<10}{UNITS[p]:<14}{cell(r['mae'], 10)}{cell(r['rmse'], 10)}{cell(r['r2'], 9)}")
     return "\n".join(lines)
 
 

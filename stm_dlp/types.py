@@ -89,6 +89,8 @@ class Study:
             (index ``[c, r, s]`` = column c, row r, slice s), mapping to RAS+ millimetres.
         maps: float32 ``(S, P, H, W)`` label maps in :data:`PARAMS` order, or ``None`` (unlabelled).
         mask: bool ``(S, H, W)`` brain mask (where metrics and losses count), or ``None``.
+        labelled: the parameters whose label channel in ``maps`` is real (a dataset may lack a map, e.g.
+            UniToBrain has no TMAX); the others are zero-filled and losses and metrics skip them.
         patient_id: pseudonymised identifier (never a real name or ID).
         source: where the study came from (a path, or ``"phantom"``); for error messages.
         meta: free-form extras (e.g. phantom truth AIF, series UID hash, vendor time-tag style).
@@ -102,6 +104,7 @@ class Study:
     patient_id: str = "anonymous"
     source: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
+    labelled: tuple[str, ...] = PARAMS
 
     @property
     def n_slices(self) -> int:
@@ -147,6 +150,9 @@ class Study:
                 raise StudyError(f"{where}: label maps contain NaN or inf values")
         if self.mask is not None and self.mask.shape != (s, h, w):
             raise StudyError(f"{where}: mask has shape {self.mask.shape}, expected {(s, h, w)}")
+        unknown = [p for p in self.labelled if p not in PARAMS]
+        if unknown:
+            raise StudyError(f"{where}: labelled parameters {unknown} are not among {PARAMS}")
         return self
 
     def slice_sample(self, index: int) -> SliceSample:
@@ -166,12 +172,14 @@ class Study:
             mask=mask.astype(bool),
             patient_id=self.patient_id,
             slice_index=index,
+            labelled=tuple(self.labelled) if self.maps is not None else (),
         )
 
 
 @dataclass
 class SliceSample:
-    """One slice: ``frames`` (T, H, W) HU, ``times_s`` (T,), ``maps`` (P, H, W), ``mask`` (H, W) bool."""
+    """One slice: ``frames`` (T, H, W) HU, ``times_s`` (T,), ``maps`` (P, H, W), ``mask`` (H, W) bool;
+    ``labelled`` names the parameters whose label channel is real."""
 
     frames: np.ndarray
     times_s: np.ndarray
@@ -179,6 +187,7 @@ class SliceSample:
     mask: np.ndarray
     patient_id: str
     slice_index: int
+    labelled: tuple[str, ...] = PARAMS
 
     @property
     def n_frames(self) -> int:
@@ -198,6 +207,8 @@ class CTPBatch:
         mask: bool ``(B, H, W)`` where losses and metrics count.
         patient_ids: pseudonymised patient of each slice.
         slice_index: int64 ``(B,)`` slice position within its study.
+        labelled: bool ``(B, P)``: which label channels of each slice are real (losses and metrics skip
+            the others); ``None`` means all.
     """
 
     frames: torch.Tensor
@@ -207,6 +218,7 @@ class CTPBatch:
     mask: torch.Tensor
     patient_ids: list[str]
     slice_index: torch.Tensor
+    labelled: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -218,6 +230,13 @@ class CTPBatch:
         t = self.frames.shape[1]
         return torch.arange(t, device=self.lengths.device)[None, :] < self.lengths[:, None]
 
+    @property
+    def label_mask(self) -> torch.Tensor:
+        """bool ``(B, P)``: :attr:`labelled`, or all True."""
+        if self.labelled is not None:
+            return self.labelled
+        return torch.ones(self.maps.shape[:2], dtype=torch.bool, device=self.maps.device)
+
     def to(self, device: torch.device | str) -> CTPBatch:
         return CTPBatch(
             frames=self.frames.to(device),
@@ -227,6 +246,7 @@ class CTPBatch:
             mask=self.mask.to(device),
             patient_ids=list(self.patient_ids),
             slice_index=self.slice_index.to(device),
+            labelled=None if self.labelled is None else self.labelled.to(device),
         )
 
 
@@ -260,4 +280,5 @@ def collate_slices(samples: Sequence[SliceSample]) -> CTPBatch:
         mask=torch.stack([torch.from_numpy(np.ascontiguousarray(s.mask, bool)) for s in samples]),
         patient_ids=[s.patient_id for s in samples],
         slice_index=torch.tensor([s.slice_index for s in samples], dtype=torch.int64),
+        labelled=torch.tensor([[p in s.labelled for p in PARAMS] for s in samples], dtype=torch.bool),
     )

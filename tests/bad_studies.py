@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from conftest import tiny_phantom
 from pydicom.encaps import encapsulate
 
 from stm_dlp.data.dicom import hash_uid, read_dicom_study
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.io.nifti import nifti_bytes, read_nifti_maps
 from stm_dlp.synth import fake_phi, write_patient
 
 #: The good study: tiny, 2 slices, 6 frames, AcquisitionDate+AcquisitionTime style.
-GOOD_CFG = PhantomConfig(height=16, width=16, n_slices=2, frames_min=6, frames_max=6, noise_hu=1.0)
+GOOD_CFG = tiny_phantom()
 PHI = fake_phi(0, 7)  # (PatientName, PatientID) written into the good study
 
 

@@ -3,12 +3,12 @@ before any data is read (no cache folder, no config dump, no split, no checkpoin
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, subprocess_env
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -26,17 +26,23 @@ CLI_CASES: dict[str, tuple[str, ...]] = {
 
 
 def _run(tmp: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "STM_DLP_CACHE": str(tmp / "cache"), "WANDB_MODE": "offline"}
     return subprocess.Popen([sys.executable, "-m", "stm_dlp.run", "trainer=smoke", f"hydra.run.dir={tmp / 'run'}",
-                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=Path(__file__).resolve().parent.parent)
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=subprocess_env(tmp / "cache"), cwd=REPO)
+
+
+#: The two ways a command line is refused: a bad value (checked after Hydra composes, in ``train``) and
+#: an unknown group option (checked before Hydra runs); one real subprocess each proves the exit status,
+#: the single stderr line and that nothing was read or written. The messages themselves are checked
+#: in-process below for every case.
+CLI_PROBES = ("model.exchange_layers=7", "encoder=foo")
 
 
 @pytest.fixture(scope="module")
 def cli_results(tmp_path_factory):
-    """Run every bad command line (all at once) and collect ``(returncode, stderr, tmp)``."""
+    """Run both refused command lines (at once) and collect ``(returncode, stderr, tmp)``."""
     procs = {}
-    for override in [*CLI_CASES, "encoder=foo"]:
+    for override in CLI_PROBES:
         tmp = tmp_path_factory.mktemp("cfg")
         procs[override] = (_run(tmp, override), tmp)
     out: dict[str, tuple[int, str, Path]] = {}
@@ -54,16 +60,25 @@ def _assert_nothing_read_or_written(tmp: Path) -> None:
         assert name not in written, f"{name} written before the config was validated"
 
 
-@pytest.mark.parametrize("override", sorted(CLI_CASES))
-def test_bad_value_is_one_line_exit_2_before_any_data(cli_results, override):
-    code, stderr, tmp = cli_results[override]
+def test_bad_value_is_one_line_exit_2_before_any_data(cli_results):
+    code, stderr, tmp = cli_results["model.exchange_layers=7"]
     lines = stderr.strip().splitlines()
     assert code == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert "Traceback" not in stderr
-    for needle in CLI_CASES[override]:
+    for needle in CLI_CASES["model.exchange_layers=7"]:
         assert needle in lines[0], f"{needle!r} missing from {lines[0]!r}"
     _assert_nothing_read_or_written(tmp)
+
+
+@pytest.mark.parametrize("override", sorted(CLI_CASES))
+def test_bad_value_message_names_the_key_and_the_valid_values(override):
+    with pytest.raises(ConfigError) as info:
+        validate_config(_compose("trainer=smoke", override))
+    msg = str(info.value)
+    assert "\n" not in msg
+    for needle in CLI_CASES[override]:
+        assert needle in msg, f"{needle!r} missing from {msg!r}"
 
 
 def test_unknown_group_option_is_refused_before_any_data(cli_results):

@@ -11,7 +11,7 @@ import torch
 from stm_dlp.data.corrupt import GaussianNoise
 from stm_dlp.data.datamodule import CTPDataModule
 from stm_dlp.data.splits import split_patients
-from stm_dlp.types import SliceSample, collate_slices
+from stm_dlp.types import SliceSample, StudyError, collate_slices
 
 PHANTOM = dict(height=16, width=16, n_slices=2, frames_min=10, frames_max=14, noise_hu=1.0)
 
@@ -105,3 +105,105 @@ def test_label_source_calc_labels_with_our_deconvolution(tmp_path):
     assert not np.allclose(lab, ref)  # labels really come from the deconvolution ...
     cbv_lab, cbv_ref = lab[:, 0][m], ref[:, 0][m]
     assert np.corrcoef(cbv_lab, cbv_ref)[0, 1] > 0.5  # ... and still follow the truth
+
+
+# ----------------------------------------------------------------------------- the split file
+def test_growing_a_cohort_never_moves_a_test_patient(tmp_path, caplog):
+    """The split is read back from the split file: new patients go to training (with a warning naming
+    them), nobody changes split. Recomputing the split (the old behaviour) reshuffles 6 → 12 patients."""
+    split_file = tmp_path / "splits.json"
+    small = CTPDataModule(n_patients=6, phantom=PHANTOM, split_file=str(split_file), cache_dir=str(tmp_path / "c"))
+    small.setup("fit")
+    assert split_file.is_file() and json.loads(split_file.read_text())["test"] == small.splits["test"]
+    big = CTPDataModule(n_patients=12, phantom=PHANTOM, split_file=str(split_file), cache_dir=str(tmp_path / "c"))
+    with caplog.at_level("WARNING"):
+        big.setup("fit")
+    for name in ("train", "val", "test"):
+        assert set(small.splits[name]) <= set(big.splits[name]), name
+    assert big.splits["test"] == small.splits["test"] and big.splits["val"] == small.splits["val"]
+    new = sorted(set(big.studies) - set(small.studies))
+    assert set(new) <= set(big.splits["train"])
+    assert "6 patient(s) are not in the split file" in caplog.text and new[0] in caplog.text
+    # the split file is read back, never rewritten
+    assert json.loads(split_file.read_text())["train"] == small.splits["train"]
+
+
+def test_split_file_problems_are_reported(tmp_path, caplog):
+    split_file = tmp_path / "splits.json"
+    CTPDataModule(n_patients=6, phantom=PHANTOM, split_file=str(split_file), cache_dir=str(tmp_path / "c")).setup()
+    fewer = CTPDataModule(n_patients=4, phantom=PHANTOM, split_file=str(split_file), cache_dir=str(tmp_path / "c"))
+    with caplog.at_level("WARNING"):
+        fewer.setup()
+    assert "2 patient(s) of the split file" in caplog.text
+    data = json.loads(split_file.read_text())
+    data["val"].append(data["test"][0])
+    split_file.write_text(json.dumps(data))
+    with pytest.raises(StudyError, match="is in both"):
+        CTPDataModule(n_patients=6, phantom=PHANTOM, split_file=str(split_file), cache_dir=str(tmp_path / "c")).setup()
+
+
+def test_dataset_root_keeps_its_split_in_splits_json(tmp_path):
+    from test_isles import make_case
+
+    root = tmp_path / "isles"
+    for i in range(4):
+        make_case(root, name=f"case_{i}")
+    dm = CTPDataModule(source="isles2018", root=str(root), frame_interval_s=1.0, val_fraction=0.25,
+                       test_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    dm.setup()
+    assert json.loads((root / "splits.json").read_text())["test"] == dm.splits["test"]
+
+
+# ----------------------------------------------------------------------------- one reading path
+def test_isles_training_data_uses_the_pseudonym_key(tmp_path):
+    """Training reads studies exactly as predict/calc do (``read_any_study``), so ``data.pseudonym_key``
+    pseudonymises ISLES cases too (it was silently ignored by the DataModule's own ISLES branch)."""
+    from test_isles import make_case
+
+    from stm_dlp.data.studies import read_any_study
+
+    root = tmp_path / "isles"
+    for i in range(3):
+        make_case(root, name=f"case_{i}")
+    ids = {}
+    for key in ("key-one", "key-two"):
+        dm = CTPDataModule(source="isles2018", root=str(root), frame_interval_s=1.0, pseudonym_key=key,
+                           split_file=str(tmp_path / f"split-{key}.json"), cache_dir=str(tmp_path / "c"))
+        dm.setup()
+        ids[key] = sorted(dm.studies)
+    assert ids["key-one"] != ids["key-two"]
+    expected = read_any_study(root / "case_0", pseudonym_key=b"key-one", frame_interval_s=1.0).patient_id
+    assert expected in ids["key-one"]
+
+
+# ----------------------------------------------------------------------------- per-parameter labels
+def test_missing_label_is_skipped_by_loss_and_metrics():
+    """A dataset without TMAX (UniToBrain): the TMAX loss is 0 and the TMAX metrics are NaN ("—"), while
+    CBV, CBF and MTT (derived from them) are scored as usual."""
+    from stm_dlp.lit import PerfusionLitModule, masked_loss
+    from stm_dlp.reporting import metrics_table
+
+    rng = np.random.default_rng(0)
+    samples = [SliceSample(frames=rng.normal(size=(6, 8, 8)).astype(np.float32),
+                           times_s=np.arange(6, dtype=np.float32), maps=rng.uniform(1, 5, (3, 8, 8)).astype(np.float32),
+                           mask=np.ones((8, 8), bool), patient_id="p", slice_index=i, labelled=("cbv", "cbf"))
+               for i in range(2)]
+    batch = collate_slices(samples)
+    assert batch.labelled.tolist() == [[True, True, False]] * 2
+    pred = torch.zeros_like(batch.maps)
+    loss = masked_loss(pred, batch.maps, batch.mask, labelled=batch.label_mask)
+    assert loss[2] == 0 and loss[0] > 0 and loss[1] > 0
+
+    class Zero(torch.nn.Module):
+        def forward(self, frames, times_s, lengths):
+            return torch.ones(frames.shape[0], 3, *frames.shape[-2:])
+
+    lit = PerfusionLitModule(Zero())
+    lit.test_step(batch, 0)
+    lit.log = lambda *a, **k: None  # no Trainer attached
+    lit.on_test_epoch_end()
+    res = lit.test_results
+    assert res["cbv"]["mae"] > 0 and res["mtt"]["mae"] > 0 and np.isnan(res["tmax"]["mae"])
+    assert "tmax" not in res["per_patient_mae"]["p"] and "mtt" in res["per_patient_mae"]["p"]
+    table = metrics_table(res)
+    assert "TMAX" in table and "—" in table.splitlines()[3]

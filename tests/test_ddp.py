@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import subprocess_env
 from omegaconf import OmegaConf
 
 from stm_dlp import launch
@@ -24,9 +25,8 @@ CONF = ROOT / "conf"
 
 
 def _cli(args: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "stm_dlp.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "stm_dlp.run", *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _hydra(mode: str = "MULTIRUN", launcher: str = "hydra._internal.core_plugins.basic_launcher.BasicLauncher",

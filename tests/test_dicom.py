@@ -8,6 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 from bad_studies import CASES, PHI, Corpus
+from conftest import tiny_phantom
 
 from stm_dlp.data.dicom import (
     parse_da,
@@ -21,7 +22,7 @@ from stm_dlp.data.studies import read_labelled_study
 from stm_dlp.io.dicom_writer import CT_IMAGE_STORAGE, TIME_STYLES, write_study_dicom
 from stm_dlp.types import StudyError
 
-CFG = PhantomConfig(height=16, width=16, n_slices=3, frames_min=12, frames_max=12, noise_hu=2.0)
+CFG = tiny_phantom(n_slices=3, frames_min=12, frames_max=12, noise_hu=2.0)
 
 
 @pytest.fixture(scope="module")

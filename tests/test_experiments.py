@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import subprocess_env
 from omegaconf import OmegaConf
 
 import stm_dlp.launch  # noqa: F401 - registers the resolvers the configs use
@@ -216,7 +216,7 @@ def test_tables_cli_errors(tmp_path, capsys):
 def test_table1_two_job_smoke_sweep_through_the_cli(tmp_path):
     """`-m experiment=table1 trainer=smoke`, restricted to two rows, then the tables and figures."""
     sweep = tmp_path / "sweep"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "WANDB_MODE": "disabled"}
+    env = subprocess_env()
     res = subprocess.run(
         [sys.executable, "-m", "stm_dlp.run", "-m", "experiment=table1", "trainer=smoke",
          "+experiment/variant=unitobrain,stm_dlp_cnn", f"hydra.sweep.dir={sweep}"],

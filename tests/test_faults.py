@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,11 +32,12 @@ import pydicom
 import pytest
 import torch
 from bad_studies import make_good
+from conftest import subprocess_env, tiny_phantom
 from test_robustness_input import tiny_checkpoint
 
 from stm_dlp.data.cache import StudyCache, load_study
 from stm_dlp.data.dicom import read_dicom_study
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.lit import rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,7 +49,7 @@ RUN_ARGS = ["trainer=smoke", "trainer.max_epochs=3", "trainer.limit_train_batche
 
 
 def _train(run_dir: Path, cache: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "STM_DLP_CACHE": str(cache), "PYTHONWARNINGS": "ignore"}
+    env = subprocess_env(cache, WANDB_MODE="offline")
     return subprocess.Popen([sys.executable, "-m", "stm_dlp.run", *RUN_ARGS, f"hydra.run.dir={run_dir}", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
 
@@ -197,7 +197,7 @@ def test_killed_cache_writer_leaves_no_entry(tmp_path):
     entry = cache.entry({"k": 1})
     assert not entry.exists(), "a killed writer left a visible cache entry"
     assert [p.name.startswith(".") for p in root.iterdir()] == [True]  # only the hidden temp folder
-    study = simulate_patient(PhantomConfig(height=16, width=16, n_slices=2, frames_min=6, frames_max=6), 1)
+    study = simulate_patient(tiny_phantom(noise_hu=3.0), 1)
     back = cache.get({"k": 1}, lambda: study)  # the next run rebuilds a complete entry
     np.testing.assert_array_equal(back.frames, study.frames)
     np.testing.assert_array_equal(load_study(entry).times_s, study.times_s)

@@ -25,15 +25,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import tiny_phantom
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stm_dlp.data.dicom import read_dicom_study
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.io.dicom_writer import TIME_STYLES, write_study_dicom
 from stm_dlp.types import Study, StudyError
 
-CFG = PhantomConfig(height=16, width=16, n_slices=2, frames_min=4, frames_max=4, noise_hu=1.0)
+CFG = tiny_phantom(frames_min=4, frames_max=4)
 PHI = ("FUZZ^PATIENT", "FUZZ-ID-0042")
 N_EXAMPLES = int(os.environ.get("STM_DLP_FUZZ_EXAMPLES", "400"))
 HANG_S = 10  # an example taking this long is a hang (normal: a few ms)

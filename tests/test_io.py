@@ -8,11 +8,12 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from conftest import tiny_phantom
 from PIL import Image
 
 from stm_dlp.cli import REQUIRED, parse_kv, run_cli
 from stm_dlp.data.dicom import read_dicom_study
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.geometry import LPS_TO_RAS, affine_from_dicom_geometry
 from stm_dlp.io.atomic import atomic_save_npz, atomic_write, atomic_write_text
 from stm_dlp.io.dicom_writer import choose_rescale, geometry_from_affine, write_study_dicom
@@ -21,7 +22,7 @@ from stm_dlp.io.outputs import write_outputs
 from stm_dlp.io.png import DEFAULT_WINDOWS, colorize, save_comparison_png, save_maps_png
 from stm_dlp.types import StudyError
 
-CFG = PhantomConfig(height=16, width=20, n_slices=3, frames_min=6, frames_max=6, noise_hu=1.0)
+CFG = tiny_phantom(width=20, n_slices=3)
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,15 @@ import pydicom
 import pytest
 import torch
 from bad_studies import make_good
+from conftest import subprocess_env, tiny_phantom
 from test_robustness_input import tiny_checkpoint
 
-from stm_dlp.data.phantom import PhantomConfig
 from stm_dlp.synth import fake_phi, fake_phi_extra, synthesize_cohort
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 7
 N_PATIENTS = 5
-CFG = PhantomConfig(height=16, width=16, n_slices=2, frames_min=10, frames_max=10, noise_hu=1.0)
+CFG = tiny_phantom(frames_min=10, frames_max=10)
 
 
 # ------------------------------------------------------------------------------ malicious checkpoints
@@ -170,10 +170,10 @@ def phi_runs(tmp_path_factory):
     synthesize_cohort(cohort, N_PATIENTS, CFG, seed=SEED, progress=False)
     work = tmp / "work"  # everything the software writes goes under here
     wandb_dirs = {k: str(work / f"wandb_{k}") for k in ("dir", "cache", "config", "data", "artifacts")}
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": wandb_dirs["dir"],
-           "WANDB_CACHE_DIR": wandb_dirs["cache"], "WANDB_CONFIG_DIR": wandb_dirs["config"],
-           "WANDB_DATA_DIR": wandb_dirs["data"], "WANDB_ARTIFACT_DIR": wandb_dirs["artifacts"],
-           "MPLCONFIGDIR": str(work / "mpl"), "PYTHONWARNINGS": "ignore"}
+    env = subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=wandb_dirs["dir"],
+                         WANDB_CACHE_DIR=wandb_dirs["cache"], WANDB_CONFIG_DIR=wandb_dirs["config"],
+                         WANDB_DATA_DIR=wandb_dirs["data"], WANDB_ARTIFACT_DIR=wandb_dirs["artifacts"],
+                         MPLCONFIGDIR=str(work / "mpl"))
     env.pop("WANDB_API_KEY", None)
     marker, evil = _evil_checkpoints(tmp)
 
@@ -238,8 +238,8 @@ def test_resume_from_a_malicious_checkpoint_runs_no_code(phi_runs):
 
 # ------------------------------------------------------------------------------ synth DICOM
 def test_synth_dicom_has_own_phi_only_and_unique_valid_uids(tmp_path):
-    dirs = synthesize_cohort(tmp_path, 3, PhantomConfig(height=16, width=16, n_slices=2, frames_min=4,
-                                                        frames_max=4), seed=SEED, progress=False)
+    dirs = synthesize_cohort(tmp_path, 3, tiny_phantom(frames_min=4, frames_max=4, noise_hu=3.0), seed=SEED,
+                             progress=False)
     extra = [fake_phi_extra(i, SEED) for i in range(3)]
     sops, series, studies, frames_of_ref = set(), {}, {}, {}
     for i, d in enumerate(dirs):
@@ -260,8 +260,8 @@ def test_synth_dicom_has_own_phi_only_and_unique_valid_uids(tmp_path):
     for uids in (series, studies, frames_of_ref):
         assert len(uids) == 3 and all(len(owners) == 1 for owners in uids.values())
     # another cohort seed gives fresh UIDs (no UID is reused from an earlier cohort)
-    other = synthesize_cohort(tmp_path / "other", 1, PhantomConfig(height=16, width=16, n_slices=2, frames_min=4,
-                                                                  frames_max=4), seed=SEED + 1, progress=False)
+    other = synthesize_cohort(tmp_path / "other", 1, tiny_phantom(frames_min=4, frames_max=4, noise_hu=3.0),
+                              seed=SEED + 1, progress=False)
     for f in (other[0] / "ctp").rglob("*.dcm"):
         ds = pydicom.dcmread(f)
         assert ds.SOPInstanceUID not in sops and ds.SeriesInstanceUID not in series

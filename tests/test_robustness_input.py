@@ -24,14 +24,15 @@ import pydicom
 import pytest
 import torch
 from bad_studies import Corpus
+from conftest import tiny_phantom
 
 from stm_dlp.data.dicom import read_dicom_study
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.data.studies import read_any_study
 from stm_dlp.io.dicom_writer import write_study_dicom
 from stm_dlp.types import PARAMS, StudyError
 
-CFG = PhantomConfig(height=16, width=16, n_slices=2, frames_min=6, frames_max=6, noise_hu=1.0)
+CFG = tiny_phantom()
 REPO = Path(__file__).resolve().parent.parent
 
 

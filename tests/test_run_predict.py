@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env, tiny_phantom
 
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.io.dicom_writer import write_study_dicom
 from stm_dlp.types import ALL_PARAMS
 
@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _run(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, STM_DLP_CACHE=str(cache), WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=subprocess_env(cache), capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -68,7 +68,7 @@ def test_resume_continues_from_the_saved_epoch_and_optimiser_state(trained: Path
 
 
 def test_predict_writes_maps_with_the_scan_geometry(trained: Path, tmp_path: Path) -> None:
-    cfg = PhantomConfig(height=24, width=24, n_slices=2, frames_min=12, frames_max=12, noise_hu=1.0)
+    cfg = tiny_phantom(height=24, width=24, frames_min=12, frames_max=12)
     study = simulate_patient(cfg, seed=99)
     study_dir = tmp_path / "study"
     write_study_dicom(study, study_dir, time_style="acquisition_time", patient_name="PHANTOM^TEST",

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from conftest import tiny_phantom
 
-from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.data.studies import list_patients, read_any_study, read_labelled_study
 from stm_dlp.io.dicom_writer import TIME_STYLES
 from stm_dlp.synth import fake_phi, parse_styles, synthesize_cohort
 
-CFG = PhantomConfig(height=16, width=16, n_slices=2, frames_min=12, frames_max=12, noise_hu=1.0)
+CFG = tiny_phantom(frames_min=12, frames_max=12)
 SEED = 3
 
 
