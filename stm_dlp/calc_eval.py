@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from stm_dlp.metrics import PerPatientMAE, metric_set, param_label_mask
+from stm_dlp.metrics import PerPatientMAE, StudyReadouts, metric_set, param_label_mask
 from stm_dlp.types import ALL_PARAMS, PARAMS, Study, maps_by_name, mtt_from_cbv_cbf
 
 
@@ -74,6 +74,7 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
     """
     metrics = {p: metric_set() for p in ALL_PARAMS}
     per_patient = PerPatientMAE()
+    readouts = StudyReadouts()
     updated: set[str] = set()
     failures: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -99,6 +100,8 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
                     metrics[p].update(pred_t[p][mask], truth[p][mask])
                     updated.add(p)
         per_patient.update(study.patient_id, pred_t, truth, mask, labelled)
+        if labelled["cbf"] and labelled["tmax"]:
+            readouts.update(study.patient_id, 0, pred_t, truth, mask, study.voxel_ml)
         if progress is not None:
             progress(k + 1, len(studies))
     results: dict[str, Any] = {}
@@ -106,6 +109,8 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
         results[p] = ({name: float(v) for name, v in metrics[p].compute().items()} if p in updated
                       else {name: float("nan") for name in ("mae", "rmse", "r2")})
     results["per_patient_mae"] = per_patient.compute()
+    if len(readouts):
+        results["readout"] = readouts.compute()
     results["seconds"] = round(time.perf_counter() - t0, 3)
     results["failed_studies"] = len(failures)
     results["failures"] = failures  # study index within the split and the reason; no patient identifier

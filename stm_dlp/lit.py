@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stm_dlp.metrics import PerPatientMAE, metric_set, param_label_mask
+from stm_dlp.metrics import PerPatientMAE, StudyReadouts, metric_set, param_label_mask
 from stm_dlp.types import ALL_PARAMS, PARAMS, CTPBatch, maps_by_name, physical_maps
 
 LOSSES = ("charbonnier", "mse", "l1")
@@ -96,6 +96,7 @@ class PerfusionLitModule(L.LightningModule):
         self.val_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})
         self.test_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})
         self._per_patient = PerPatientMAE()
+        self._readouts = {"val": StudyReadouts(), "test": StudyReadouts()}
         self._updated: set[str] = set()  # parameters some labelled pixel reached since the last compute
         self.test_results: dict[str, Any] = {}
 
@@ -131,11 +132,36 @@ class PerfusionLitModule(L.LightningModule):
                 self._updated.add(p)
         return phys
 
+    def _update_readouts(self, stage: str, phys: dict[str, torch.Tensor], batch: CTPBatch) -> None:
+        """Collect whole-slice predictions for the clinical readout (needs CBF and TMAX labels)."""
+        if batch.voxel_ml is None:
+            return
+        labelled = batch.label_mask
+        truth = maps_by_name(batch.maps)
+        for b, pid in enumerate(batch.patient_ids):
+            if bool(labelled[b, PARAMS.index("cbf")]) and bool(labelled[b, PARAMS.index("tmax")]):
+                self._readouts[stage].update(pid, int(batch.slice_index[b]), {p: v[b] for p, v in phys.items()},
+                                             {p: v[b] for p, v in truth.items()}, batch.mask[b],
+                                             float(batch.voxel_ml[b]))
+
+    def _readout_results(self, stage: str) -> dict[str, Any] | None:
+        acc = self._readouts[stage]
+        if not len(acc):
+            return None
+        out = acc.compute()
+        acc.reset()
+        for key in ("dice_tmax_gt_6", "dice_core"):
+            value = out["summary"][key]["median"]
+            if value is not None:
+                self.log(f"{stage}/{key}", float(value))
+        return out
+
     def validation_step(self, batch: CTPBatch, batch_idx: int) -> None:
         pred = self(batch)
         loss, _ = self._loss(pred, batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
         phys = self._update_metrics(self.val_metrics, pred, batch)
+        self._update_readouts("val", phys, batch)
         if batch_idx == 0:
             self._log_images(phys, batch)
 
@@ -155,10 +181,12 @@ class PerfusionLitModule(L.LightningModule):
         for p, values in self._compute(self.val_metrics).items():
             for name, value in values.items():
                 self.log(f"val/{name}_{p}", value, sync_dist=False)
+        self._readout_results("val")
 
     def test_step(self, batch: CTPBatch, batch_idx: int) -> None:
         pred = self(batch)
         phys = self._update_metrics(self.test_metrics, pred, batch)
+        self._update_readouts("test", phys, batch)
         truth = maps_by_name(batch.maps)
         labelled = param_label_mask(batch.label_mask)
         for b, pid in enumerate(batch.patient_ids):
@@ -171,6 +199,9 @@ class PerfusionLitModule(L.LightningModule):
             for k, v in results[p].items():
                 self.log(f"test/{k}_{p}", v)
         results["per_patient_mae"] = self._per_patient.compute()
+        readout = self._readout_results("test")
+        if readout is not None:
+            results["readout"] = readout
         self.test_results = results
         self._per_patient.reset()
 

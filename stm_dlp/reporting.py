@@ -40,6 +40,26 @@ def metrics_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def readout_summary_line(results: Mapping[str, Any]) -> str | None:
+    """One line of the clinical readout's agreement (Dice of TMAX > 6 s and of the core over patients with
+    that lesion, hypoperfusion volume bias and limits of agreement), or ``None`` without readout."""
+    readout = results.get("readout")
+    if not readout:
+        return None
+    s = readout["summary"]
+
+    def dice(key: str) -> str:
+        d = s[key]
+        return "—" if d["median"] is None else f"{d['median']:.2f} (n={d['n']})"
+
+    ba = s["hypoperfusion_ml_error"]
+    volume = ("—" if ba.get("bias") is None else
+              f"{ba['bias']:+.1f} ml" + ("" if ba.get("loa_low") is None
+                                          else f" [LoA {ba['loa_low']:+.1f}, {ba['loa_high']:+.1f}]"))
+    return (f"clinical readout vs labels ({s['n_patients']} patients): median Dice TMAX>6 s {dice('dice_tmax_gt_6')}"
+            f" · Dice core {dice('dice_core')} · TMAX>6 s volume error {volume}")
+
+
 def describe(cfg: DictConfig) -> dict[str, Any]:
     """The run's identity in tables: model target, encoder, variant, experiment and seed."""
     variant = cfg.get("variant") or {}
@@ -87,10 +107,14 @@ def write_metrics(cfg: DictConfig, out_dir: Path, results: Mapping[str, Any],
 def print_results(out_dir: Path, n_test: int, results: Mapping[str, Any],
                   conditions: Mapping[str, tuple[dict, dict]], what: str) -> None:
     """The test table (and one per condition) on stdout."""
+    def block(res: Mapping[str, Any]) -> str:
+        line = readout_summary_line(res)
+        return metrics_table(res) + ("" if line is None else "\n" + line)
+
     print(f"\nTest metrics of {what} ({n_test} held-out patients, inside the brain mask, "
-          f"physical units) — {out_dir}\n" + metrics_table(results), flush=True)
+          f"physical units) — {out_dir}\n" + block(results), flush=True)
     for name, (_ov, res) in conditions.items():
-        print(f"\ncondition {name}:\n" + metrics_table(res), flush=True)
+        print(f"\ncondition {name}:\n" + block(res), flush=True)
 
 
 def log_final(loggers: list, results: Mapping[str, Any], conditions: Mapping[str, tuple[dict, dict]],

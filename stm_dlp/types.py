@@ -51,6 +51,14 @@ def mtt_from_cbv_cbf(cbv: Any, cbf: Any, eps: float = 1e-3) -> Any:
     return np.where(cbf > eps, cbv / safe * 60.0, 0.0).astype(np.float32)
 
 
+def voxel_volume_ml(affine: Any) -> float:
+    """Volume of one voxel in ml: ``|det(affine[:3, :3])|`` mm³ / 1000 (``affine`` ``(4, 4)``, mm)."""
+    a = np.asarray(affine, np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {a.shape}")
+    return float(abs(np.linalg.det(a[:3, :3])) / 1000.0)
+
+
 def maps_by_name(stack: Any, axis: int = 1) -> dict[str, Any]:
     """Split a CBV/CBF/TMAX stack (:data:`PARAMS` order along ``axis``) into ``{cbv, cbf, tmax, mtt}``.
 
@@ -118,6 +126,11 @@ class Study:
     def shape_hw(self) -> tuple[int, int]:
         return int(self.frames.shape[2]), int(self.frames.shape[3])
 
+    @property
+    def voxel_ml(self) -> float:
+        """Volume of one voxel (ml), from the affine."""
+        return voxel_volume_ml(self.affine)
+
     def validate(self) -> Study:
         """Check shapes, dtypes and values; raise :class:`StudyError` naming ``source`` otherwise."""
         where = self.source or self.patient_id
@@ -173,13 +186,15 @@ class Study:
             patient_id=self.patient_id,
             slice_index=index,
             labelled=tuple(self.labelled) if self.maps is not None else (),
+            voxel_ml=self.voxel_ml,
         )
 
 
 @dataclass
 class SliceSample:
     """One slice: ``frames`` (T, H, W) HU, ``times_s`` (T,), ``maps`` (P, H, W), ``mask`` (H, W) bool;
-    ``labelled`` names the parameters whose label channel is real."""
+    ``labelled`` names the parameters whose label channel is real; ``voxel_ml`` is one voxel's volume
+    (ml; 0 when unknown), for the clinical readout's volumes."""
 
     frames: np.ndarray
     times_s: np.ndarray
@@ -188,6 +203,7 @@ class SliceSample:
     patient_id: str
     slice_index: int
     labelled: tuple[str, ...] = PARAMS
+    voxel_ml: float = 0.0
 
     @property
     def n_frames(self) -> int:
@@ -209,6 +225,7 @@ class CTPBatch:
         slice_index: int64 ``(B,)`` slice position within its study.
         labelled: bool ``(B, P)``: which label channels of each slice are real (losses and metrics skip
             the others); ``None`` means all.
+        voxel_ml: float64 ``(B,)`` one voxel's volume (ml) of each slice's study, or ``None``.
     """
 
     frames: torch.Tensor
@@ -219,6 +236,7 @@ class CTPBatch:
     patient_ids: list[str]
     slice_index: torch.Tensor
     labelled: torch.Tensor | None = None
+    voxel_ml: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -247,6 +265,7 @@ class CTPBatch:
             patient_ids=list(self.patient_ids),
             slice_index=self.slice_index.to(device),
             labelled=None if self.labelled is None else self.labelled.to(device),
+            voxel_ml=self.voxel_ml,
         )
 
 
@@ -281,4 +300,5 @@ def collate_slices(samples: Sequence[SliceSample]) -> CTPBatch:
         patient_ids=[s.patient_id for s in samples],
         slice_index=torch.tensor([s.slice_index for s in samples], dtype=torch.int64),
         labelled=torch.tensor([[p in s.labelled for p in PARAMS] for s in samples], dtype=torch.bool),
+        voxel_ml=torch.tensor([s.voxel_ml for s in samples], dtype=torch.float64),
     )

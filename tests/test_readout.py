@@ -371,3 +371,31 @@ def test_predict_cli_last_line_is_the_readout(tmp_path, capsys):
     ro = _strict_json((out / "summary.json").read_text())["readout"]
     assert last == readout_line(ro) and last.startswith(f"core {ro['core_ml']:.1f} ml · TMAX>6 s")
     assert ro["reference"]["method"] == "global" and (out / "readout.png").is_file()
+
+
+# ----------------------------------------------------------------------------- readout metrics (training, calc)
+def test_study_readouts_collect_slices_and_summarise(phantom_patient):
+    """Slices arrive out of order from the test loop; the per-patient agreement equals the one computed on
+    the whole study, and the summary's Dice ignores lesion-free patients."""
+    from stm_dlp.metrics import StudyReadouts
+    from stm_dlp.perfusion.readout import readout_agreement
+
+    study, _labels = phantom_patient
+    truth = split_channels(study.maps)
+    rng = np.random.default_rng(0)
+    pred = {k: v + rng.normal(0, 0.5, v.shape).astype(np.float32) for k, v in truth.items()}
+    acc = StudyReadouts()
+    for s in reversed(range(study.n_slices)):
+        acc.update("lesion", s, {k: v[s] for k, v in pred.items()}, {k: v[s] for k, v in truth.items()},
+                   study.mask[s], study.voxel_ml)
+    flat = {k: np.zeros_like(v) + (40.0 if k == "cbf" else 1.0) for k, v in truth.items()}
+    acc.update("healthy", 0, flat, flat, study.mask, study.voxel_ml)  # no lesion: Dice 1 by convention
+    out = acc.compute()
+    assert out["per_patient"]["lesion"] == readout_agreement(pred, truth, study.mask, study.voxel_ml)
+    assert out["per_patient"]["healthy"]["dice_tmax_gt_6"] == 1.0
+    summary = out["summary"]
+    assert summary["n_patients"] == 2 and summary["dice_tmax_gt_6"]["n"] == 1
+    assert summary["dice_tmax_gt_6"]["median"] == out["per_patient"]["lesion"]["dice_tmax_gt_6"] < 1.0
+    errors = [out["per_patient"][p]["hypoperfusion_ml_error"] for p in ("lesion", "healthy")]
+    assert summary["hypoperfusion_ml_error"]["bias"] == pytest.approx(np.mean(errors))
+    assert len(acc) == 2

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from stm_dlp.types import PARAMS, mtt_from_cbv_cbf
+from stm_dlp.types import PARAMS, mtt_from_cbv_cbf, voxel_volume_ml  # noqa: F401 - part of this API
 
 REFERENCE_METHODS = ("contralateral", "global")
 CONNECTIVITIES = ("3d", "2d")
@@ -142,14 +142,6 @@ def _as3d(a: np.ndarray, what: str) -> np.ndarray:
     if a.ndim != 3:
         raise ValueError(f"{what} must be (S, H, W) or (H, W), got shape {a.shape}")
     return a
-
-
-def voxel_volume_ml(affine: Any) -> float:
-    """Volume of one voxel in ml: ``|det(affine[:3, :3])|`` mm³ / 1000 (``affine`` ``(4, 4)``, mm)."""
-    a = _np(affine)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
-        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {a.shape}")
-    return float(abs(np.linalg.det(a[:3, :3])) / 1000.0)
 
 
 def split_channels(maps_sphw: Any, params: Sequence[str] = PARAMS) -> dict[str, np.ndarray]:
