@@ -108,3 +108,41 @@ def test_validation_grid_layout():
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="residue"):
         ph.PhantomConfig(residue="triangle")
+
+
+def test_classic_outputs_unchanged_for_a_fixed_seed():
+    """Reference values recorded before the ribbon family and the geometry options were added."""
+    import hashlib
+
+    cfg = ph.PhantomConfig(height=32, width=32, n_slices=2, frames_min=20, frames_max=30, residue="mixed",
+                           lesion_probability=1.0)
+    s = ph.simulate_patient(cfg, 12)
+    assert hashlib.sha256(s.meta["labels"].astype(np.int64).tobytes()).hexdigest()[:16] == "9dbcc18dd1d42702"
+    assert s.n_frames == 26 and s.meta["residue"] == "exponential" and int(s.mask.sum()) == 834
+    assert s.meta["aif_params"]["t0_s"] == pytest.approx(4.535729541558368, rel=1e-12)
+    np.testing.assert_allclose(s.times_s[0, [1, 5, -1]], [1.2809584140777588, 5.625909328460693, 36.97569274902344],
+                               rtol=1e-7)
+    np.testing.assert_allclose(s.frames[1, ::6, 16, 10], [26.67168617248535, 26.568286895751953, 33.2522087097168,
+                                                          27.947486877441406, 24.996109008789062], rtol=1e-5)
+    assert float(s.frames.astype(np.float64).sum()) == pytest.approx(-20120935.43476391, rel=1e-7)
+    np.testing.assert_allclose(s.maps.astype(np.float64).sum(axis=(0, 2, 3)),
+                               [2447.5131138563156, 33689.715980529785, 974.8232138510793], rtol=1e-6)
+    np.testing.assert_allclose(s.affine, ph.phantom_affine(32, 32, 2, 220.0, 5.0))
+    assert s.meta["family"] == "classic"
+
+
+def test_classic_realistic_geometry_keeps_the_head_size():
+    """With pixel_mm the classic head keeps its physical size whatever the matrix; other draws unchanged."""
+    areas = []
+    for size in (160, 256):  # both hold the 220 mm design head at >= 1.4 mm
+        cfg = ph.PhantomConfig(height=size, width=size, n_slices=1, frames_min=8, frames_max=8,
+                               pixel_mm=(1.4, 2.0), slice_mm_range=(4.0, 10.0))
+        s = ph.simulate_patient(cfg, 4)
+        px = float(np.linalg.norm(s.affine[:3, 0]))
+        assert 1.4 <= px <= 2.0 and 4.0 <= float(np.linalg.norm(s.affine[:3, 2])) <= 10.0
+        areas.append((s.meta["labels"][0] != ph.AIR).sum() * px * px)
+        default = ph.simulate_patient(ph.PhantomConfig(height=size, width=size, n_slices=1, frames_min=8,
+                                                       frames_max=8), 4)
+        np.testing.assert_array_equal(s.times_s, default.times_s)  # its own random stream
+    assert areas[0] == pytest.approx(areas[1], rel=0.05)
+    assert 2.3e4 < areas[0] < 3.6e4  # a ~175 x 210 mm head (outer skull), as in the default 220 mm FOV

@@ -27,17 +27,32 @@ Konstas et al., AJNR 2009;30:662 (normal GM/WM CBF, CBV, MTT by CT); Campbell et
 2011;42:3435 (Tmax > 6 s hypoperfusion); Lansberg et al. 2012 / Albers 2018 (DEFUSE, RAPID
 core as rCBF < 30%). Framing: 40-60 frames, ~1-1.8 s then 2-3 s intervals with jitter, total
 60-120 s, as in clinical protocols (Konstas 2009; Wintermark 2015 consensus).
+
+Families. This module is the ``"classic"`` family (the default, ``PhantomConfig.family``). A second,
+independent generator, ``"ribbon"`` (:mod:`stm_dlp.data.phantom_ribbon`), differs in anatomy, lesions,
+AIF model, residue shapes, dispersion, noise, spacing and framing, so that a model can be trained on
+one family and tested on the other. :func:`simulate_patient` and :func:`simulate_cohort` dispatch on
+``family``; both return the same :class:`~stm_dlp.types.Study` contract and ``meta`` keys.
+
+Geometry of the classic family. By default the head fills a ``fov_mm`` field of view whatever the
+matrix (pixel = ``fov_mm / matrix``) and slices are ``slice_mm`` apart, exactly as before. With
+``pixel_mm=(lo, hi)`` the pixel size is drawn per patient in that range and the head keeps the physical
+size it has in a ``fov_mm`` FOV (so a 512² matrix at 0.45 mm shows the same head as 128² at 1.8 mm);
+where the matrix cannot hold the head at that pixel size it is scaled to fit, as with the default.
+``slice_mm_range=(lo, hi)`` draws the slice thickness per patient (affine only: the classic anatomy
+is defined on a normalised height). These draws use their own random stream, so switching them on does
+not change anything else a seed produces.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
-from stm_dlp.geometry import phantom_affine
+from stm_dlp.geometry import affine_from_dicom_geometry, phantom_affine
 from stm_dlp.perfusion.physics import (
     RESIDUE_KINDS,
     TissueCurveTable,
@@ -49,7 +64,12 @@ from stm_dlp.types import PARAMS, Study
 
 # Tissue classes (label image values).
 AIR, SKULL, WM, GM, CSF, ARTERY, VEIN, PENUMBRA, CORE = range(9)
-TISSUE_NAMES = ("air", "skull", "white_matter", "gray_matter", "csf", "artery", "vein", "penumbra", "core")
+#: Phantom generators (``PhantomConfig.family``).
+FAMILIES: tuple[str, ...] = ("classic", "ribbon")
+#: Residue shapes of the ribbon family.
+RIBBON_RESIDUES: tuple[str, ...] = ("exponential", "gamma", "lognormal")
+#: Dispersion kernels of the ribbon family.
+RIBBON_DISPERSIONS: tuple[str, ...] = ("exponential", "gamma")
 
 #: (CBF mean, MTT mean s, delay range s) per perfused class.
 TISSUE_PARAMS: dict[int, tuple[float, float, tuple[float, float]]] = {
@@ -63,9 +83,79 @@ BASELINE_HU = {AIR: -1000.0, SKULL: 1000.0, WM: 28.0, GM: 38.0, CSF: 8.0, ARTERY
                PENUMBRA: 36.0, CORE: 32.0}
 
 
+def _range(name: str, value, lo_min: float = 0.0) -> tuple[float, float] | None:
+    """``value`` as a ``(lo, hi)`` float pair (Hydra gives lists), checked; ``None`` stays ``None``."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a pair (lo, hi), got {value!r}") from None
+    if not lo_min <= lo <= hi:
+        raise ValueError(f"{name} must satisfy {lo_min} <= lo <= hi, got {value!r}")
+    return lo, hi
+
+
+@dataclass
+class RibbonOptions:
+    """Options of the ``"ribbon"`` family (:mod:`stm_dlp.data.phantom_ribbon`); ranges are drawn per patient.
+
+    Attributes:
+        noise_hu: range of the per-frame noise standard deviation (HU), averaged over the brain.
+        noise_corr_px: range of the Gaussian smoothing sigma (pixels) that correlates the noise in-plane.
+        poisson: noise grows toward the head centre, where rays cross more tissue and bone.
+        streaks: beam-hardening-like streaks starting at the skull (static, slightly varying per frame),
+            plus cupping.
+        psf_px: range of the scanner PSF sigma (pixels) blurring the unenhanced image (skull blooming).
+        scalp: soft tissue (skin, fat) outside the skull; labelled ``AIR`` (not brain).
+        residue: ``exponential``, ``gamma``, ``lognormal`` or ``mixed`` (one drawn per patient).
+        dispersion: ``exponential``, ``gamma`` or ``mixed`` (one drawn per patient).
+        arrival_s: range of the AIF arrival (s after the first frame).
+        total_s: range of the acquisition length (s); the frame count comes from ``frames_min/max``.
+        interval_s: allowed frame intervals (s).
+        fine_dt_s: step (s) of the fine grid the curves and TMAX are computed on.
+        two_territory_probability: chance that a lesion spans two adjacent vascular territories.
+    """
+
+    noise_hu: tuple[float, float] = (0.0, 8.0)
+    noise_corr_px: tuple[float, float] = (0.4, 1.2)
+    poisson: bool = True
+    streaks: bool = True
+    psf_px: tuple[float, float] = (0.0, 0.3)
+    scalp: bool = True
+    residue: str = "mixed"
+    dispersion: str = "mixed"
+    arrival_s: tuple[float, float] = (2.0, 15.0)
+    total_s: tuple[float, float] = (50.0, 90.0)
+    interval_s: tuple[float, float] = (1.0, 3.0)
+    fine_dt_s: float = 0.05
+    two_territory_probability: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("noise_hu", "noise_corr_px", "psf_px", "arrival_s", "total_s"):
+            setattr(self, name, _range(f"ribbon.{name}", getattr(self, name)))
+        self.interval_s = _range("ribbon.interval_s", self.interval_s, lo_min=0.05)
+        if self.residue not in (*RIBBON_RESIDUES, "mixed"):
+            raise ValueError(f"ribbon.residue must be one of {(*RIBBON_RESIDUES, 'mixed')}, got {self.residue!r}")
+        if self.dispersion not in (*RIBBON_DISPERSIONS, "mixed"):
+            raise ValueError(f"ribbon.dispersion must be one of {(*RIBBON_DISPERSIONS, 'mixed')}, "
+                             f"got {self.dispersion!r}")
+        if not 0.001 <= self.fine_dt_s <= 0.5:
+            raise ValueError(f"ribbon.fine_dt_s must be in [0.001, 0.5] s, got {self.fine_dt_s}")
+        if not 0.0 <= self.two_territory_probability <= 1.0:
+            raise ValueError("ribbon.two_territory_probability must be in [0, 1]")
+
+
 @dataclass
 class PhantomConfig:
-    """Size and randomness of a phantom cohort (all values documented in the module docstring)."""
+    """Size and randomness of a phantom cohort (all values documented in the module docstring).
+
+    Shared by both families: ``height``, ``width`` (the matrix), ``n_slices``, ``frames_min``,
+    ``frames_max``, ``lesion_probability``, ``recirculation``, ``pixel_mm`` and ``slice_mm_range``
+    (``None`` = the family's default: classic ``fov_mm / matrix`` and ``slice_mm``, ribbon (0.5, 2.0) mm
+    and (4, 10) mm). Classic only: ``noise_hu``, ``residue``, ``fov_mm``, ``slice_mm``, ``fine_dt_s``.
+    Ribbon only: ``ribbon`` (:class:`RibbonOptions`, its own noise, residue, framing and artefacts).
+    """
 
     height: int = 64
     width: int = 64
@@ -79,8 +169,21 @@ class PhantomConfig:
     fov_mm: float = 220.0
     slice_mm: float = 5.0
     fine_dt_s: float = 0.02
+    family: str = "classic"
+    pixel_mm: tuple[float, float] | None = None
+    slice_mm_range: tuple[float, float] | None = None
+    ribbon: RibbonOptions = field(default_factory=RibbonOptions)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        self.pixel_mm = _range("pixel_mm", self.pixel_mm, lo_min=1e-3)
+        self.slice_mm_range = _range("slice_mm_range", self.slice_mm_range, lo_min=1e-3)
+        if not isinstance(self.ribbon, RibbonOptions):
+            try:
+                self.ribbon = RibbonOptions(**dict(self.ribbon or {}))
+            except TypeError as exc:
+                raise ValueError(f"ribbon: {exc}") from None
         if self.residue not in (*RESIDUE_KINDS, "mixed"):
             raise ValueError(f"residue must be one of {(*RESIDUE_KINDS, 'mixed')}, got {self.residue!r}")
         if not 2 <= self.frames_min <= self.frames_max:
@@ -113,9 +216,18 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, int], length_px: fl
 
 
 def head_labels(rng: np.random.Generator, height: int, width: int, z: float,
-                lesion: dict | None) -> np.ndarray:
-    """Label image ``(H, W)`` of tissue classes for an axial slice at height ``z`` ∈ [0, 1]."""
-    y, x = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+                lesion: dict | None, step: float | None = None) -> np.ndarray:
+    """Label image ``(H, W)`` of tissue classes for an axial slice at height ``z`` ∈ [0, 1].
+
+    The head is drawn in normalised coordinates (±1 = the edges of the default framing). ``step`` is
+    the normalised size of one pixel (same along rows and columns, centred grid); ``None`` keeps the
+    default framing, where ±1 are the first and last row / column.
+    """
+    if step is None:
+        y, x = np.meshgrid(np.linspace(-1, 1, height), np.linspace(-1, 1, width), indexing="ij")
+    else:
+        y, x = np.meshgrid((np.arange(height) - (height - 1) / 2) * step,
+                           (np.arange(width) - (width - 1) / 2) * step, indexing="ij")
     size = 0.75 + 0.25 * math.cos((z - 0.45) * 2.2)
     ax, ay = 0.72 * size, 0.86 * size
     r = np.sqrt((x / ax) ** 2 + (y / ay) ** 2)
@@ -137,23 +249,60 @@ def head_labels(rng: np.random.Generator, height: int, width: int, z: float,
         tissue = brain & (labels != CSF)
         labels[tissue & (d < 1.0)] = PENUMBRA
         labels[tissue & (d < lesion["core_frac"])] = CORE
-    rad = max(1.0, height / 40)
-    px = np.stack([y * (height - 1) / 2, x * (width - 1) / 2])
+    if step is None:
+        rad = max(1.0, height / 40)
+        px = np.stack([y * (height - 1) / 2, x * (width - 1) / 2])
+        sy, sx_ = (height - 1) / 2, (width - 1) / 2
+    else:  # vessels keep their physical size: radius 1/40 of the design FOV (normalised 1/20)
+        rad = max(1.0, 1.0 / (20.0 * step))
+        px = np.stack([y / step, x / step])
+        sy = sx_ = 1.0 / step
     for cx, cy in ((-0.3 * ax, -0.05 * ay), (0.3 * ax, -0.05 * ay), (0.0, -0.55 * ay)):  # MCAs, ACA
-        dist = np.hypot(px[0] - cy * (height - 1) / 2, px[1] - cx * (width - 1) / 2)
+        dist = np.hypot(px[0] - cy * sy, px[1] - cx * sx_)
         labels[brain & (dist <= rad)] = ARTERY
-    dist = np.hypot(px[0] - 0.92 * ay * (height - 1) / 2, px[1])
+    dist = np.hypot(px[0] - 0.92 * ay * sy, px[1])
     labels[(r < 1.0) & (dist <= rad * 1.3)] = VEIN  # superior sagittal sinus, posterior midline
     return labels
 
 
+def axial_affine(height: int, width: int, n_slices: int, pixel_mm: float, slice_mm: float) -> np.ndarray:
+    """Affine of a centred axial volume with square ``pixel_mm`` pixels and slices ``slice_mm`` apart."""
+    first = np.array([-pixel_mm * width / 2, -pixel_mm * height / 2, -slice_mm * (n_slices - 1) / 2])
+    return affine_from_dicom_geometry(first, np.array([1, 0, 0, 0, 1, 0]), (pixel_mm, pixel_mm),
+                                      np.array([0.0, 0.0, slice_mm]))
+
+
+def _classic_geometry(cfg: PhantomConfig, seed: int) -> tuple[float | None, np.ndarray]:
+    """Normalised pixel step for :func:`head_labels` (``None`` = default framing) and the affine.
+
+    Drawn from a stream of its own (``[seed, 1]``) so the other draws of a seed do not move.
+    """
+    h, w, s_count = cfg.height, cfg.width, cfg.n_slices
+    if cfg.pixel_mm is None and cfg.slice_mm_range is None:
+        return None, phantom_affine(h, w, s_count, cfg.fov_mm, cfg.slice_mm)
+    rng = np.random.default_rng([seed, 1])
+    slice_mm = cfg.slice_mm if cfg.slice_mm_range is None else float(rng.uniform(*cfg.slice_mm_range))
+    if cfg.pixel_mm is None:  # only the thickness is drawn: default framing (pixel = fov / matrix)
+        return None, phantom_affine(h, w, s_count, cfg.fov_mm, slice_mm)
+    pixel = float(rng.uniform(*cfg.pixel_mm))
+    # the head keeps its size in a fov_mm FOV, unless the matrix is too small to hold it at this pixel
+    step = max(pixel / (cfg.fov_mm / 2), 2.0 / (min(h, w) - 1))
+    return step, axial_affine(h, w, s_count, pixel, slice_mm)
+
+
 def simulate_patient(cfg: PhantomConfig, seed: int, patient_id: str | None = None) -> Study:
-    """One phantom patient (all slices), deterministic in ``seed``.
+    """One phantom patient (all slices) of the family ``cfg.family``, deterministic in ``seed``.
 
     ``meta`` carries the exact inputs: ``aif_hu`` (S, T) (true AIF at each slice's times),
     ``labels`` (S, H, W) tissue classes, ``baseline_hu`` (S, H, W), ``residue``, ``aif_params``,
-    ``aif_pixels`` / ``vof_pixels`` (lists of ``(slice, row, col)``), and the config.
+    ``aif_pixels`` / ``vof_pixels`` (lists of ``(slice, row, col)``), ``vof_hu``, ``family``, ``config``
+    and ``seed``. The ribbon family adds more (see :mod:`stm_dlp.data.phantom_ribbon`).
     """
+    if cfg.family == "ribbon":
+        from stm_dlp.data.phantom_ribbon import simulate_ribbon_patient
+
+        return simulate_ribbon_patient(cfg, seed, patient_id)
+    step, affine = _classic_geometry(cfg, seed)
     rng = np.random.default_rng(seed)
     h, w, s_count = cfg.height, cfg.width, cfg.n_slices
     n_frames = int(rng.integers(cfg.frames_min, cfg.frames_max + 1))
@@ -194,7 +343,7 @@ def simulate_patient(cfg: PhantomConfig, seed: int, patient_id: str | None = Non
     aif_pixels, vof_pixels = [], []
     for si in range(s_count):
         z = (si + 0.5) / s_count
-        labels = head_labels(rng, h, w, z, lesion)
+        labels = head_labels(rng, h, w, z, lesion, step)
         labels_all[si] = labels
         baseline = np.vectorize(BASELINE_HU.get)(labels).astype(np.float64)
         baseline += np.where(labels >= WM, 2.0 * smooth_field(rng, (h, w), 2.0), 0.0)
@@ -238,14 +387,15 @@ def simulate_patient(cfg: PhantomConfig, seed: int, patient_id: str | None = Non
     return Study(
         frames=frames,
         times_s=np.repeat(times[None].astype(np.float32), s_count, axis=0),
-        affine=phantom_affine(h, w, s_count, cfg.fov_mm, cfg.slice_mm),
+        affine=affine,
         maps=maps,
         mask=mask,
         patient_id=pid,
         source=f"phantom(seed={seed})",
         meta=dict(aif_hu=np.repeat(aif_at[None].astype(np.float32), s_count, axis=0), labels=labels_all,
                   baseline_hu=baseline_all, residue=residue, aif_params=aif_params, aif_pixels=aif_pixels,
-                  vof_pixels=vof_pixels, vof_hu=vof_at.astype(np.float32), config=asdict(cfg), seed=seed),
+                  vof_pixels=vof_pixels, vof_hu=vof_at.astype(np.float32), family="classic",
+                  config=asdict(cfg), seed=seed),
     ).validate()
 
 
@@ -257,7 +407,7 @@ def cohort_member(index: int, seed: int = 0) -> tuple[int, str]:
 
 
 def simulate_cohort(n_patients: int, cfg: PhantomConfig | None = None, seed: int = 0) -> list[Study]:
-    """``n_patients`` independent phantom patients; patient i is :func:`cohort_member` ``(i, seed)``."""
+    """``n_patients`` independent patients of ``cfg.family``; patient i is :func:`cohort_member` ``(i, seed)``."""
     cfg = cfg or PhantomConfig()
     return [simulate_patient(cfg, *cohort_member(i, seed)) for i in range(n_patients)]
 
