@@ -1,10 +1,10 @@
 """Indexing: find the files of a study folder and read each header once into a :class:`FrameRecord`.
 
-This is today's only *source of frames*: classic single-frame files, one image per file
+Two *sources of frames* share the one header read per file
 (``pydicom.dcmread(stop_before_pixels=True)``, raw header values, the pixel byte offset remembered so
-the pixels are read later without parsing the file again). Another source — enhanced multi-frame
-files (one :class:`FrameRecord` per frame from the per-frame functional groups) — is a function
-like :func:`index_folder` returning ``(records, skipped)``; the steps after it only read records.
+the pixels are read later without parsing the file again): a classic single-frame file gives one
+:class:`FrameRecord`; an enhanced multi-frame file one record per frame, from its functional groups
+(:mod:`stm_dlp.data.dicom.enhanced`). The steps after :func:`index_folder` only read records.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
+from stm_dlp.data.dicom.enhanced import expand_enhanced, is_enhanced
 from stm_dlp.data.dicom.pixels import NATIVE_LE, native_dtype
 from stm_dlp.data.dicom.record import FrameRecord, short_error
 from stm_dlp.data.dicom.times import TIME_TAGS
@@ -147,8 +148,9 @@ def _pixel_element(fh: Any, pos: int, size: int, implicit: bool) -> tuple[int, i
     return pos + 8, struct.unpack("<H", head[6:8])[0]
 
 
-def index_file(path: Path, root: Path) -> FrameRecord | tuple[str, str]:
-    """Index one file; a non-image object or non-CT image returns ``(rel, reason)`` (skipped)."""
+def index_file(path: Path, root: Path, *, any_modality: bool = False) -> list[FrameRecord] | tuple[str, str]:
+    """Index one file: its records (one per frame), or ``(rel, reason)`` for a skipped object — a
+    non-image object, a localizer, or (unless ``any_modality``) an image of another modality than CT."""
     rel = path.relative_to(root).as_posix()
     try:
         size = path.stat().st_size
@@ -175,7 +177,7 @@ def index_file(path: Path, root: Path) -> FrameRecord | tuple[str, str]:
     modality = (hd.text("Modality") or "").upper()
     if _is_non_image(sop_class, modality):
         return rel, f"non-image object (SOP class {sop_class or '?'}, modality {modality or '?'})"
-    if modality and modality != "CT":
+    if modality and modality != "CT" and not any_modality:
         return rel, f"image of modality {modality}, not CT"
     if "LOCALIZER" in (hd.text("ImageType") or "").upper():
         return rel, "localizer (scout) image"
@@ -210,6 +212,8 @@ def index_file(path: Path, root: Path) -> FrameRecord | tuple[str, str]:
         bits_allocated=bits_allocated, bits_stored=hd.integer("BitsStored") or bits_allocated,
         pixel_representation=hd.integer("PixelRepresentation") or 0,
         samples=hd.integer("SamplesPerPixel") or 1, n_frames=hd.integer("NumberOfFrames") or 1,
+        study_uid=hd.text("StudyInstanceUID"), frame_of_reference_uid=hd.text("FrameOfReferenceUID"),
+        image_type=hd.text("ImageType"),
     )
     # Pixel problems are kept with the record: the reader raises them when the frame is read, or with
     # on_bad_frame="nan" marks just that frame as bad.
@@ -228,13 +232,16 @@ def index_file(path: Path, root: Path) -> FrameRecord | tuple[str, str]:
                                    f"{rows}×{cols} at {bits_allocated} bits need {need} (truncated?)")
             else:
                 rec.pixel_offset, rec.pixel_length, rec.has_pixels = offset, length, True
-    return rec
+    if is_enhanced(ds, sop_class):
+        return expand_enhanced(rec, ds)
+    return [rec]
 
 
 
-def index_folder(root: Path) -> tuple[list[FrameRecord], list[str]]:
-    """Index every file under folder ``root``: the CT image records, and the skipped objects as
-    ``"relative path: reason"`` (non-image objects, localizers, other modalities).
+def index_folder(root: Path, *, any_modality: bool = False) -> tuple[list[FrameRecord], list[str]]:
+    """Index every file under folder ``root``: the CT image records (one per frame), and the skipped
+    objects as ``"relative path: reason"`` (non-image objects, localizers, other modalities unless
+    ``any_modality``, e.g. for derived maps).
 
     Raises:
         StudyError: ``root`` is missing, not a folder or empty; a file is not DICOM or is corrupt; no
@@ -251,9 +258,9 @@ def index_folder(root: Path) -> tuple[list[FrameRecord], list[str]]:
     recs: list[FrameRecord] = []
     skipped: list[str] = []
     for f in files:
-        item = index_file(f, root)
-        if isinstance(item, FrameRecord):
-            recs.append(item)
+        item = index_file(f, root, any_modality=any_modality)
+        if isinstance(item, list):
+            recs.extend(item)
         else:
             skipped.append(f"{item[0]}: {item[1]}")
     if not recs:

@@ -38,7 +38,10 @@ def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None,
         ``(S, T)`` seconds from the study's earliest frame, ``affine`` (4, 4) RAS+ mm for arrays in
         ``(W, H, S)`` order, ``maps``/``mask`` None, ``patient_id`` pseudonymised, ``source`` the
         folder, and ``meta`` with ``series_uid_hash``, ``time_tag``, ``crosses_midnight``,
-        ``geometry_tag``, ``files`` (``[slice][frame]`` paths relative to the folder),
+        ``geometry_tag``, ``series_layout`` (one series, or one series per time point),
+        ``series_uid_hashes`` (in time order), ``dicom_format`` (single-frame or enhanced multi-frame),
+        ``dicom_folder``, ``time_source``, ``files`` (``[slice][frame]`` paths relative to the folder;
+        with ``frames_in_file``, 1-based, for enhanced files),
         ``slice_positions_mm``, ``pixel_spacing_mm``, ``skipped`` (non-CT objects ignored) and
         ``bad_frames`` (empty unless ``on_bad_frame="nan"``).
 
@@ -48,10 +51,10 @@ def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None,
     if on_bad_frame not in ON_BAD_FRAME:
         raise ValueError(f"on_bad_frame must be one of {', '.join(ON_BAD_FRAME)}, got {on_bad_frame!r}")
     root = Path(path)
-    # The source of frames: one record per single-frame file. Other sources (enhanced multi-frame,
-    # one series per time point) produce the same records, and every step below stays as it is.
+    # The sources of frames: one record per single-frame file, one per frame of an enhanced file;
+    # one series per time point is combined by select_series. Every later step only reads records.
     recs, skipped = index_folder(root)
-    recs = select_series(recs, root)
+    recs, layout = select_series(recs, root)
     check_consistent(recs)
     grid = arrange_frames(recs, root)
     frames, bad_frames = read_frames(grid.records, on_bad_frame, root)
@@ -60,6 +63,13 @@ def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None,
         warnings.warn(f"{root}: {note}", stacklevel=2)  # points at the caller of read_dicom_study
 
     first = grid.records[0][0]
+    # series of a one-series-per-time-point export, in time order (hashed: no UID leaves in clear)
+    series_order: list[str] = []
+    for t in range(len(grid.records[0])):
+        for sl in grid.records:
+            if (h := hash_uid(sl[t].series_uid)) not in series_order:
+                series_order.append(h)
+    enhanced = first.frame_index is not None
     study = Study(
         frames=frames,
         times_s=(grid.times_s - grid.times_s.min()).astype(np.float32),
@@ -71,7 +81,14 @@ def read_dicom_study(path: str | Path, *, pseudonym_key: bytes | None = None,
             "time_tag": grid.time_tag,
             "crosses_midnight": bool(grid.crosses_midnight),
             "geometry_tag": grid.geometry_tag,
+            "series_layout": layout,
+            "series_uid_hashes": series_order,
+            "dicom_format": ("enhanced multi-frame" if enhanced else "single-frame")
+                            + (f" ({len({r.path for sl in grid.records for r in sl})} files)" if enhanced else ""),
+            "dicom_folder": str(root),
+            "time_source": f"DICOM {grid.time_tag}",
             "files": [[r.rel for r in sl] for sl in grid.records],
+            **({"frames_in_file": [[(r.frame_index or 0) + 1 for r in sl] for sl in grid.records]} if enhanced else {}),
             "slice_positions_mm": [float(p) for p in grid.slice_positions_mm],
             "pixel_spacing_mm": [float(spacing[0]), float(spacing[1])],
             "skipped": skipped,

@@ -16,10 +16,12 @@ import numpy as np
 
 @dataclass
 class FrameRecord:
-    """What the indexing pass learns about one image (today: one single-frame file).
+    """What the indexing pass learns about one image: a single-frame file, or one frame of an
+    enhanced multi-frame file (``frame_index`` set, geometry, rescale and times from its per-frame
+    and shared functional groups).
 
     Geometry is in the DICOM patient frame (LPS, mm); ``tags`` holds the raw text of the time tags
-    (:data:`~stm_dlp.data.dicom.times.TIME_TAGS`) the file carries.
+    (:data:`~stm_dlp.data.dicom.times.TIME_TAGS`) the file (or the frame) carries.
     """
 
     path: Path
@@ -48,7 +50,17 @@ class FrameRecord:
     pixel_length: int | None = None
     has_pixels: bool | None = None  # None: unknown until the pixels are read
     pixel_error: str | None = None  # pixel data missing or truncated (raised when the frame is read)
+    frame_index: int | None = None  # 0-based frame of a multi-frame file; None for a single-frame file
+    study_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    image_type: str | None = None
+    temporal_index: int | None = None  # TemporalPositionIndex of an enhanced frame (checked, never trusted alone)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        """The file, and for a frame of a multi-frame file which frame, for messages."""
+        return str(self.path) if self.frame_index is None else f"{self.path} (frame {self.frame_index + 1})"
 
 
 def short_error(exc: BaseException, limit: int = 300) -> str:

@@ -1,10 +1,13 @@
-"""From records to a ``[slice][frame]`` grid: one series, one geometry, slices along the normal,
+"""From records to a ``[slice][frame]`` grid: one acquisition, one geometry, slices along the normal,
 frames in time order, the same number of frames in every slice — and the grid's place in space.
 
-Today a study is exactly one series (:func:`select_series`). One-series-per-time-point exports
-(each time point its own SeriesInstanceUID) would be accepted there, by grouping the series of
-one acquisition instead of refusing them; :func:`arrange_frames` does not care which series a
-record came from.
+A study is one series, or — :func:`select_series` — *one series per time point*: several
+SeriesInstanceUIDs with the same StudyInstanceUID and FrameOfReferenceUID, each a single volume
+(one image per slice position) of the same geometry (Rows×Columns, ImageOrientationPatient,
+PixelSpacing, slice positions) and ImageType. Those are combined into one study and ordered by
+acquisition time like the frames of one series. Anything else with more than one series (a CTA
+beside the CTP, two perfusion series, per-volume series whose geometry differs) is an error naming
+both series. :func:`arrange_frames` does not care which series or file a record came from.
 """
 
 from __future__ import annotations
@@ -22,19 +25,79 @@ from stm_dlp.types import StudyError
 
 #: Slice positions (mm along the normal) closer than this are the same slice.
 SLICE_TOL_MM = 0.05
+#: What :func:`select_series` reports in ``meta["series_layout"]``.
+SERIES_LAYOUTS = ("one series", "one series per time point")
 
 
-def select_series(recs: list[FrameRecord], root: Path) -> list[FrameRecord]:
-    """The records of the one CT series in ``root``; more than one SeriesInstanceUID is an error."""
+def _describe(uid: str, rs: list[FrameRecord]) -> str:
+    files = {r.path for r in rs}
+    return f"series {hash_uid(uid)} ({len(files)} files, e.g. {rs[0].path})"
+
+
+def _single_volume(rs: list[FrameRecord]) -> bool:
+    """True when no two images of ``rs`` share a slice position (one volume at one time)."""
+    try:
+        positions, _, _ = slice_positions(rs)
+    except StudyError:
+        return False
+    return all(len(g) == 1 for g in group_slices(positions))
+
+
+def _per_volume_mismatch(by_series: dict[str, list[FrameRecord]]) -> str | None:
+    """What differs between single-volume series that should be the time points of one acquisition
+    (the tag and both values), or None when they match."""
+    (uid0, ref), *others = list(by_series.items())
+    p0 = np.sort(slice_positions(ref)[0])
+    for uid, rs in others:
+        a, b = ref[0], rs[0]
+        checks = [
+            ("Rows/Columns", f"{a.rows}×{a.cols}", f"{b.rows}×{b.cols}", (a.rows, a.cols) == (b.rows, b.cols)),
+            ("ImageOrientationPatient", a.iop, b.iop, a.iop is None and b.iop is None or (
+                a.iop is not None and b.iop is not None and float(np.max(np.abs(a.iop - b.iop))) <= 1e-4)),
+            ("PixelSpacing", a.pixel_spacing, b.pixel_spacing, a.pixel_spacing == b.pixel_spacing or (
+                a.pixel_spacing is not None and b.pixel_spacing is not None
+                and float(np.max(np.abs(np.subtract(a.pixel_spacing, b.pixel_spacing)))) <= 1e-4)),
+            ("ImageType", a.image_type, b.image_type, a.image_type == b.image_type),
+        ]
+        for tag, va, vb, same in checks:
+            if not same:
+                return (f"{_describe(uid0, ref)} and {_describe(uid, rs)} look like one series per time point (same "
+                        f"StudyInstanceUID and FrameOfReferenceUID, one volume each) but their {tag} differs "
+                        f"({va} vs {vb})")
+        p1 = np.sort(slice_positions(rs)[0])
+        if p1.shape != p0.shape or float(np.max(np.abs(p1 - p0))) > SLICE_TOL_MM:
+            return (f"{_describe(uid0, ref)} and {_describe(uid, rs)} look like one series per time point (same "
+                    "StudyInstanceUID and FrameOfReferenceUID, one volume each) but their slice positions "
+                    f"(ImagePositionPatient) differ ({p0.size} slices at {np.round(p0, 2).tolist()[:6]} mm vs "
+                    f"{p1.size} at {np.round(p1, 2).tolist()[:6]} mm)")
+    return None
+
+
+def select_series(recs: list[FrameRecord], root: Path) -> tuple[list[FrameRecord], str]:
+    """The records of the one acquisition in ``root`` and its layout (one of :data:`SERIES_LAYOUTS`).
+
+    Raises:
+        StudyError: more than one series that are not the time points of one acquisition (both
+            named), or per-volume series whose geometry differs (both named, and the tag).
+    """
     by_series: dict[str, list[FrameRecord]] = {}
     for r in recs:
         by_series.setdefault(r.series_uid, []).append(r)
-    if len(by_series) > 1:
-        parts = [f"series {hash_uid(uid)} ({len(rs)} files, e.g. {rs[0].path})"
-                 for uid, rs in by_series.items()]
-        raise StudyError(f"{root}: more than one CT series with pixel data (SeriesInstanceUID): "
-                         + "; ".join(parts) + ". Put each series in its own folder.")
-    return next(iter(by_series.values()))
+    if len(by_series) == 1:
+        return recs, SERIES_LAYOUTS[0]
+    groups = list(by_series.values())
+    same_study = len({rs[0].study_uid for rs in groups}) == 1 and all(
+        len({r.study_uid for r in rs}) == 1 for rs in groups)
+    same_for = len({r.frame_of_reference_uid for rs in groups for r in rs}) == 1
+    if same_study and same_for and all(_single_volume(rs) for rs in groups):
+        problem = _per_volume_mismatch(by_series)
+        if problem is not None:
+            raise StudyError(f"{root}: {problem}; a folder must hold one perfusion acquisition — put each series "
+                             "in its own folder")
+        return [r for rs in groups for r in rs], SERIES_LAYOUTS[1]
+    parts = [_describe(uid, rs) for uid, rs in by_series.items()]
+    raise StudyError(f"{root}: more than one CT series with pixel data (SeriesInstanceUID): "
+                     + "; ".join(parts) + ". Put each series in its own folder.")
 
 
 def check_consistent(recs: list[FrameRecord]) -> None:
@@ -49,27 +112,29 @@ def check_consistent(recs: list[FrameRecord]) -> None:
         odd = next(r for r in recs if (r.rows, r.cols) != common)
         raise StudyError(f"{odd.path}: Rows/Columns {odd.rows}×{odd.cols} differ from the "
                          f"{common[0]}×{common[1]} of the other files in the series")
-    seen: dict[str, FrameRecord] = {}
+    seen: dict[tuple[str, int | None], FrameRecord] = {}
     patients: dict[str, FrameRecord] = {}
     for r in recs:
-        if r.sop_uid in seen:
-            raise StudyError(f"{r.path}: duplicate SOPInstanceUID — the same image as "
-                             f"{seen[r.sop_uid].path}; remove one copy")
-        seen[r.sop_uid] = r
+        key = (r.sop_uid, r.frame_index)  # the frames of one enhanced file share its SOPInstanceUID
+        if key in seen:
+            raise StudyError(f"{r.where}: duplicate SOPInstanceUID — the same image as "
+                             f"{seen[key].where}; remove one copy")
+        seen[key] = r
         patients.setdefault(r.patient, r)
-        if r.n_frames != 1:  # the single-frame source; a multi-frame one would give one record per frame
-            raise StudyError(f"{r.path}: NumberOfFrames is {r.n_frames}; multi-frame (enhanced) CT is not "
-                             "supported, export one file per image")
+        if r.n_frames != 1 and r.frame_index is None:  # enhanced files give one record per frame
+            raise StudyError(f"{r.path}: NumberOfFrames is {r.n_frames} but the file has no per-frame functional "
+                             "groups (PerFrameFunctionalGroupsSequence); a multi-frame CT must be Enhanced CT — or "
+                             "export one file per image")
         if r.samples != 1:
             raise StudyError(f"{r.path}: SamplesPerPixel is {r.samples}; a CT image has 1 "
                              "(is it a screenshot?)")
         if r.iop is not None and first.iop is not None and np.max(np.abs(r.iop - first.iop)) > 1e-4:
-            raise StudyError(f"{r.path}: ImageOrientationPatient differs from {first.path}; the series mixes "
+            raise StudyError(f"{r.where}: ImageOrientationPatient differs from {first.where}; the series mixes "
                              "orientations")
         if (r.pixel_spacing is not None and first.pixel_spacing is not None
                 and np.max(np.abs(np.subtract(r.pixel_spacing, first.pixel_spacing))) > 1e-4):
-            raise StudyError(f"{r.path}: PixelSpacing {r.pixel_spacing} differs from {first.pixel_spacing} "
-                             f"of {first.path}")
+            raise StudyError(f"{r.where}: PixelSpacing {r.pixel_spacing} differs from {first.pixel_spacing} "
+                             f"of {first.where}")
     if len(patients) > 1:
         a, b = list(patients.values())[:2]
         raise StudyError(f"{a.path} and {b.path}: PatientID differs — the series mixes patients (IDs not "
@@ -169,8 +234,8 @@ def arrange_frames(recs: list[FrameRecord], root: Path) -> FrameGrid:
         sl = sorted(sl, key=lambda i: (times[i], recs[i].rel))
         for a, b in zip(sl[:-1], sl[1:]):
             if times[b] - times[a] <= DUP_TIME_S:
-                raise StudyError(f"{recs[b].path}: duplicate frame — same slice position and same time "
-                                 f"({time_tag}) as {recs[a].path}; frame times must increase within a slice")
+                raise StudyError(f"{recs[b].where}: duplicate frame — same slice position and same time "
+                                 f"({time_tag}) as {recs[a].where}; frame times must increase within a slice")
         ordered.append(sl)
     counts = [len(sl) for sl in ordered]
     if len(set(counts)) > 1:
