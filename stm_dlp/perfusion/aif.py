@@ -10,7 +10,7 @@ robustly (median / MAD) over the candidates and combined into one score
     score = z(peak) - z(arrival) - z(fwhm) - 0.5 z(roughness),
 
 pixels that peak low (below ``min_peak_frac`` of the ``n_aif``-th highest peak), too late (more
-than ``max_late_s`` after the earliest remaining peak) or are too rough (roughness above
+than ``max_late_s`` after the early (10th percentile) remaining peaks) or are too rough (roughness above
 ``max_roughness``) are excluded, and the AIF is the mean of the ``n_aif``
 best-scoring pixels (resampled from their real frame times onto the uniform grid).
 
@@ -184,7 +184,8 @@ def select_aif(
         pool_frac, pool_min: candidates = the top ``pool_frac`` (at least ``pool_min``) by peak.
         min_peak_frac: exclude candidates peaking below this fraction of the ``n_aif``-th highest peak
             (an artery is a high peak first; noise can make a dim tissue curve look early and narrow).
-        max_late_s: exclude candidates whose peak is this much later than the earliest candidate peak.
+        max_late_s: exclude candidates whose peak is this much later than the early candidates' peaks
+            (their 10th percentile).
         max_roughness: exclude candidates with a larger roughness (noisy or artefact curves).
         min_support: exclude candidates whose peak's larger neighbour is below this fraction of the
             peak (one-frame spikes), and candidates with a non-positive area.
@@ -210,7 +211,9 @@ def select_aif(
     # the baseline and leave a negative area) and not a one-frame spike
     plausible = (f["area"] > 0) & (f["support"] >= min_support)
     ok = (f["peak"] >= min_peak_frac * ref_peak) & (f["peak"] > 0) & (f["roughness"] <= max_roughness) & plausible
-    ok &= f["t_peak"] <= f["t_peak"][ok].min() + max_late_s if bool(ok.any()) else ok
+    # "late" relative to the early candidates' peak time: the 10th percentile rather than the minimum,
+    # so one pixel whose noise or an impulse peaks early cannot rule out every real artery
+    ok &= f["t_peak"] <= f["t_peak"][ok].quantile(0.1) + max_late_s if bool(ok.any()) else ok
     if int(ok.sum()) == 0:
         ok = (f["peak"] > 0) & plausible
     if int(ok.sum()) == 0:

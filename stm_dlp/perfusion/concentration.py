@@ -36,13 +36,24 @@ def _as_times(times_s: torch.Tensor | object, like: torch.Tensor) -> torch.Tenso
 
 
 def median3(x: torch.Tensor) -> torch.Tensor:
-    """Running median of 3 along the last axis (ends replicated): removes one-frame spikes, keeps edges."""
+    """Running median of 3 along the last axis: removes one-frame spikes, keeps edges.
+
+    The ends follow Tukey's end-point rule, ``m_0 = median(x_0, m_1, 3 m_1 - 2 m_2)``, so a spike in
+    the first or last frame is removed too (replicated ends would keep it).
+    """
     if x.shape[-1] < 3:
         return x
-    p = torch.cat([x[..., :1], x, x[..., -1:]], dim=-1)
-    a, b, c = p[..., :-2], p[..., 1:-1], p[..., 2:]
-    # median(a, b, c) = max(min(a, b), min(max(a, b), c)): elementwise, no sort
-    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+    def med(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # median(a, b, c) = max(min(a, b), min(max(a, b), c)): elementwise, no sort
+        return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+    m = x.clone()
+    m[..., 1:-1] = med(x[..., :-2], x[..., 1:-1], x[..., 2:])
+    if x.shape[-1] >= 4:
+        m[..., 0] = med(x[..., 0], m[..., 1], 3 * m[..., 1] - 2 * m[..., 2])
+        m[..., -1] = med(x[..., -1], m[..., -2], 3 * m[..., -2] - 2 * m[..., -3])
+    return m
 
 
 def curve_noise(x: torch.Tensor) -> torch.Tensor:
@@ -94,16 +105,18 @@ def arrival_details(curve: torch.Tensor, k_sigma: float = 3.0, min_rise_frac: fl
     half = 0.5 * (lo_pre + float(s[p]))
     below = torch.nonzero(s[:p] <= half).flatten()
     i_half = int(below[-1]) if below.numel() else 0
-    b = float(c[: max(i_half, 1)].median())  # frames before the half-way crossing: the pre-bolus level
+    b = float(c[: max(i_half, 1)].quantile(0.5))  # frames before the half-way crossing: the pre-bolus level
     amp = max(float(s[p]) - b, 0.0)
     level = b + max(k_sigma * sigma, min_rise_frac * amp)
     j = p
     while j > 0 and float(s[j - 1]) > level:
         j -= 1
-    # then down to the foot of the rise: while the curve keeps falling and stays above a low level
-    # (one noise sigma, 1 % of the rise), so a slow (tissue-like) rise is not cut at its 5 % point
-    foot = b + max(sigma, 0.01 * amp)
-    while j > 0 and foot < float(s[j - 1]) < float(s[j]):
+    # then down to the foot of the rise: while the raw curve keeps falling and stays above a low level
+    # (three noise sigmas, 1 % of the rise), so a slow (tissue-like) rise is not cut at its 5 % point.
+    # Raw, not median-3, values: next to the rise the running median is the larger of two noisy
+    # pre-bolus frames, which would pass the level far more often than one frame does.
+    foot = b + max(k_sigma * sigma, 0.01 * amp)
+    while j > 0 and foot < float(c[j - 1]) < float(c[j]):
         j -= 1
     return {"index": int(min(max(j, 1), n_t - 1)), "baseline_hu": b, "level_hu": level, "noise_hu": sigma,
             "amplitude_hu": amp, "peak_index": p}

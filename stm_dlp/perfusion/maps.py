@@ -71,7 +71,7 @@ from stm_dlp.perfusion.concentration import (
     uniform_grid,
 )
 from stm_dlp.perfusion.deconv import OI_TARGET_CT, OSVD_THRESHOLDS, Deconvolver, DeconvParams
-from stm_dlp.perfusion.mask import baseline_image, dilate, mask_from_baseline
+from stm_dlp.perfusion.mask import baseline_image, dilate, mask_from_baseline, median_filter
 from stm_dlp.perfusion.physics import TISSUE_SCALE
 from stm_dlp.types import mtt_from_cbv_cbf
 
@@ -106,6 +106,8 @@ AIF_POOL_MIN: int = 40
 #: Pixel spacing assumed when the study's is unknown (mm): the phantom's 128² slice (220 mm field of
 #: view), on which the pixel defaults were first chosen (1.5 px = 2.6 mm).
 FALLBACK_PIXEL_MM: float = 220.0 / 128.0
+#: Largest widening of the in-plane smoothing for noisy studies (:attr:`CalcParams.noise_ref_hu`).
+MAX_NOISE_WIDENING: float = 2.0
 #: Pixels sampled to estimate the study's per-frame noise (deterministic stride).
 NOISE_SAMPLE: int = 4096
 
@@ -134,6 +136,9 @@ class CalcParams:
             :data:`FALLBACK_PIXEL_MM`). A normalised convolution inside the brain mask that leaves
             vessels and CSF out (step 5).
         spatial_sigma_px: the same in pixels; when set it overrides ``spatial_sigma_mm``.
+        noise_ref_hu: studies noisier than this (per-frame noise, HU) get the in-plane smoothing
+            widened by ``sqrt(noise / noise_ref_hu)`` (at most :data:`MAX_NOISE_WIDENING`): at 15-30 HU
+            the default σ leaves tissue whose baseline error exceeds its enhancement; ``None`` = off.
         n_aif, n_vof, pv_correction: automatic AIF options (:func:`select_aif`).
         cbf_floor: below this CBF (ml/100g/min) TMAX and MTT are set to 0 (no usable residue).
         csf_max_hu: brain pixels whose pre-bolus HU (smoothed: ``csf_smooth_mm``, more with noise) is
@@ -163,6 +168,7 @@ class CalcParams:
     temporal_sigma_s: float = 0.0
     spatial_sigma_mm: float = 2.6
     spatial_sigma_px: float | None = None
+    noise_ref_hu: float | None = 8.0
     n_aif: int = 8
     n_vof: int = 8
     pv_correction: bool = True
@@ -191,12 +197,15 @@ class CalcParams:
     def torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == "float64" else torch.float32
 
-    def sigma_px(self, pixel_mm: tuple[float, float] | None) -> tuple[float, float]:
-        """In-plane smoothing σ in pixels (rows, columns)."""
+    def sigma_px(self, pixel_mm: tuple[float, float] | None, noise_hu: float = 0.0) -> tuple[float, float]:
+        """In-plane smoothing σ in pixels (rows, columns) for a study with per-frame noise ``noise_hu``."""
+        widen = 1.0
+        if self.noise_ref_hu and noise_hu > self.noise_ref_hu:
+            widen = min(math.sqrt(noise_hu / self.noise_ref_hu), MAX_NOISE_WIDENING)
         if self.spatial_sigma_px is not None:
-            return float(self.spatial_sigma_px), float(self.spatial_sigma_px)
+            return float(self.spatial_sigma_px) * widen, float(self.spatial_sigma_px) * widen
         mm = pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM)
-        return self.spatial_sigma_mm / mm[0], self.spatial_sigma_mm / mm[1]
+        return self.spatial_sigma_mm / mm[0] * widen, self.spatial_sigma_mm / mm[1] * widen
 
     def deconv_params(self, frame_dt_s: float) -> DeconvParams:
         """The :class:`DeconvParams` for an acquisition whose median frame interval is ``frame_dt_s``."""
@@ -462,7 +471,10 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
     if aif != "auto":
         raise ValueError(f"aif must be 'auto', a pixel list, a curve or a dict; got {aif!r}")
     n_region = curves.n_region
-    peaks = torch.cat([c.amax(-1) for c in curves.conc])
+    # candidates ranked by their 3rd-highest frame: a bolus lasts several frames, an impulse or motion
+    # spike (which outscores any artery on its peak) one or two
+    k = min(3, n_t)
+    peaks = torch.cat([torch.topk(c, k, dim=-1).values[:, -1] for c in curves.conc])
     slice_of = torch.cat([torch.full((int(i.numel()),), s, device=dev) for s, i in enumerate(curves.flat_idx)])
     local = torch.cat([torch.arange(int(i.numel()), device=dev) for i in curves.flat_idx])
 
@@ -480,7 +492,11 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
 
     tried: list[str] = []
     conc, times, coords = pool(AIF_POOL_FRAC, AIF_POOL_MIN)
-    sel = select_aif(conc, times, coords, grid, n_aif=p.n_aif, n_vof=p.n_vof, pv_correction=p.pv_correction,
+    if p.despike_sigma > 0:
+        conc = _despike_candidates(conc, p.despike_sigma * noise_hu)
+    # with noise, more pixels are averaged (~4 HU noise on the AIF; at most 4 x n_aif)
+    n_aif = int(min(max(p.n_aif, math.ceil((noise_hu / 4.0) ** 2)), 4 * p.n_aif))
+    sel = select_aif(conc, times, coords, grid, n_aif=n_aif, n_vof=p.n_vof, pv_correction=p.pv_correction,
                      pool_frac=1.0)
     problem = _aif_problem(sel, p.dt_s, noise_hu)
     if problem is None:
@@ -489,10 +505,11 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
     # relaxed: five times the pool, curves cleaned of one-frame spikes, any shape with a positive area
     conc, times, coords = pool(5 * AIF_POOL_FRAC, 5 * AIF_POOL_MIN)
     conc = median3(conc)
+    n_aif = 2 * n_aif
     area = (conc * torch.diff(times, dim=-1, prepend=times[:, :1]).to(dtype)).sum(-1)
     keep = area > 0
     if int(keep.sum()) >= 1:
-        sel = select_aif(conc[keep], times[keep], coords[keep], grid, n_aif=2 * p.n_aif, n_vof=p.n_vof,
+        sel = select_aif(conc[keep], times[keep], coords[keep], grid, n_aif=n_aif, n_vof=p.n_vof,
                          pv_correction=p.pv_correction, pool_frac=1.0, pool_min=1, min_peak_frac=0.3,
                          max_late_s=float("inf"), max_roughness=float("inf"), min_support=0.0)
         problem = _aif_problem(sel, p.dt_s, noise_hu)
@@ -563,8 +580,8 @@ def exclusions(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Cur
     * CSF: the baseline, smoothed inside the brain (normalised convolution) with σ = ``csf_smooth_mm``
       — more when the baseline is noisy, until its noise is :data:`CSF_NOISE_TARGET_HU` (at most
       :data:`CSF_MAX_SMOOTH_PX`) — below ``csf_max_hu``.
-    * Vessels: the running-median-of-3 peak above ``max(VESSEL_PEAK_FRAC * AIF peak, brain median
-      peak + VESSEL_NOISE_K * noise)`` — one noisy frame cannot make a tissue pixel a vessel.
+    * Vessels: the 3rd-highest frame above ``max(VESSEL_PEAK_FRAC * AIF peak, brain median of the
+      same + VESSEL_NOISE_K * noise)`` — noisy or spiking frames cannot make a tissue pixel a vessel.
     """
     s_count, n_t, h, w = inp.shape
     dtype = inp.dtype
@@ -581,19 +598,29 @@ def exclusions(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Cur
         sigma = float(min(max(sigma_min, sigma_noise), CSF_MAX_SMOOTH_PX))
         base_ref = gaussian_smooth_space(base, sigma, brain.to(dtype))
         csf = brain & (base_ref < p.csf_max_hu)
+        radius = 0
+        if base_noise > 2.0 * CSF_NOISE_TARGET_HU:
+            # noisy: the smoothing that tames the noise also blurs the ventricles into the tissue
+            # around them; an edge-preserving median inside the brain must agree (a 3/5/7 px window
+            # cuts the noise ~2.4/4/5.6 times)
+            radius = 1 if base_noise <= 5.0 else (2 if base_noise <= 10.0 else 3)
+            csf &= median_filter(base, radius, brain) < p.csf_max_hu
         n_csf = int(csf.sum())
         if n_csf > CSF_MAX_FRAC * max(n_brain_total, 1):
             raise ValueError(
                 f"{100 * n_csf / n_brain_total:.0f} % of the brain mask is below {p.csf_max_hu:g} HU before the "
                 f"bolus (median {float(base[brain].median()):.1f}): the frames do not look like Hounsfield units of "
                 "a head CT (check the rescale slope/intercept), or pass csf_max_hu=None to keep low-density pixels")
-        report["csf"] = {"pixels": n_csf, "reason": f"pre-bolus HU < {p.csf_max_hu:g} (baseline smoothed "
-                         f"σ {sigma:.2f} px)", "threshold_hu": p.csf_max_hu, "smooth_px": round(sigma, 3)}
+        how = f"baseline smoothed σ {sigma:.2f} px" + (f" and {2 * radius + 1}² median" if radius else "")
+        report["csf"] = {"pixels": n_csf, "reason": f"pre-bolus HU < {p.csf_max_hu:g} ({how})",
+                         "threshold_hu": p.csf_max_hu, "smooth_px": round(sigma, 3),
+                         "median_px": 2 * radius + 1 if radius else 0}
     else:
         csf = torch.zeros_like(brain)
         report["csf"] = {"pixels": 0, "reason": "csf_max_hu=None: CSF kept"}
     aif_peak = float(aif_sel.curve_raw.max())
-    peaks = [median3(curves.conc[s][: curves.n_brain[s]]).amax(-1) for s in range(s_count)]
+    k = min(3, n_t)  # the 3rd-highest frame: impulses and motion spikes of 1-2 frames make no vessel
+    peaks = [torch.topk(curves.conc[s][: curves.n_brain[s]], k, dim=-1).values[:, -1] for s in range(s_count)]
     allp = torch.cat(peaks) if peaks else torch.zeros(0)
     med_peak = float(allp.median()) if allp.numel() else 0.0
     vessel_hu = max(VESSEL_PEAK_FRAC * aif_peak, med_peak + VESSEL_NOISE_K * noise_hu)
@@ -613,7 +640,7 @@ def smooth_tissue(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: 
     tissue. Vessel pixels are kept as they are."""
     fr, tt = inp.frames, inp.times
     s_count, n_t, h, w = inp.shape
-    sig = p.sigma_px(pixel_mm)
+    sig = p.sigma_px(pixel_mm, noise_hu)
     despike = p.despike_sigma > 0 and noise_hu > 0
     tissue = []
     for s in range(s_count):
@@ -633,11 +660,22 @@ def smooth_tissue(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: 
             c_new = smoothed.reshape(n_t, -1)[:, idx].T
             if p.temporal_sigma_s > 0:
                 c_new = gaussian_smooth_time(c_new, tt[s].to(inp.dtype), p.temporal_sigma_s)
-            c = torch.where(exc.vessel[s][:, None], c, c_new)
+            c = torch.where(exc.vessel[s][:, None], _despike_candidates(c, p.despike_sigma * noise_hu)
+                            if despike else c, c_new)
         elif despike:
-            c = torch.where(exc.vessel[s][:, None], c, _despike(c, p.despike_sigma * noise_hu))
+            c = torch.where(exc.vessel[s][:, None], _despike_candidates(c, p.despike_sigma * noise_hu),
+                            _despike(c, p.despike_sigma * noise_hu))
         tissue.append(c.contiguous())
     return tissue
+
+
+def _despike_candidates(c: torch.Tensor, tol: float) -> torch.Tensor:
+    """:func:`_despike` for AIF candidates ``(P, T)``: a frame is a spike only when it is also more than
+    half the curve's running-median peak away from its running median (an arterial peak sampled
+    every 1-3 s stands out from its neighbours by far less; impulses and motion spikes by more)."""
+    m = median3(c)
+    rel = 0.5 * m.amax(-1, keepdim=True).clamp_min(0.0)
+    return torch.where((c - m).abs() > torch.clamp(rel, min=tol), m, c)
 
 
 def _despike(c: torch.Tensor, tol: float) -> torch.Tensor:
@@ -793,7 +831,7 @@ def calculate_maps(
     zero_all = brain_np & (maps["cbf"] == 0) & (maps["cbv"] == 0)
     exc.report["zero_pixels"] = int(zero_all.sum())
     thr_used = raw["thr"][brain]
-    sig = p.sigma_px(mm)
+    sig = p.sigma_px(mm, noise)
     info: dict[str, Any] = {
         "method": dparams.method,
         "params": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(dparams).items()},

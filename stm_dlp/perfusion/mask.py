@@ -123,15 +123,27 @@ def erode(mask: torch.Tensor, radius: int = 1) -> torch.Tensor:
     return ~dilate(~mask.to(torch.bool), radius)
 
 
-def median_filter(image: torch.Tensor, radius: int = 1) -> torch.Tensor:
-    """Spatial median over a ``(2r+1)²`` window of each 2-D image of ``(..., H, W)`` (edges replicated)."""
+def median_filter(image: torch.Tensor, radius: int = 1, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Spatial median over a ``(2r+1)²`` window of each 2-D image of ``(..., H, W)`` (edges replicated).
+
+    With ``mask`` (bool, same shape) only masked pixels enter the medians, and unmasked pixels keep
+    their value: an edge-preserving denoiser inside an organ.
+    """
     if radius <= 0:
         return image
     x3, shape = _as_3d(image)
     k = 2 * radius + 1
+    if mask is not None:
+        m3 = mask.reshape(x3.shape).to(torch.bool)
+        x3 = torch.where(m3, x3, torch.full_like(x3, float("nan")))
     padded = torch.nn.functional.pad(x3[:, None], (radius,) * 4, mode="replicate")[:, 0]
-    patches = padded.unfold(1, k, 1).unfold(2, k, 1)  # (N, H, W, k, k)
-    return patches.reshape(*patches.shape[:3], k * k).median(-1).values.reshape(shape)
+    out = torch.empty_like(x3)
+    for i in range(x3.shape[0]):  # one image at a time: (H, W, k²) patches
+        patches = padded[i].unfold(0, k, 1).unfold(1, k, 1).reshape(*x3.shape[1:], k * k)
+        out[i] = patches.nanmedian(-1).values if mask is not None else patches.median(-1).values
+    if mask is not None:
+        out = torch.where(m3, out, image.reshape(x3.shape))
+    return out.reshape(shape)
 
 
 def baseline_image(frames_hu: torch.Tensor, n_baseline: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
