@@ -9,7 +9,7 @@ What the reader does (DESIGN.md, "DICOM reading"):
    reports, presentation states, ...), localizer (scout) images and image series of other
    modalities (e.g. secondary captures of vendor maps) are skipped and listed in
    ``meta["skipped"]``. More than one CT series (SeriesInstanceUID) with pixel data is an error
-   naming both (hashed) UIDs and a file of each.
+   naming both (hashed) UIDs and a file of each — unless they are one series per time point (below).
 3. **Slices.** Position of a file = ImagePositionPatient · normal, with normal =
    row cosine × column cosine of ImageOrientationPatient; SliceLocation when no file has
    ImagePositionPatient. Positions within 0.05 mm are the same slice; slices are ordered along
@@ -34,23 +34,34 @@ Every problem is a :class:`~stm_dlp.types.StudyError` whose message names the fi
 tag. Patient names and IDs never appear in the study or in any message: the patient is
 identified by :func:`pseudonymise` (keyed HMAC-SHA256).
 
+Other inputs, through the same records:
+
+* **Enhanced multi-frame CT** (Enhanced CT Image Storage; one file, or one file per time point):
+  :mod:`.enhanced` turns each frame of such a file into a record, from its per-frame and shared
+  functional groups; frames may be in any order. Per-frame times (FrameAcquisitionDateTime, else
+  FrameReferenceDateTime, else TemporalPositionTimeOffset) are checked before use — a time that
+  repeats within a slice, or disagrees with a distinct TemporalPositionIndex (scrambled by
+  de-identification), is not trusted and the next source is tried; TemporalPositionIndex alone never
+  orders frames (Canon writes 1 in every file). InstanceNumber is never used (Philips may repeat it).
+* **One series per time point**: series with one StudyInstanceUID and FrameOfReferenceUID, each a
+  single volume of the same geometry and ImageType, are one acquisition (:func:`.slices.select_series`);
+  two genuinely different series stay an error naming both.
+* **Shuttle (jog) mode**: slices imaged at different times keep their own times (``times_s`` is per
+  slice); nothing is resampled onto a shared clock.
+* **Volumes** (derived maps, one image per slice): :func:`.volume.read_dicom_volume`.
+
 Layout (one job per module; the pipeline itself is :func:`~stm_dlp.data.dicom.reader.read_dicom_study`):
 
 * ``record.py`` — :class:`FrameRecord`, what the header of one frame says; the steps after indexing
   read only records.
-* ``index.py`` — steps 1–2: the file walk and one header read per file (the *source of frames*).
-* ``slices.py`` — step 3: one series, consistent geometry, the ``[slice][frame]`` grid, the affine.
-* ``times.py`` — step 4: DA/TM/DT parsing, the time tag, midnight.
+* ``index.py`` — steps 1–2: the file walk and one header read per file (the *sources of frames*).
+* ``enhanced.py`` — the records of an enhanced multi-frame file.
+* ``slices.py`` — step 3: one acquisition, consistent geometry, the ``[slice][frame]`` grid, the affine.
+* ``times.py`` — step 4: DA/TM/DT parsing, the time tag, midnight, per-frame time checks.
 * ``pixels.py`` — step 5: stored values → HU, bad frames (``on_bad_frame``).
 * ``pseudonym.py`` — patient pseudonyms and UID hashes.
 * ``reader.py`` — :func:`read_dicom_study`, the steps in order.
-
-Where new inputs plug in: enhanced multi-frame CT (one file, many frames; today refused in
-:func:`~stm_dlp.data.dicom.slices.check_consistent`) is a second source of frames next to
-:func:`~stm_dlp.data.dicom.index.index_folder`, yielding one :class:`FrameRecord` per frame (with the
-frame's index, read by :func:`~stm_dlp.data.dicom.pixels.read_pixels`); one series per time point
-(today refused in :func:`~stm_dlp.data.dicom.slices.select_series`) is a rule there for which series
-form one acquisition.
+* ``volume.py`` — :func:`read_dicom_volume`, a one-image-per-slice series (maps).
 """
 
 from stm_dlp.data.dicom.pixels import ON_BAD_FRAME, validate_study
@@ -58,11 +69,13 @@ from stm_dlp.data.dicom.pseudonym import DEFAULT_PSEUDONYM_KEY, hash_uid, pseudo
 from stm_dlp.data.dicom.reader import read_dicom_study
 from stm_dlp.data.dicom.record import FrameRecord
 from stm_dlp.data.dicom.times import TIME_CANDIDATES, parse_da, parse_dt, parse_tm
+from stm_dlp.data.dicom.volume import DicomVolume, read_dicom_volume
 
 __all__ = [
     "DEFAULT_PSEUDONYM_KEY",
     "ON_BAD_FRAME",
     "TIME_CANDIDATES",
+    "DicomVolume",
     "FrameRecord",
     "hash_uid",
     "parse_da",
@@ -70,5 +83,6 @@ __all__ = [
     "parse_tm",
     "pseudonymise",
     "read_dicom_study",
+    "read_dicom_volume",
     "validate_study",
 ]

@@ -72,6 +72,20 @@ def _macro(frame: pydicom.Dataset, shared: pydicom.Dataset | None, keyword: str,
     return None
 
 
+def _binary_float(item: pydicom.Dataset, keyword: str, where: str) -> float | None:
+    """A binary FD/FL value (pydicom converts it), or None when absent."""
+    try:
+        value = item.get(keyword)
+        if value is None or value == "":
+            return None
+        out = float(value[0] if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else value)
+    except Exception as exc:  # noqa: BLE001 - wrong length, wrong VR, ...
+        raise StudyError(f"{where}: {keyword} cannot be read as a number ({short_error(exc)})") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise StudyError(f"{where}: {keyword} is not finite ({out})")
+    return out
+
+
 def expand_enhanced(base: FrameRecord, ds: pydicom.Dataset) -> list[FrameRecord]:
     """One record per frame of the enhanced file ``base`` describes (``ds`` read without pixels).
 
@@ -140,9 +154,9 @@ def expand_enhanced(base: FrameRecord, ds: pydicom.Dataset) -> list[FrameRecord]
             temporal_index = hc.integer("TemporalPositionIndex")
         tpos = _macro(item, shared, "TemporalPositionSequence", where)
         if tpos is not None:
-            offset = Header(tpos, where).number("TemporalPositionTimeOffset")  # type: ignore[arg-type]
+            offset = _binary_float(tpos, "TemporalPositionTimeOffset", where)
             if offset is not None:
-                tags["TemporalPositionTimeOffset"] = repr(float(offset))
+                tags["TemporalPositionTimeOffset"] = repr(offset)
         rec = dataclasses.replace(
             base, ipp=ipp, iop=iop, pixel_spacing=spacing, slice_spacing=slice_spacing, slope=slope,
             intercept=intercept, tags=tags, frame_index=i, temporal_index=temporal_index,
