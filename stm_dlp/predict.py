@@ -26,6 +26,7 @@ import torch
 from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED
+from stm_dlp.data.context import attach_arterial
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
 from stm_dlp.types import ALL_PARAMS, PARAMS, UNITS, Study, StudyError, collate_slices, physical_maps
@@ -87,8 +88,9 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
             good.append(s)
     for i in range(0, len(good), batch_size):
         idx = good[i:i + batch_size]
-        batch = collate_slices([study.slice_sample(s) for s in idx]).to(device)
-        maps = physical_maps(model(batch.frames, batch.times_s, batch.lengths).float(), target_scale)
+        batch = collate_slices([attach_arterial(study.slice_sample(s)) for s in idx]).to(device)
+        maps = physical_maps(model(batch.frames, batch.times_s, batch.lengths, arterial_hu=batch.arterial_hu).float(),
+                             target_scale)
         for p in ALL_PARAMS:
             out[p][idx] = maps[p].cpu().numpy()
     if study.mask is not None:

@@ -194,7 +194,9 @@ class Study:
 class SliceSample:
     """One slice: ``frames`` (T, H, W) HU, ``times_s`` (T,), ``maps`` (P, H, W), ``mask`` (H, W) bool;
     ``labelled`` names the parameters whose label channel is real; ``voxel_ml`` is one voxel's volume
-    (ml; 0 when unknown), for the clinical readout's volumes."""
+    (ml; 0 when unknown), for the clinical readout's volumes; ``arterial_hu`` ``(T,)`` is the slice's
+    arterial reference curve (enhancement in HU at the frame times, from the *whole* slice before any
+    crop — :func:`stm_dlp.data.context.attach_arterial`), or ``None``."""
 
     frames: np.ndarray
     times_s: np.ndarray
@@ -204,6 +206,7 @@ class SliceSample:
     slice_index: int
     labelled: tuple[str, ...] = PARAMS
     voxel_ml: float = 0.0
+    arterial_hu: np.ndarray | None = None
 
     @property
     def n_frames(self) -> int:
@@ -226,6 +229,10 @@ class CTPBatch:
         labelled: bool ``(B, P)``: which label channels of each slice are real (losses and metrics skip
             the others); ``None`` means all.
         voxel_ml: float64 ``(B,)`` one voxel's volume (ml) of each slice's study, or ``None``.
+        arterial_hu: float32 ``(B, T)`` each slice's arterial reference curve (enhancement over baseline,
+            HU, at its frame times; computed on the whole slice before any crop, so a crop carries its
+            slice's curve), zero past ``lengths``; ``None`` when the samples carry none. Models with
+            arterial context read it at every time step.
     """
 
     frames: torch.Tensor
@@ -237,6 +244,7 @@ class CTPBatch:
     slice_index: torch.Tensor
     labelled: torch.Tensor | None = None
     voxel_ml: torch.Tensor | None = None
+    arterial_hu: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -266,6 +274,7 @@ class CTPBatch:
             slice_index=self.slice_index.to(device),
             labelled=None if self.labelled is None else self.labelled.to(device),
             voxel_ml=self.voxel_ml,
+            arterial_hu=None if self.arterial_hu is None else self.arterial_hu.to(device),
         )
 
 
@@ -286,11 +295,20 @@ def collate_slices(samples: Sequence[SliceSample]) -> CTPBatch:
     b, t_max = len(samples), max(s.n_frames for s in samples)
     frames = torch.zeros((b, t_max, *hw), dtype=torch.float32)
     times = torch.zeros((b, t_max), dtype=torch.float32)
+    with_arterial = [s.arterial_hu is not None for s in samples]
+    if any(with_arterial) and not all(with_arterial):
+        raise ValueError("cannot batch slices with and without an arterial reference curve")
+    arterial = torch.zeros((b, t_max), dtype=torch.float32) if all(with_arterial) else None
     for i, s in enumerate(samples):
         t = s.n_frames
         frames[i, :t] = torch.from_numpy(np.ascontiguousarray(s.frames, dtype=np.float32))
         times[i, :t] = torch.from_numpy(np.ascontiguousarray(s.times_s, dtype=np.float32))
         times[i, t:] = float(s.times_s[-1])
+        if arterial is not None:
+            if s.arterial_hu.shape != (t,):
+                raise ValueError(f"arterial reference of patient {s.patient_id}, slice {s.slice_index} has shape "
+                                 f"{s.arterial_hu.shape}, its frames need ({t},)")
+            arterial[i, :t] = torch.from_numpy(np.ascontiguousarray(s.arterial_hu, dtype=np.float32))
     return CTPBatch(
         frames=frames,
         times_s=times,
@@ -301,4 +319,5 @@ def collate_slices(samples: Sequence[SliceSample]) -> CTPBatch:
         slice_index=torch.tensor([s.slice_index for s in samples], dtype=torch.int64),
         labelled=torch.tensor([[p in s.labelled for p in PARAMS] for s in samples], dtype=torch.bool),
         voxel_ml=torch.tensor([s.voxel_ml for s in samples], dtype=torch.float64),
+        arterial_hu=arterial,
     )

@@ -195,7 +195,7 @@ def test_missing_label_is_skipped_by_loss_and_metrics():
     assert loss[2] == 0 and loss[0] > 0 and loss[1] > 0
 
     class Zero(torch.nn.Module):
-        def forward(self, frames, times_s, lengths):
+        def forward(self, frames, times_s, lengths, arterial_hu=None):
             return torch.ones(frames.shape[0], 3, *frames.shape[-2:])
 
     lit = PerfusionLitModule(Zero())

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from stm_dlp.data.cache import StudyCache, source_fingerprint
+from stm_dlp.data.context import attach_arterial
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
 from stm_dlp.data.phantom import PhantomConfig, cohort_member, simulate_patient
 from stm_dlp.data.splits import resolve_split
@@ -68,13 +69,15 @@ class SliceDataset(Dataset):
         study_idx, slice_idx = self.index[item]
         sample = self.studies[study_idx].slice_sample(slice_idx)
         if self.transform is None and not self.crop_size:
-            return sample
+            return attach_arterial(sample)
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         frames, times = sample.frames, sample.times_s
         if self.transform is not None:
             frames, times = self.transform(frames, times, rng)
             times = np.asarray(times, np.float32)
             times = times - times[0]
+        # the arterial context comes from the whole (augmented) slice, before the crop
+        sample = attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times))
         maps, mask = sample.maps, sample.mask
         if self.crop_size:
             h, w = frames.shape[-2:]
@@ -82,7 +85,7 @@ class SliceDataset(Dataset):
             y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
             frames = frames[:, y0:y0 + c, x0:x0 + c]
             maps, mask = maps[:, y0:y0 + c, x0:x0 + c], mask[y0:y0 + c, x0:x0 + c]
-        return replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times,
+        return replace(sample, frames=np.ascontiguousarray(frames, np.float32),
                        maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask))
 
 

@@ -72,6 +72,20 @@ def normalise_frames(
     return x, times_s / time_scale_s
 
 
+#: Channels of the arterial context at each time step (shape over its own peak, amplitude).
+ARTERIAL_CHANNELS = 2
+
+
+def arterial_channels(arterial_hu: Tensor, lengths: Tensor, scale_hu: float = 300.0) -> Tensor:
+    """The arterial context ``(B, T, 2)`` from reference curves ``(B, T)`` (HU over baseline): the curve over
+    its own peak (timing and shape, amplitude-free) and over ``scale_hu`` (amplitude, which CBF and CBV
+    scale with); zero past ``lengths``."""
+    valid = valid_mask(lengths, arterial_hu.shape[1]).to(arterial_hu.dtype)
+    a = arterial_hu * valid
+    peak = a.amax(1, keepdim=True).clamp_min(1.0)  # a flat (failed) estimate stays small, never divides by ~0
+    return torch.stack([a / peak, a / scale_hu], dim=-1)
+
+
 class MaskedGroupNorm3d(nn.GroupNorm):
     """GroupNorm on ``(B, C, T, H, W)`` whose statistics use only the valid frames.
 
@@ -167,9 +181,12 @@ class IRFE(nn.Module):
         temporal_layers: temporal encoder depth (None: the encoder's default).
         chunk_size: encode at most this many pixel sequences at once (None: all).
         max_tokens: longest sequence for ``mlp_mixer``.
+        context_channels: per-slice channels given at every time step to every pixel's temporal encoder
+            (the arterial context, :func:`arterial_channels`); 0 for the paper's IRFE.
 
     Forward: ``x`` (B, T, H, W) normalised intensities (zero past lengths), ``t`` (B, T)
-    normalised times, ``lengths`` (B,) -> ``F_st`` (B, :attr:`out_channels`, H, W).
+    normalised times, ``lengths`` (B,), ``context`` (B, T, context_channels) or ``None`` ->
+    ``F_st`` (B, :attr:`out_channels`, H, W).
     """
 
     def __init__(
@@ -183,9 +200,12 @@ class IRFE(nn.Module):
         temporal_layers: int | None = None,
         chunk_size: int | None = None,
         max_tokens: int = 128,
+        context_channels: int = 0,
     ) -> None:
         super().__init__()
         check_irfe_args(encoder, order, time_input)
+        self.context_channels = int(context_channels)
+        k = self.context_channels
         self.order = order
         self.time_input = time_input
         self.out_channels = temporal_hidden
@@ -200,24 +220,38 @@ class IRFE(nn.Module):
         if order == "spatial_first":
             time_in_spatial = time_input in ("spatial", "both")
             self.spatial = UNet2d(1 + time_in_spatial, spatial_channels, spatial_channels, unet_depth)
-            self.temporal = build_temporal_encoder(encoder, spatial_channels + self.time_in_temporal, **tkw)
+            self.temporal = build_temporal_encoder(encoder, spatial_channels + self.time_in_temporal + k, **tkw)
         elif order == "temporal_first":
-            self.temporal = build_temporal_encoder(encoder, 2, **tkw)
+            self.temporal = build_temporal_encoder(encoder, 2 + k, **tkw)
             self.spatial = UNet2d(temporal_hidden, temporal_hidden, spatial_channels, unet_depth)
         else:
-            self.joint = JointEncoder3d(2, temporal_hidden, spatial_channels, unet_depth)
+            self.joint = JointEncoder3d(2 + k, temporal_hidden, spatial_channels, unet_depth)
 
-    def forward(self, x: Tensor, t: Tensor, lengths: Tensor) -> Tensor:
+    def _per_pixel(self, context: Tensor, b: int, h: int, w: int) -> Tensor:
+        """``(B, T, K)`` slice context → ``(B*H*W, T, K)``, the same for every pixel of a slice."""
+        t_max, k = context.shape[1:]
+        return context[:, None].expand(b, h * w, t_max, k).reshape(b * h * w, t_max, k)
+
+    def forward(self, x: Tensor, t: Tensor, lengths: Tensor, context: Tensor | None = None) -> Tensor:
         b, t_max, h, w = x.shape
+        if self.context_channels and (context is None or context.shape != (b, t_max, self.context_channels)):
+            raise ValueError(f"this IRFE needs a context of shape {(b, t_max, self.context_channels)}, got "
+                             f"{None if context is None else tuple(context.shape)}")
+        if not self.context_channels:
+            context = None
         if self.order == "joint":
             assert self.joint is not None
-            tt = t[:, :, None, None].expand(b, t_max, h, w)
-            return self.joint(torch.stack([x, tt], dim=1), lengths)
+            channels = [x, t[:, :, None, None].expand(b, t_max, h, w)]
+            if context is not None:
+                channels += [context[..., i, None, None].expand(b, t_max, h, w) for i in range(context.shape[-1])]
+            return self.joint(torch.stack(channels, dim=1), lengths)
         assert self.spatial is not None and self.temporal is not None
         pix_lengths = lengths.repeat_interleave(h * w)  # (B*H*W,)
         if self.order == "temporal_first":
             seq = torch.stack([x, t[:, :, None, None].expand(b, t_max, h, w)], dim=-1)  # (B, T, H, W, 2)
             seq = seq.permute(0, 2, 3, 1, 4).reshape(b * h * w, t_max, 2)
+            if context is not None:
+                seq = torch.cat([seq, self._per_pixel(context, b, h, w)], dim=-1)
             feat = self.temporal(seq, pix_lengths).reshape(b, h, w, -1).permute(0, 3, 1, 2)
             return self.spatial(feat.contiguous())
         # spatial_first: the U-Net runs on the valid frames only (padded frames stay zero features).
@@ -233,6 +267,8 @@ class IRFE(nn.Module):
         if self.time_in_temporal:
             tt = t[:, None, :, None].expand(b, h * w, t_max, 1).reshape(b * h * w, t_max, 1)
             seq = torch.cat([seq, tt], dim=-1)
+        if context is not None:
+            seq = torch.cat([seq, self._per_pixel(context, b, h, w)], dim=-1)
         feat = self.temporal(seq, pix_lengths)  # (B*H*W, C')
         return feat.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stm_dlp.models.irfe import IRFE, check_irfe_args, normalise_frames
+from stm_dlp.models.irfe import ARTERIAL_CHANNELS, IRFE, arterial_channels, check_irfe_args, normalise_frames
 from stm_dlp.models.mpp import MultiParameterPredictor
 from stm_dlp.models.spatial import crop_to, pad_to_multiple
 
@@ -59,6 +59,11 @@ class STMDLP(nn.Module):
         chunk_size: encode at most this many pixel sequences at once (None: all).
         max_tokens: longest sequence for ``mlp_mixer``.
         n_tasks: number of predicted maps (3: CBV, CBF, TMAX).
+        arterial_context: feed the slice's arterial reference curve (``arterial_hu`` of the batch, from
+            the whole slice before any crop) to the temporal encoder at every time step, as two channels:
+            the curve over its own peak (its shape and timing) and over ``arterial_scale_hu`` (its
+            amplitude). Beyond the paper, whose configuration is ``False``.
+        arterial_scale_hu: HU per unit of the arterial amplitude channel.
     """
 
     def __init__(
@@ -80,6 +85,8 @@ class STMDLP(nn.Module):
         chunk_size: int | None = None,
         max_tokens: int = 128,
         n_tasks: int = 3,
+        arterial_context: bool = False,
+        arterial_scale_hu: float = 300.0,
     ) -> None:
         super().__init__()
         check_irfe_args(encoder, order, time_input)
@@ -91,6 +98,8 @@ class STMDLP(nn.Module):
         self.hu_scale = float(hu_scale)
         self.baseline_frames = int(baseline_frames)
         self.positive_output = positive_output
+        self.arterial_context = bool(arterial_context)
+        self.arterial_scale_hu = float(arterial_scale_hu)
         self.irfe = IRFE(
             encoder=encoder,
             order=order,
@@ -101,18 +110,21 @@ class STMDLP(nn.Module):
             temporal_layers=temporal_layers,
             chunk_size=chunk_size,
             max_tokens=max_tokens,
+            context_channels=ARTERIAL_CHANNELS if self.arterial_context else 0,
         )
         self.mpp = MultiParameterPredictor(
             self.irfe.out_channels, mpp_hidden, exchange_layers, n_tasks, mpp_kernel_size
         )
 
-    def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor) -> Tensor:
+    def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor, arterial_hu: Tensor | None = None) -> Tensor:
         """Predict the maps of a batch of slices.
 
         Args:
             frames: ``(B, T, H, W)`` HU, zero padded past ``lengths``.
             times_s: ``(B, T)`` seconds from each slice's first frame.
             lengths: int ``(B,)`` valid frames per slice.
+            arterial_hu: ``(B, T)`` arterial reference curves (HU over baseline), needed with
+                ``arterial_context`` (ignored otherwise).
 
         Returns:
             ``(B, n_tasks, H, W)`` in the normalised target space, CBV, CBF, TMAX order.
@@ -121,6 +133,12 @@ class STMDLP(nn.Module):
         x, t = normalise_frames(
             frames, times_s, lengths, self.hu_scale, self.time_scale_s, self.baseline_frames
         )
+        context = None
+        if self.arterial_context:
+            if arterial_hu is None or arterial_hu.shape != times_s.shape:
+                raise ValueError("this model uses arterial context: pass arterial_hu (B, T), the batch's arterial "
+                                 f"reference curves (got {None if arterial_hu is None else tuple(arterial_hu.shape)})")
+            context = arterial_channels(arterial_hu, lengths, self.arterial_scale_hu)
         x, hw = pad_to_multiple(x, self.irfe.multiple)
-        y = crop_to(self.mpp(self.irfe(x, t, lengths)), hw)
+        y = crop_to(self.mpp(self.irfe(x, t, lengths, context)), hw)
         return F.softplus(y) if self.positive_output else y
