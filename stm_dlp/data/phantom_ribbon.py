@@ -40,8 +40,8 @@ AIF           gamma variate + gamma recirculation            Parker et al. popul
                                                              amplitude, arrival 2-15 s, peak 200-600 HU
 residue       one of exponential / box / gamma               exponential, gamma or log-normal (per patient)
 dispersion    none (TMAX = delay)                            normalised exponential (Calamante et al., MRM
-                                                             2000;44:466) or gamma kernel, mean 0.25-1.25 s in
-                                                             normal tissue growing to ~6.5 s in the core
+                                                             2000;44:466) or gamma kernel, mean 0.25-1 s in
+                                                             normal tissue growing to ~5 s in the core
 noise         white Gaussian, fixed level                    spatially correlated Gaussian, level 0-8 HU per
                                                              patient, higher toward the head centre
                                                              (Poisson-like), beam-hardening streaks from the
@@ -90,13 +90,14 @@ Tissue values (per-patient means; each pixel varies by smooth random fields)
 
 ==============  ================  =================  ==========  ===========  ======================
 tissue          CBF ml/100g/min   CBV ml/100g        MTT s       delay s      dispersion mean β s
+                                                                              (quantised to 0.25 s)
 ==============  ================  =================  ==========  ===========  ======================
-cortical GM     50-75             ~3-5.5             3.3-4.6     0-1          0.25-1.0
+cortical GM     50-75             ~3-5.5             3.3-4.6     0-0.9        0.25-0.75
 deep GM         0.85-1.0 x GM     ~3-5               as GM       as GM        as GM
-WM              18-30             ~1.3-3             4.2-6.0     GM + 0.2-0.8 0.5-1.25
-oligemic rim    0.85-1 x normal   1-1.05 x normal    ~normal     + 0.8-2.5    + 0.5
-penumbra        0.3-0.75 x normal 0.95-1.3 x normal  ~6-16       + 3.5-9      + 1-3.5
-core            0.07-0.3 x normal 0.25-0.65 x normal ~8-25       + 6-12       + 2.5-5
+WM              18-30             ~1.3-3             4.2-6.0     GM + 0.1-0.5 0.375-0.875
+oligemic rim    0.85-1 x normal   1-1.05 x normal    ~normal     + 0.8-2      + 0.5
+penumbra        0.4-0.75 x normal 0.95-1.2 x normal  ~6-16       + 2-6        + 0.75-2.5
+core            0.1-0.3 x normal  0.28-0.7 x normal  ~8-25       + 3.5-9      + 1.5-4
 CSF             0                 0                  0           0            -
 ==============  ================  =================  ==========  ===========  ======================
 
