@@ -8,7 +8,11 @@ sweep dirs and writes, per experiment, into ``--out`` (default ``SWEEP_DIR/summa
 
 * ``<experiment>.md`` / ``<experiment>.csv`` — rows = models / variants (the paper's order for
   ``table1`` and ``table2``, where one run may fill two rows), columns = MAE / RMSE / R² × CBV / CBF /
-  TMAX, mean ± std over seeds, the best value per column in bold (lowest MAE / RMSE, highest R²).
+  TMAX, then the clinical readout (:mod:`stm_dlp.perfusion.readout`, from ``metrics.json["readout"]``):
+  median Dice of TMAX > 6 s and of the core over the test patients with that lesion, and the TMAX > 6 s
+  volume's Bland-Altman bias [95 % limits of agreement] (ml); mean ± std over seeds, the best value per
+  column in bold (lowest MAE / RMSE / |bias|, highest R² / Dice). "—" where a run has no readout (an
+  older ``metrics.json``) or no test patient has the lesion.
   When jobs were tested under several conditions (frames / robustness experiments), the rows are
   grouped by condition and the best is marked within each condition.
 * ``<experiment>_frames.png`` — paper Figure 7 (MAE, RMSE, R² vs the fraction of frames kept, every
@@ -42,6 +46,12 @@ from stm_dlp.types import PARAMS, UNITS
 METRICS = ("mae", "rmse", "r2")
 METRIC_HEADERS = {"mae": "MAE", "rmse": "RMSE", "r2": "R²"}
 LOWER_IS_BETTER = {"mae": True, "rmse": True, "r2": False}
+#: Clinical readout columns: key → header. Dice = median over the test patients whose true region is not
+#: empty (:func:`stm_dlp.metrics.summarise_agreement`); the bias column also shows the limits of agreement.
+READOUT_COLUMNS: dict[str, str] = {"dice_tmax_gt_6": "Dice TMAX>6 s", "dice_core": "Dice core",
+                                   "tmax6_bias_ml": "TMAX>6 s vol. bias [LoA] ml"}
+#: Per-seed readout values aggregated over seeds (the limits are shown beside the bias, not ranked).
+READOUT_VALUES = ("dice_tmax_gt_6", "dice_core", "tmax6_bias_ml", "tmax6_loa_low_ml", "tmax6_loa_high_ml")
 
 #: The paper's row order (label, variant); a variant may fill several rows (Table 2 reuses the paper's design).
 TABLE_LAYOUTS: dict[str, list[tuple[str, str]]] = {
@@ -99,13 +109,29 @@ class Job:
         """Every evaluation of this job: its own test, then each ``eval_conditions`` entry."""
         m = self.metrics
         base = {"eval_corruption": m.get("eval_corruption", "none"), "frame_fraction": m.get("frame_fraction", 1.0),
-                "test": m["test"], "failed_studies": m.get("failed_studies")}
+                "test": m["test"], "failed_studies": m.get("failed_studies"), "readout": readout_values(m)}
         out = [base]
         for rec in (m.get("conditions") or {}).values():
             out.append({"eval_corruption": rec.get("eval_corruption", "none"),
                         "frame_fraction": rec.get("frame_fraction", 1.0), "test": rec["test"],
-                        "failed_studies": rec.get("failed_studies")})
+                        "failed_studies": rec.get("failed_studies"), "readout": readout_values(rec)})
         return out
+
+
+def readout_values(record: dict[str, Any]) -> dict[str, float | None]:
+    """The readout numbers of one evaluation (``metrics.json`` or one of its ``conditions``): median Dice
+    of TMAX > 6 s and of the core, and the TMAX > 6 s volume error's Bland-Altman bias and limits (ml);
+    ``None`` where the record has no readout (older runs) or the value is undefined."""
+    summary = (record.get("readout") or {}).get("summary") or {}
+    ba = summary.get("hypoperfusion_ml_error") or {}
+
+    def num(x: Any) -> float | None:
+        return None if x is None or not math.isfinite(float(x)) else float(x)
+
+    return {"dice_tmax_gt_6": num((summary.get("dice_tmax_gt_6") or {}).get("median")),
+            "dice_core": num((summary.get("dice_core") or {}).get("median")),
+            "tmax6_bias_ml": num(ba.get("bias")), "tmax6_loa_low_ml": num(ba.get("loa_low")),
+            "tmax6_loa_high_ml": num(ba.get("loa_high"))}
 
 
 def _job_sort_key(path: Path) -> tuple:
@@ -202,9 +228,13 @@ class Row:
     values: dict[str, dict[str, Cell]]  # metric -> param -> cell
     failed_studies: int | None = None
     n_test_patients: int | None = None
+    readout: dict[str, Cell] = field(default_factory=dict)  # READOUT_VALUES key -> cell (n = seeds with a value)
 
     def cell(self, metric: str, param: str) -> Cell:
         return self.values[metric][param]
+
+    def readout_cell(self, key: str) -> Cell:
+        return self.readout.get(key) or Cell(math.nan, math.nan, 0)
 
 
 def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
@@ -236,10 +266,14 @@ def aggregate(jobs: Sequence[Job]) -> list[Row]:
             values = {m: {p: Cell(*_mean_std([pt["test"][p][m] for _, pt in members]), len(members))
                           for p in PARAMS} for m in METRICS}
             failed = [pt.get("failed_studies") for _, pt in members if pt.get("failed_studies") is not None]
+            readout = {}
+            for k in READOUT_VALUES:  # seeds without the value (no readout / no lesion) are left out
+                xs = [v for _, pt in members if (v := (pt.get("readout") or {}).get(k)) is not None]
+                readout[k] = Cell(*_mean_std(xs), len(xs))
             rows.append(Row(condition=condition_label(*cond), eval_corruption=cond[0], frame_fraction=cond[1],
                             key=key, label=label, seeds=sorted(j.seed for j, _ in members), values=values,
                             failed_studies=max(failed) if failed else None,
-                            n_test_patients=members[0][0].metrics.get("n_test_patients")))
+                            n_test_patients=members[0][0].metrics.get("n_test_patients"), readout=readout))
     return rows
 
 
@@ -253,7 +287,8 @@ def _layout(experiment: str, jobs: Sequence[Job]) -> list[tuple[str, str]]:
 
 
 def best_flags(rows: Sequence[Row]) -> dict[tuple[int, str, str], bool]:
-    """``(row index, metric, param) → True`` for the best mean within each condition."""
+    """``(row index, metric, param) → True`` for the best mean within each condition; the readout columns
+    are ``(row index, "readout", key)`` (highest Dice, smallest |bias|)."""
     flags: dict[tuple[int, str, str], bool] = {}
     by_cond: dict[str, list[int]] = defaultdict(list)
     for i, r in enumerate(rows):
@@ -270,14 +305,38 @@ def best_flags(rows: Sequence[Row]) -> dict[tuple[int, str, str], bool]:
                 best = min(finite) if LOWER_IS_BETTER[m] else max(finite)
                 for i, v in zip(idx, vals):
                     flags[(i, m, p)] = math.isfinite(v) and math.isclose(v, best, rel_tol=0, abs_tol=5e-4)
+        for key in READOUT_COLUMNS:
+            vals = [rows[i].readout_cell(key).mean for i in idx]
+            score = [abs(v) if key.endswith("_bias_ml") else -v for v in vals]  # lower score is better
+            finite = [s for s in score if math.isfinite(s)]
+            if len(finite) < 2:
+                continue
+            best = min(finite)
+            for i, s in zip(idx, score):
+                flags[(i, "readout", key)] = math.isfinite(s) and math.isclose(s, best, rel_tol=0, abs_tol=5e-4)
     return flags
 
 
 # --------------------------------------------------------------------------------- writing
-def _fmt(cell: Cell, digits: int = 3) -> str:
-    text = f"{cell.mean:.{digits}f}"
+def _fmt(cell: Cell, digits: int = 3, sign: bool = False) -> str:
+    """``mean ± std`` (std when more than one seed has a value); "—" when there is no value."""
+    if not math.isfinite(cell.mean):
+        return "—"
+    text = f"{cell.mean:{'+' if sign else ''}.{digits}f}"
     if cell.n > 1 and math.isfinite(cell.std):
         text += f" ± {cell.std:.{digits}f}"
+    return text
+
+
+def _readout_text(row: Row, key: str) -> str:
+    """A readout cell: Dice as ``mean ± std``; the volume bias with its limits of agreement (means over
+    seeds) in brackets, e.g. ``+1.2 ± 0.3 [-4.0, 6.4]``."""
+    if not key.endswith("_bias_ml"):
+        return _fmt(row.readout_cell(key))
+    text = _fmt(row.readout_cell(key), digits=1, sign=True)
+    lo, hi = row.readout_cell("tmax6_loa_low_ml"), row.readout_cell("tmax6_loa_high_ml")
+    if text != "—" and math.isfinite(lo.mean) and math.isfinite(hi.mean):
+        text += f" [{lo.mean:.1f}, {hi.mean:.1f}]"
     return text
 
 
@@ -294,13 +353,17 @@ def markdown_table(rows: Sequence[Row], experiment: str, source: str = "") -> st
                      f"(CBV {UNITS['cbv']}, CBF {UNITS['cbf']}, TMAX {UNITS['tmax']}).")
     notes.append(f"Seeds {', '.join(map(str, seeds))}" + (": mean ± std (sample) over seeds." if len(seeds) > 1
                                                            else " (one seed: no std)."))
-    notes.append("Best per column in **bold** (lowest MAE / RMSE, highest R²)"
+    notes.append("Clinical readout: Dice = median over the test patients with that lesion (— when none has it "
+                 "or the run has no readout); TMAX>6 s volume: Bland-Altman bias (predicted − true, ml) "
+                 "[95 % limits of agreement], over the test patients.")
+    notes.append("Best per column in **bold** (lowest MAE / RMSE / |bias|, highest R² / Dice)"
                  + (", within each condition." if multi_cond else "."))
     lines += [" ".join(notes), ""]
     header = (["Condition"] if multi_cond else []) + ["Model"] + [
-        f"{METRIC_HEADERS[m]} {p.upper()}" for m in METRICS for p in PARAMS]
+        f"{METRIC_HEADERS[m]} {p.upper()}" for m in METRICS for p in PARAMS] + list(READOUT_COLUMNS.values())
     lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join([":--"] * (2 if multi_cond else 1) + ["--:"] * (len(METRICS) * len(PARAMS))) + "|")
+    lines.append("|" + "|".join([":--"] * (2 if multi_cond else 1)
+                                + ["--:"] * (len(METRICS) * len(PARAMS) + len(READOUT_COLUMNS))) + "|")
     footnote = False
     for i, r in enumerate(rows):
         label = r.label
@@ -312,6 +375,9 @@ def markdown_table(rows: Sequence[Row], experiment: str, source: str = "") -> st
             for p in PARAMS:
                 text = _fmt(r.cell(m, p))
                 cells.append(f"**{text}**" if flags.get((i, m, p)) else text)
+        for key in READOUT_COLUMNS:
+            text = _readout_text(r, key)
+            cells.append(f"**{text}**" if flags.get((i, "readout", key)) else text)
         lines.append("| " + " | ".join(([r.condition] if multi_cond else []) + [label] + cells) + " |")
     if footnote:
         lines += ["", "† the calculation approach produced no maps for some test studies (scored as zero maps): "
@@ -326,13 +392,13 @@ def csv_table(rows: Sequence[Row], experiment: str) -> str:
     w = csv.writer(buf, lineterminator="\n")
     cols = [f"{m}_{p}" for m in METRICS for p in PARAMS]
     w.writerow(["experiment", "condition", "eval_corruption", "frame_fraction", "row", "label", "n_seeds", "seeds",
-                "failed_studies", *[c for col in cols for c in (col, f"{col}_std")]])
+                "failed_studies", *[c for col in (*cols, *READOUT_VALUES) for c in (col, f"{col}_std")]])
     for r in rows:
         vals = []
-        for m in METRICS:
-            for p in PARAMS:
-                c = r.cell(m, p)
-                vals += [f"{c.mean:.6g}", "" if not math.isfinite(c.std) else f"{c.std:.6g}"]
+        cells = [r.cell(m, p) for m in METRICS for p in PARAMS] + [r.readout_cell(k) for k in READOUT_VALUES]
+        for c in cells:  # empty where there is no value (no readout, no lesion, one seed's std)
+            vals += ["" if not math.isfinite(c.mean) else f"{c.mean:.6g}",
+                     "" if not math.isfinite(c.std) else f"{c.std:.6g}"]
         w.writerow([experiment, r.condition, r.eval_corruption, f"{r.frame_fraction:g}", r.key, r.label,
                     len(r.seeds), " ".join(map(str, r.seeds)),
                     "" if r.failed_studies is None else r.failed_studies, *vals])

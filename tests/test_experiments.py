@@ -22,6 +22,8 @@ from stm_dlp.conditions import condition_name
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 PARAM_COLUMNS = [f"{m} {p}" for m in ("MAE", "RMSE", "R²") for p in ("CBV", "CBF", "TMAX")]
+#: The paper's columns, then the clinical readout's.
+COLUMNS = PARAM_COLUMNS + ["Dice TMAX>6 s", "Dice core", "TMAX>6 s vol. bias [LoA] ml"]
 
 
 def _compose(overrides: list[str]):
@@ -118,8 +120,19 @@ def test_calc_evaluation_matches_lit_metrics(tiny_study):
 
 
 # ----------------------------------------------------------------------------- aggregation (synthetic jobs)
+def _readout(dice_tmax: float | None, dice_core: float | None, bias: float, sd: float | None) -> dict:
+    """A ``metrics.json`` readout block (summary only, as :func:`stm_dlp.metrics.summarise_agreement` writes)."""
+    ba = {"bias": bias, "sd": sd, "loa_low": None if sd is None else bias - 1.96 * sd,
+          "loa_high": None if sd is None else bias + 1.96 * sd, "n": 3}
+    return {"per_patient": {}, "summary": {
+        "n_patients": 3, "dice_tmax_gt_6": {"median": dice_tmax, "mean": dice_tmax, "n": 0 if dice_tmax is None else 2},
+        "dice_core": {"median": dice_core, "mean": dice_core, "n": 0 if dice_core is None else 1},
+        "hypoperfusion_ml_error": ba, "core_ml_error": ba, "mismatch_ml_error": ba}}
+
+
 def _fake_job(root: Path, num: int, experiment: str, variant: str, label: str, seed: int, mae: float,
-              conditions: dict | None = None, model: str = "stm_dlp.models.STMDLP", failed: int | None = None):
+              conditions: dict | None = None, model: str = "stm_dlp.models.STMDLP", failed: int | None = None,
+              readout: dict | None = None):
     d = root / str(num)
     d.mkdir(parents=True)
 
@@ -130,6 +143,8 @@ def _fake_job(root: Path, num: int, experiment: str, variant: str, label: str, s
     metrics = {"test": scaled(1.0), "experiment": experiment, "variant": variant, "label": label, "seed": seed,
                "model": model, "eval_corruption": "none", "frame_fraction": 1.0, "n_test_patients": 3,
                "conditions": {}}
+    if readout is not None:
+        metrics["readout"] = readout
     if failed is not None:
         metrics["failed_studies"] = 0
     for name, (corruption, ff, scale) in (conditions or {}).items():
@@ -154,7 +169,7 @@ def test_table2_layout_reuses_rows_and_bolds_best(tmp_path):
     written = tables.summarise([sweep], tmp_path / "out", qualitative=False)
     md = (tmp_path / "out" / "table2.md").read_text()
     body = [line for line in md.splitlines() if line.startswith("| ")]
-    assert body[0] == "| Model | " + " | ".join(PARAM_COLUMNS) + " |"
+    assert body[0] == "| Model | " + " | ".join(COLUMNS) + " |"
     labels = [line.split(" | ")[0].lstrip("| ") for line in body[1:]]
     assert labels == ["Temporal First", "Spatial First - Time in Temporal", "MPP with 2-layer Feature Exchange",
                       "MPP with 3-layer Feature Exchange"]  # one run, two rows; paper order
@@ -167,6 +182,30 @@ def test_table2_layout_reuses_rows_and_bolds_best(tmp_path):
     assert rows[1]["n_seeds"] == "2" and float(rows[1]["mae_cbv"]) == pytest.approx(1.1)
     assert float(rows[1]["mae_cbv_std"]) == pytest.approx(np.std([1.0, 1.2], ddof=1), rel=1e-5)
     assert sorted(p.name for p in written["table2"]) == ["table2.csv", "table2.md"]
+
+
+def test_readout_columns_mean_std_over_seeds_and_dash_without_readout(tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, 0, "table1", "stm_dlp_lstm", "STM-DLP LSTM", 0, 1.0, readout=_readout(0.8, 0.5, 2.0, 1.0))
+    _fake_job(sweep, 1, "table1", "stm_dlp_lstm", "STM-DLP LSTM", 1, 1.0, readout=_readout(0.6, None, 4.0, 2.0))
+    _fake_job(sweep, 2, "table1", "stm_dlp_cnn", "STM-DLP CNN", 0, 2.0, readout=_readout(0.9, 0.2, -1.0, None))
+    _fake_job(sweep, 3, "table1", "unitobrain", "UniToBrain", 0, 3.0)  # an older metrics.json: no readout
+    tables.summarise([sweep], tmp_path / "out", qualitative=False)
+    body = [line for line in (tmp_path / "out" / "table1.md").read_text().splitlines() if line.startswith("| ")]
+    assert body[0] == "| Model | " + " | ".join(COLUMNS) + " |"
+    cells = {line.split(" | ")[0].lstrip("| "): [c.strip(" |") for c in line.split(" | ")[-3:]] for line in body[1:]}
+    assert cells["UniToBrain"] == ["—", "—", "—"]
+    lstm, cnn = cells["STM-DLP LSTM"], cells["STM-DLP CNN"]
+    assert lstm[0] == f"0.700 ± {np.std([0.8, 0.6], ddof=1):.3f}"  # mean ± std over seeds, not bold (CNN higher)
+    assert lstm[1] == "**0.500**"  # seed 1 has no core lesion: left out, not counted as 0; best core Dice
+    # bias mean ± std over seeds, limits of agreement (means over seeds) in brackets
+    lo, hi = np.mean([2 - 1.96, 4 - 3.92]), np.mean([2 + 1.96, 4 + 3.92])
+    assert lstm[2] == f"+3.0 ± {np.std([2.0, 4.0], ddof=1):.1f} [{lo:.1f}, {hi:.1f}]"
+    assert cnn == ["**0.900**", "0.200", "**-1.0**"]  # highest Dice, smallest |bias|; one patient: no limits
+    rows = {r["row"]: r for r in csv.DictReader(io_open(tmp_path / "out" / "table1.csv"))}
+    assert float(rows["stm_dlp_lstm"]["dice_tmax_gt_6"]) == pytest.approx(0.7)
+    assert float(rows["stm_dlp_lstm"]["tmax6_loa_high_ml"]) == pytest.approx(hi)
+    assert rows["unitobrain"]["dice_tmax_gt_6"] == "" and rows["stm_dlp_cnn"]["tmax6_loa_low_ml"] == ""
 
 
 def io_open(path: Path):
@@ -231,9 +270,11 @@ def test_table1_two_job_smoke_sweep_through_the_cli(tmp_path):
     written = tables.summarise([sweep], tmp_path / "out")
     md = (tmp_path / "out" / "table1.md").read_text()
     body = [line for line in md.splitlines() if line.startswith("| ")]
-    assert body[0] == "| Model | " + " | ".join(PARAM_COLUMNS) + " |"
+    assert body[0] == "| Model | " + " | ".join(COLUMNS) + " |"
     assert [line.split(" | ")[0].lstrip("| ") for line in body[1:]] == ["UniToBrain", "STM-DLP CNN"]
-    assert all(len(line.split(" | ")) == 10 for line in body)
+    assert all(len(line.split(" | ")) == 13 for line in body)
+    for line in body[1:]:  # a real run carries the readout: the TMAX>6 s volume bias is a number
+        assert line.split(" | ")[-1].rstrip(" |").lstrip("*")[:1] in "+-"
     assert md.count("**") >= 2 * 9  # a best value in each of the 9 columns
     assert "phantom-" not in md and "phantom-" not in (tmp_path / "out" / "table1.csv").read_text()
     header = next(csv.reader(io_open(tmp_path / "out" / "table1.csv")))
