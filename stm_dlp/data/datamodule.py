@@ -210,7 +210,7 @@ class CTPDataModule(L.LightningDataModule):
             raise StudyError(f"{root}: no patient folders found (expected ROOT/<patient>/ctp/ or ISLES cases)")
         out = []
         for p in track(patients, description="Reading studies"):
-            parts = {"kind": self.source, "src": source_fingerprint(p),
+            parts = {"kind": self.source, "src": source_fingerprint(p), "brain_mask": "auto-v1",
                      "frame_interval_s": self.frame_interval_s,
                      # a changed key must re-pseudonymise, so the key's hash (never the key) is in the fingerprint
                      "key": hashlib.sha256(self.pseudonym_key).hexdigest() if self.pseudonym_key else None}

@@ -18,7 +18,7 @@ tissue        CBF ml/100g/min  CBV ml/100g  MTT s      TMAX s
 gray matter   60  (50-70)      4.0          4.0        0-1.5
 white matter  25  (20-30)      2.0          4.8        0.5-2
 penumbra      25  (15-35)      3.5 (kept)   ~8.5       6-10   (Tmax > 6 s: RAPID's threshold)
-core          8   (5-12)       1.3          ~10        10-14  (CBF < 30% of normal)
+core          4.5 (3.5-6.5)    0.75         ~10        10-14  (CBF < 30% of normal)
 CSF           0                0            0          0
 ============  ===============  ===========  =========  =====================================
 
@@ -76,7 +76,7 @@ TISSUE_PARAMS: dict[int, tuple[float, float, tuple[float, float]]] = {
     GM: (60.0, 4.0, (0.0, 1.5)),
     WM: (25.0, 4.8, (0.5, 2.0)),
     PENUMBRA: (25.0, 8.5, (6.0, 10.0)),
-    CORE: (8.0, 10.0, (10.0, 14.0)),
+    CORE: (4.5, 10.0, (10.0, 14.0)),  # rCBF < 30 % of the normal hemisphere even at the top of its spread
 }
 #: Unenhanced HU per class.
 BASELINE_HU = {AIR: -1000.0, SKULL: 1000.0, WM: 28.0, GM: 38.0, CSF: 8.0, ARTERY: 45.0, VEIN: 45.0,

@@ -141,8 +141,28 @@ def list_patients(root: str | Path) -> list[Path]:
     return found
 
 
+def with_brain_mask(study: Study) -> Study:
+    """``study`` with the automatic CT brain mask (:func:`stm_dlp.perfusion.mask.brain_mask`) where it has
+    none (``meta["mask_source"]`` says which): the one mask predict, calc, training losses and metrics use."""
+    if study.mask is not None:
+        return dataclasses.replace(study, meta={**study.meta, "mask_source": study.meta.get("mask_source", "given")})
+    from stm_dlp.perfusion.mask import brain_mask
+
+    frames = np.nan_to_num(np.asarray(study.frames, np.float32), nan=-1000.0)  # unreadable frames: air, not brain
+    mask = np.asarray(brain_mask(frames, np.asarray(study.times_s, np.float32)), bool)
+    return dataclasses.replace(study, mask=mask, meta={**study.meta, "mask_source": "automatic"})
+
+
 def read_any_study(path: str | Path, *, pseudonym_key: bytes | None = None,
                    frame_interval_s: float | None = None, on_bad_frame: str = "raise") -> Study:
+    """Read whatever ``path`` holds (see :func:`_read_study`) and give it a brain mask
+    (:func:`with_brain_mask`) when its layout carries none."""
+    return with_brain_mask(_read_study(path, pseudonym_key=pseudonym_key, frame_interval_s=frame_interval_s,
+                                       on_bad_frame=on_bad_frame))
+
+
+def _read_study(path: str | Path, *, pseudonym_key: bytes | None = None,
+                frame_interval_s: float | None = None, on_bad_frame: str = "raise") -> Study:
     """Read whatever ``path`` holds: a patient folder (``ctp/`` + ``maps/``), an ISLES 2018 case, or a
     bare DICOM series folder (unlabelled).
 
