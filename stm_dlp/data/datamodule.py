@@ -29,7 +29,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from stm_dlp.data.cache import StudyCache, source_fingerprint
 from stm_dlp.data.context import attach_arterial
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
-from stm_dlp.data.phantom import PhantomConfig, cohort_member, simulate_patient
+from stm_dlp.data.phantom import GENERATOR_VERSION, PhantomConfig, cohort_member, simulate_patient
 from stm_dlp.data.splits import resolve_split
 from stm_dlp.types import PARAMS, SliceSample, Study, StudyError, collate_slices
 
@@ -191,7 +191,9 @@ class CTPDataModule(L.LightningDataModule):
         out = []
         for i in range(self.n_patients):
             seed, pid = cohort_member(i, self.seed)
-            out.append(self.cache.get({"kind": "phantom", "config": cfg, "seed": seed, "id": pid},
+            parts = {"kind": "phantom", "config": cfg, "seed": seed, "id": pid,
+                     "generator": GENERATOR_VERSION[self.phantom_cfg.family]}
+            out.append(self.cache.get(parts,
                                       lambda seed=seed, pid=pid: simulate_patient(self.phantom_cfg, seed, pid)))
         return out
 

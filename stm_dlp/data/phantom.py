@@ -66,6 +66,9 @@ from stm_dlp.types import PARAMS, Study
 AIR, SKULL, WM, GM, CSF, ARTERY, VEIN, PENUMBRA, CORE = range(9)
 #: Phantom generators (``PhantomConfig.family``).
 FAMILIES: tuple[str, ...] = ("classic", "ribbon")
+#: Bumped whenever a generator's output for a given config and seed changes: part of the cache key, so
+#: cached patients of an older generator are never served (classic 2: core CBF 8 → 4.5 ml/100g/min).
+GENERATOR_VERSION: dict[str, int] = {"classic": 2, "ribbon": 1}
 #: Residue shapes of the ribbon family.
 RIBBON_RESIDUES: tuple[str, ...] = ("exponential", "gamma", "lognormal")
 #: Dispersion kernels of the ribbon family.
