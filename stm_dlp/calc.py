@@ -2,16 +2,22 @@
 
 "The calculation approach" (paper §2.1; :func:`stm_dlp.perfusion.maps.calculate_maps`) as a tool:
 
-* ``input`` is a study (a patient folder with ``ctp/``, an ISLES 2018 case, or a bare DICOM series
-  folder) or a root of patient folders; a root gives one output folder per patient
-  (``OUT/<patient folder>``) and a progress bar.
+* ``input`` is a study in any layout :func:`stm_dlp.data.studies.read_any_study` reads (a patient
+  folder with ``ctp/`` or ``ctp.nii.gz``, an ISLES 2018 case, an ISLES'24 subject, a UniToBrain case, a
+  4-D NIfTI, a bare DICOM folder — classic, enhanced multi-frame, one series per time point) or a
+  root of patients (:mod:`stm_dlp.cohort`); a root gives one output folder per patient
+  (``OUT/<patient folder>``), a progress bar and, last on stdout, one summary table (per patient
+  status, frames, core and TMAX > 6 s volumes); a patient that fails is reported and skipped, and
+  the exit status is then 2.
+* ``output_dicom=true`` also writes the maps for PACS into ``OUT/dicom/`` (one derived series per map,
+  an RGB colour series; :mod:`stm_dlp.io.dicom_maps`).
 * Each output folder gets ``{cbf,cbv,mtt,tmax}.nii.gz`` (+ ``mask.nii.gz``) with the scan's geometry,
   ``maps.png``, ``aif.png`` (the AIF and VOF curves and where they were taken) and ``summary.json``
   (units, method and parameters, AIF pixels and curves, timing, the clinical ``readout``) and
   ``readout.png`` (core red, penumbra green on the pre-contrast CT) — the same bundle as
-  ``stm_dlp.predict``. The last stdout line(s) are the readout, one per study: core, TMAX > 6 s and
+  ``stm_dlp.predict``. For one study the last stdout line is the readout: core, TMAX > 6 s and
   mismatch volumes and the DEFUSE-3 profile (``readout_*`` options set the thresholds;
-  :mod:`stm_dlp.perfusion.readout`).
+  :mod:`stm_dlp.perfusion.readout`); for a root, the summary table.
 * ``aif=auto`` (default) selects the AIF automatically; ``aif=FILE.json`` holds either
   ``{"aif_pixels": [[slice, row, col], ...]}`` or ``{"times_s": [...], "aif": [...]}`` (enhancement
   in HU over baseline, times on the study clock: seconds from its first frame); ``aif=FILE.csv`` has
@@ -65,7 +71,8 @@ SPEC = {
     "motion": (parse_bool, _DEFAULT["motion"], "rigid in-plane registration of every frame first"),
     "csf_max_hu": (_optional_float, _DEFAULT["csf_max_hu"], "brain below this pre-bolus HU is CSF (none = keep)"),
     "pv_correction": (parse_bool, _DEFAULT["pv_correction"], "scale the AIF area to the VOF's (partial volume)"),
-    "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
+    "frame_interval_s": (float, None, "NIfTI frame interval (s), only when the file gives no frame times"),
+    "output_dicom": (parse_bool, False, "also write the maps as DICOM series for PACS (OUT/dicom/)"),
     **READOUT_OPTIONS,
     "progress": (parse_bool, True, "show a progress bar"),
 }
@@ -165,8 +172,9 @@ def save_aif_png(path: str | Path, study: Study, info: dict[str, Any]) -> Path:
 def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device: str = "auto",
                dt: float = _DEFAULT["dt_s"],
                aif: Any = "auto", progress_cb: Any = None, readout_thresholds: ReadoutThresholds | None = None,
-               **params: Any) -> dict[str, Any]:
-    """Maps of one study written to ``output``; returns the summary written to ``summary.json``."""
+               output_dicom: bool = False, **params: Any) -> dict[str, Any]:
+    """Maps of one study written to ``output`` (with ``output_dicom`` also as DICOM series in
+    ``output/dicom/``, :mod:`stm_dlp.io.dicom_maps`); returns the summary written to ``summary.json``."""
     from stm_dlp.io.outputs import write_outputs
 
     t0 = time.perf_counter()
@@ -178,6 +186,8 @@ def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device
         "approach": "calculation (deconvolution)",
         "patient_id": study.patient_id,
         "source": str(study.source),
+        "layout": study.meta.get("layout"),
+        "time_source": study.meta.get("time_source"),
         "shape_slices_rows_cols": [study.n_slices, *study.shape_hw],
         "n_frames": study.n_frames,
         "units": dict(UNITS),
@@ -195,6 +205,13 @@ def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device
         "timing_s": {**info["timing_s"], "calc_total": round(time.perf_counter() - t0, 4)},
     }
     out = Path(output)
+    if output_dicom:
+        from stm_dlp.io.dicom_maps import DICOM_DIR, reference_uids, write_maps_dicom
+
+        series = write_maps_dicom(out, maps, study.affine, patient_id=study.patient_id, mask=mask,
+                                  reference=reference_uids(study.meta), method=info["method"])
+        summary["dicom"] = {name: f"{DICOM_DIR}/{files[0].parent.name}/ ({len(files)} files)"
+                            for name, files in series.items()}
     write_outputs(out, maps, study.affine, summary, mask=mask, title=f"{study.patient_id} — {info['method']}",
                   baseline_hu=precontrast_image(study.frames, info["baseline_frames"]),
                   readout_thresholds=readout_thresholds)
@@ -210,13 +227,15 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
              spatial_sigma_mm: float = _DEFAULT["spatial_sigma_mm"],
              spatial_sigma_px: float | None = _DEFAULT["spatial_sigma_px"], motion: bool = _DEFAULT["motion"],
              pv_correction: bool = _DEFAULT["pv_correction"], csf_max_hu: float | None = _DEFAULT["csf_max_hu"],
-             frame_interval_s: float | None = None,
-             progress: bool = True, readout_thresholds: ReadoutThresholds | None = None) -> list[dict[str, Any]]:
-    """Read one study or a root of patients, compute and write maps; returns the summaries."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from stm_dlp.data.studies import list_patients, read_any_study
+             frame_interval_s: float | None = None, output_dicom: bool = False,
+             progress: bool = True, readout_thresholds: ReadoutThresholds | None = None,
+             results: list | None = None) -> list[dict[str, Any]]:
+    """Read one study or a root of patients in any layout (:mod:`stm_dlp.cohort`), compute and write
+    maps; returns the summaries of the studies done. For a root, a patient whose study cannot be used
+    is reported and skipped; ``results`` (a list) receives every patient's
+    :class:`~stm_dlp.cohort.PatientResult` for the summary table."""
+    from stm_dlp.cohort import cohort_jobs, run_jobs
+    from stm_dlp.data.studies import read_any_study
     from stm_dlp.perfusion.deconv import METHODS
 
     if method.lower() not in METHODS:
@@ -228,37 +247,46 @@ def run_calc(input: str, output: str, method: str = "osvd", device: str = "auto"
     params = dict(threshold=threshold, oi_target=oi_target, tmax_method=tmax, cbv_method=cbv,
                   temporal_sigma_s=temporal_sigma_s, spatial_sigma_px=spatial_sigma_px, pv_correction=pv_correction,
                   csf_max_hu=csf_max_hu, spatial_sigma_mm=spatial_sigma_mm, motion=motion)
-    patients = list_patients(src) if src.is_dir() else []
-    multi = len(patients) > 1 or (len(patients) == 1 and patients[0] != src)
-    jobs = [(p, Path(output) / p.name) for p in patients] if multi else [(src, Path(output))]
-    summaries = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=not progress, transient=False) as bar:
-        studies_task = bar.add_task("studies", total=len(jobs), visible=multi)
-        pix_task = bar.add_task("deconvolution (pixels)", total=None)
-        for path, out in jobs:
-            bar.update(pix_task, description=f"{path.name}: pixels", completed=0, total=None)
-            study = read_any_study(path, frame_interval_s=frame_interval_s)
+    jobs, multi = cohort_jobs(src, output)
+    pix_task: list[Any] = []
 
-            def cb(done: int, total: int) -> None:
-                bar.update(pix_task, completed=done, total=total)
+    def one(path: Path, out: Path, bar: Any) -> dict[str, Any]:
+        if not pix_task:
+            pix_task.append(bar.add_task("deconvolution (pixels)", total=None))
+        bar.update(pix_task[0], description=f"{path.name}: pixels", completed=0, total=None)
+        study = read_any_study(path, frame_interval_s=frame_interval_s)
 
-            summaries.append(calc_study(study, out, method=method, device=device, dt=dt, aif=aif_arg,
-                                        progress_cb=cb, readout_thresholds=readout_thresholds, **params))
-            bar.advance(studies_task)
-    return summaries
+        def cb(done: int, total: int) -> None:
+            bar.update(pix_task[0], completed=done, total=total)
+
+        return calc_study(study, out, method=method, device=device, dt=dt, aif=aif_arg, progress_cb=cb,
+                          readout_thresholds=readout_thresholds, output_dicom=output_dicom, **params)
+
+    done = run_jobs(jobs, one, progress=progress, keep_going=multi)
+    if results is not None:
+        results.extend(done)
+    return [r.summary for r in done if r.summary is not None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     def _main() -> int:
         args = parse_kv(sys.argv[1:] if argv is None else list(argv), SPEC, prog="python -m stm_dlp.calc")
         readout_thresholds = thresholds_from_options(args)
-        summaries = run_calc(**args, readout_thresholds=readout_thresholds)
+        results: list = []
+        summaries = run_calc(**args, readout_thresholds=readout_thresholds, results=results)
         n = len(summaries)
         print(f"wrote {args['method']} maps for {n} stud{'y' if n == 1 else 'ies'} to {args['output']}")
-        for s in summaries:  # the clinical readout is the last thing on stdout: one line per study
-            print(readout_line(s["readout"]) if n == 1 else f"{s['patient_id']}: {readout_line(s['readout'])}")
-        return 0
+        from stm_dlp.cohort import cohort_jobs, summary_table
+
+        if not cohort_jobs(args["input"], args["output"])[1]:
+            print(readout_line(summaries[0]["readout"]))  # the clinical readout is the last line on stdout
+            return 0
+
+        print(summary_table(results))  # a cohort: one table, last on stdout
+        failed = sum(r.status != "ok" for r in results)
+        if failed:
+            print(f"error: {failed} of {len(results)} studies failed (see the table)", file=sys.stderr)
+        return 2 if failed else 0
 
     return run_cli(_main)
 

@@ -1,10 +1,16 @@
 """``python -m stm_dlp.predict ckpt=PATH input=STUDY_DIR output=OUT_DIR`` — model maps for a study.
 
-Reads a DICOM study (``ctp/`` folder or the study folder itself) or an ISLES case, runs the model
-slice by slice in batches (GPU when present, ``torch.inference_mode``), and writes
-``{cbf,cbv,mtt,tmax}.nii.gz`` with the scan's geometry, ``maps.png``, ``readout.png`` and
-``summary.json`` with the clinical readout (:mod:`stm_dlp.perfusion.readout`), whose one-line form
-(core, TMAX > 6 s and mismatch volumes, DEFUSE-3 profile) is the last line on stdout.
+Reads a study in any layout :func:`stm_dlp.data.studies.read_any_study` reads (DICOM — classic,
+enhanced multi-frame, one series per time point, shuttle mode —, a 4-D NIfTI, an ISLES 2018 case,
+an ISLES'24 subject, a UniToBrain case), runs the model slice by slice in batches (GPU when present,
+``torch.inference_mode``), and writes ``{cbf,cbv,mtt,tmax}.nii.gz`` with the scan's geometry,
+``maps.png``, ``readout.png`` and ``summary.json`` with the clinical readout
+(:mod:`stm_dlp.perfusion.readout`), whose one-line form (core, TMAX > 6 s and mismatch volumes,
+DEFUSE-3 profile) is the last line on stdout. ``output_dicom=true`` adds ``OUT/dicom/`` for PACS
+(:mod:`stm_dlp.io.dicom_maps`). ``input=ROOT`` of a whole cohort (:mod:`stm_dlp.cohort`) writes
+``OUT/<patient>/`` for each, with a progress bar, and prints one summary table last (per patient
+status, frames, core and TMAX > 6 s volumes); a patient that fails is reported and skipped, and the
+exit status is then 2.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: a checkpoint that needs unpickling of
 arbitrary objects is refused. Slices that fail (e.g. non-finite input) are reported and, with
@@ -25,7 +31,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 
-from stm_dlp.cli import REQUIRED
+from stm_dlp.cli import REQUIRED, parse_bool
 from stm_dlp.data.context import attach_arterial
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
@@ -101,16 +107,50 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
 
 def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_size: int = 4,
                 mode: str = "best_effort", frame_interval_s: float | None = None,
-                readout_thresholds: ReadoutThresholds | None = None) -> dict[str, Any]:
-    """Read, predict, write. Returns the summary written to ``summary.json``."""
-    from stm_dlp.data.studies import read_any_study
-    from stm_dlp.io.outputs import write_outputs
+                readout_thresholds: ReadoutThresholds | None = None, output_dicom: bool = False) -> dict[str, Any]:
+    """Read one study (any layout :func:`~stm_dlp.data.studies.read_any_study` reads), predict, write.
+    Returns the summary written to ``summary.json``."""
+    if mode not in ("best_effort", "strict"):
+        raise ValueError(f"mode must be best_effort or strict, got {mode!r}")
+    dev = _device(device)
+    model, scale, info = load_model(ckpt, dev)
+    return _predict_to(model, scale, info, dev, ckpt, input, output, batch_size=batch_size, mode=mode,
+                       frame_interval_s=frame_interval_s, readout_thresholds=readout_thresholds,
+                       output_dicom=output_dicom)
+
+
+def run_predict_cohort(ckpt: str, input: str, output: str, device: str = "auto", batch_size: int = 4,
+                       mode: str = "best_effort", frame_interval_s: float | None = None,
+                       readout_thresholds: ReadoutThresholds | None = None, output_dicom: bool = False,
+                       progress: bool = True) -> list:
+    """Every patient of the root ``input`` (any layout, :mod:`stm_dlp.cohort`) into ``output/<patient>``
+    with the model loaded once and one progress bar; returns each patient's
+    :class:`~stm_dlp.cohort.PatientResult` (a patient that fails is reported and skipped)."""
+    from stm_dlp.cohort import cohort_jobs, run_jobs
 
     if mode not in ("best_effort", "strict"):
         raise ValueError(f"mode must be best_effort or strict, got {mode!r}")
-    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
-                       ("cpu" if device == "auto" else device))
+    jobs, multi = cohort_jobs(input, output)
+    dev = _device(device)
     model, scale, info = load_model(ckpt, dev)
+    return run_jobs(jobs, lambda path, out, _bar: _predict_to(
+        model, scale, info, dev, ckpt, path, out, batch_size=batch_size, mode=mode,
+        frame_interval_s=frame_interval_s, readout_thresholds=readout_thresholds, output_dicom=output_dicom),
+        progress=progress, keep_going=multi)
+
+
+def _device(device: str) -> torch.device:
+    return torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
+                        ("cpu" if device == "auto" else device))
+
+
+def _predict_to(model: torch.nn.Module, scale: torch.Tensor, info: dict, dev: torch.device, ckpt: str | Path,
+                input: str | Path, output: str | Path, *, batch_size: int, mode: str, frame_interval_s: float | None,
+                readout_thresholds: ReadoutThresholds | None, output_dicom: bool) -> dict[str, Any]:
+    """One study through a loaded model into ``output``; the summary written to ``summary.json``."""
+    from stm_dlp.data.studies import read_any_study
+    from stm_dlp.io.outputs import write_outputs
+
     t0 = time.perf_counter()
     # best effort: a frame with unusable pixels becomes NaN and only its slice is lost
     study = read_any_study(input, frame_interval_s=frame_interval_s,
@@ -125,6 +165,8 @@ def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_
         "encoder": info["model_config"].get("encoder"),
         "checkpoint": str(ckpt),
         "patient_id": study.patient_id,
+        "layout": study.meta.get("layout"),
+        "time_source": study.meta.get("time_source"),
         "shape_slices_rows_cols": [study.n_slices, *study.shape_hw],
         "n_frames": study.n_frames,
         "params_predicted": list(PARAMS),
@@ -133,6 +175,13 @@ def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_
         "timing_s": {"read": round(t_read, 3), "predict": round(t_pred, 3)},
         "failed_slices": failed,
     }
+    if output_dicom:
+        from stm_dlp.io.dicom_maps import DICOM_DIR, reference_uids, write_maps_dicom
+
+        series = write_maps_dicom(output, maps, study.affine, patient_id=study.patient_id, mask=study.mask,
+                                  reference=reference_uids(study.meta), method="stm_dlp")
+        summary["dicom"] = {name: f"{DICOM_DIR}/{files[0].parent.name}/ ({len(files)} files)"
+                            for name, files in series.items()}
     # readout.png's background: the frames before the bolus arrives, detected as the calculation does
     write_outputs(output, maps, study.affine, summary, mask=study.mask, baseline_hu=precontrast_image(study.frames),
                   readout_thresholds=readout_thresholds)
@@ -142,12 +191,14 @@ def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_
 
 SPEC = {
     "ckpt": (str, REQUIRED, "training checkpoint (.ckpt)"),
-    "input": (str, REQUIRED, "study folder (DICOM) or ISLES case"),
+    "input": (str, REQUIRED, "a study in any layout (DICOM, NIfTI, ISLES, UniToBrain) or a root of patients"),
     "output": (str, REQUIRED, "output folder"),
     "device": (str, "auto", "cpu, cuda or auto"),
     "batch_size": (int, 4, "slices per forward pass"),
     "mode": (str, "best_effort", "best_effort (skip bad slices) or strict"),
-    "frame_interval_s": (float, None, "ISLES frame interval when the header lacks it"),
+    "frame_interval_s": (float, None, "NIfTI frame interval (s), only when the file gives no frame times"),
+    "output_dicom": (parse_bool, False, "also write the maps as DICOM series for PACS (OUT/dicom/)"),
+    "progress": (parse_bool, True, "show a progress bar (a root of patients)"),
     **READOUT_OPTIONS,
 }
 
@@ -158,6 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     def _main() -> int:
         args = parse_kv(sys.argv[1:] if argv is None else argv, SPEC)
         readout_thresholds = thresholds_from_options(args)
+        from stm_dlp.cohort import cohort_jobs, summary_table
+
+        if cohort_jobs(args["input"], args["output"])[1]:  # a root of patients: one table, last on stdout
+            results = run_predict_cohort(**args, readout_thresholds=readout_thresholds)
+            print(f"wrote maps for {sum(r.status == 'ok' for r in results)} studies to {args['output']}")
+            print(summary_table(results))
+            failed = sum(r.status != "ok" for r in results)
+            if failed:
+                print(f"error: {failed} of {len(results)} studies failed (see the table)", file=sys.stderr)
+            return 2 if failed else 0
+        args.pop("progress")
         summary = run_predict(**args, readout_thresholds=readout_thresholds)
         print(f"wrote maps for {summary['shape_slices_rows_cols'][0]} slices to {args['output']}"
               + (f" ({len(summary['failed_slices'])} slices failed, see summary.json)"

@@ -8,10 +8,11 @@ training cases only). Files are found by the marker as a dot-separated part of t
 * ``CT_4DPWI`` is ``(X, Y, Z, T)`` (a singleton 4th axis ``(X, Y, Z, 1, T)`` is accepted) →
   frames ``(S=Z, T, H=Y, W=X)``, i.e. voxel ``[c, r, s, t]`` = row r, column c of slice s, the same
   ``(W, H, S)`` convention as our NIfTI maps, so ``affine`` is the file's affine unchanged.
-* Frame times are uniform: ``frame_interval_s`` if given, else the header's time step
-  (``pixdim`` of the time axis with the ``xyzt_units`` time unit: s, ms or µs). A header without a
-  usable time step (zero, or an unknown unit) is an error asking for ``frame_interval_s`` — the
-  interval is never guessed.
+* Frame times come from :mod:`stm_dlp.data.nifti4d`: a BIDS sidecar beside the file if there is one,
+  else the header's time step (``pixdim[4]``, or ``pixdim[5]`` of the 5-D form, with the
+  ``xyzt_units`` time unit: s, ms or µs), else ``frame_interval_s`` (with a warning). Without any
+  of these the case is an error asking for ``frame_interval_s`` — the interval is never guessed.
+  ``meta["time_source"]`` says which was used.
 * Label maps from ``CT_CBV``, ``CT_CBF``, ``CT_Tmax`` (ISLES 2018 stores them in ml/100g,
   ml/100g/min and s, our units) are transposed ``(X, Y, Z)`` → ``(S, H, W)``. ``CT_MTT`` is
   ignored (MTT is derived). The brain mask is where any label map is non-zero (the challenge's
@@ -26,12 +27,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from stm_dlp.data.nifti4d import load_perfusion_nifti, nifti_frame_times
 from stm_dlp.types import PARAMS, Study, StudyError
 
 #: File-name marker of each ISLES 2018 modality.
 MARKERS: dict[str, str] = {"4dpwi": "CT_4DPWI", "cbv": "CT_CBV", "cbf": "CT_CBF", "mtt": "CT_MTT",
                            "tmax": "CT_Tmax", "ct": "CT", "ot": "OT"}
-_TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 
 
 def _nifti_files(case_dir: Path) -> list[Path]:
@@ -71,20 +72,6 @@ def is_isles_case(path: str | Path) -> bool:
     return any("ct_4dpwi" in _parts(f) for f in _nifti_files(p))
 
 
-def _frame_interval(img: nib.Nifti1Image, path: Path, time_axis: int, given: float | None) -> float:
-    if given is not None:
-        if not (given > 0 and np.isfinite(given)):
-            raise StudyError(f"{path}: frame_interval_s must be a positive number of seconds, got {given}")
-        return float(given)
-    pixdim = float(img.header["pixdim"][time_axis + 1])
-    unit = img.header.get_xyzt_units()[1]
-    if unit in _TIME_UNITS and pixdim > 0 and np.isfinite(pixdim):
-        return pixdim * _TIME_UNITS[unit]
-    raise StudyError(f"{path}: the header gives no usable frame interval (pixdim[{time_axis + 1}] = "
-                     f"{pixdim:g}, time unit {unit!r}); pass frame_interval_s=<seconds between frames> "
-                     "(data.frame_interval_s=...) — it is never guessed")
-
-
 def _load(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     try:
         img = nib.load(str(path))
@@ -116,19 +103,12 @@ def read_isles_case(case_dir: str | Path, *, frame_interval_s: float | None = No
     if "4dpwi" not in files:
         raise StudyError(f"{case}: no CT_4DPWI NIfTI file (expected e.g. SMIR.Brain.XX.O.CT_4DPWI.<id>.nii)")
     path4d = files["4dpwi"]
-    img, data = _load(path4d)
-    if data.ndim == 5 and data.shape[3] == 1:
-        data, time_axis = data[:, :, :, 0, :], 4
-    elif data.ndim == 4:
-        time_axis = 3
-    else:
-        raise StudyError(f"{path4d}: CT_4DPWI must be 4-D (X, Y, Z, T), got shape {data.shape}")
-    if not np.all(np.isfinite(data)):
-        raise StudyError(f"{path4d}: NaN or inf values in the perfusion series")
-    dt_s = _frame_interval(img, path4d, time_axis, frame_interval_s)
+    img, data, time_axis = load_perfusion_nifti(path4d)
     n_x, n_y, n_z, n_t = data.shape
+    times_s, time_source = nifti_frame_times(img, path4d, n_t, n_z, time_axis, frame_interval_s)
     frames = np.ascontiguousarray(np.transpose(data, (2, 3, 1, 0)))  # (Z, T, Y, X) = (S, T, H, W)
-    times = np.repeat((np.arange(n_t) * dt_s)[None].astype(np.float32), n_z, axis=0)
+    times = times_s.astype(np.float32)
+    dt_s = float(np.median(np.diff(times_s[0])))
     affine = np.asarray(img.affine, np.float64)
 
     def as_shw(key: str) -> np.ndarray:
@@ -154,7 +134,7 @@ def read_isles_case(case_dir: str | Path, *, frame_interval_s: float | None = No
                              f"{', '.join(missing)}; a labelled case needs CT_CBV, CT_CBF and CT_Tmax")
         maps = np.stack([as_shw(p) for p in PARAMS], axis=1).astype(np.float32)
         mask = np.any(maps != 0, axis=1)
-    meta = {"format": "isles2018", "frame_interval_s": dt_s, "time_tag": "uniform",
+    meta = {"format": "isles2018", "frame_interval_s": dt_s, "time_tag": time_source, "time_source": time_source,
             "files": {k: str(v.relative_to(case)) for k, v in files.items()}}
     if "ot" in files:
         meta["lesion"] = as_shw("ot") > 0.5

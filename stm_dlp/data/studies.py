@@ -1,26 +1,58 @@
-"""Studies on disk: the labelled-dataset layout of DESIGN.md, and dispatch between readers.
+"""Studies on disk: the labelled-dataset layouts of DESIGN.md, and the one dispatch between readers.
 
-Layout::
+:func:`read_any_study` is the ONE reading path of training (the DataModule), ``predict`` and ``calc``;
+:func:`list_patients` turns a dataset root in any layout into its patients. The layouts
+(:func:`study_layout`):
 
-    ROOT/<patient>/ctp/                         the DICOM series (any names and nesting)
-    ROOT/<patient>/maps/{cbv,cbf,tmax}.nii.gz   label maps (+ optional mtt.nii.gz, mask.nii.gz)
+``dicom_labelled``
+    ``ROOT/<patient>/ctp/`` (DICOM: classic, enhanced multi-frame, one series per time point, shuttle
+    mode — any names and nesting) and ``ROOT/<patient>/maps/{cbv,cbf,tmax}.nii.gz`` (+ optional
+    ``mtt``, ``mask``); a patient without ``maps/`` is unlabelled.
+``nifti_labelled``
+    ``ROOT/<patient>/ctp.nii.gz`` (4-D, times from a ``ctp.json`` BIDS sidecar or the header:
+    :mod:`stm_dlp.data.nifti4d`) and the same ``maps/``.
+``isles2018``
+    an ISLES 2018 ``case_N/`` folder (:mod:`stm_dlp.data.isles`).
+``isles2024``
+    an ISLES'24 subject ``raw_data/sub-strokeXXXX`` (:mod:`stm_dlp.data.isles2024`); the release
+    folder itself is a root of subjects.
+``unitobrain``
+    a UniToBrain CTP folder with its ``<folder>_Maps`` sibling, or a patient folder with ``NLR_*`` map
+    folders (:mod:`stm_dlp.data.unitobrain`; no TMAX).
+``nifti4d``
+    a bare 4-D ``.nii`` / ``.nii.gz`` file (unlabelled).
+``dicom``
+    a bare DICOM folder (unlabelled).
 
-Label maps are NIfTI volumes in ``(W, H, S)`` order with the scan's affine (as
-:func:`stm_dlp.io.nifti.write_maps_nifti` writes them). A patient without ``maps/`` is unlabelled
-(``Study.maps is None``). ISLES 2018 case folders are read by :mod:`stm_dlp.data.isles`.
+Label maps of the ``maps/`` layouts are NIfTI volumes in ``(W, H, S)`` order with the scan's affine
+(as :func:`stm_dlp.io.nifti.write_maps_nifti` writes them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from stm_dlp.data.cache import source_fingerprint
 from stm_dlp.data.dicom import read_dicom_study, validate_study
 from stm_dlp.data.isles import is_isles_case, read_isles_case
+from stm_dlp.data.isles2024 import (
+    _subject_dirs,
+    is_isles2024_root,
+    is_isles2024_subject,
+    list_isles2024_subjects,
+    read_isles2024_case,
+)
+from stm_dlp.data.nifti4d import NIFTI_SUFFIXES, read_nifti4d, sidecar_path
+from stm_dlp.data.unitobrain import find_unitobrain, is_unitobrain_case, read_unitobrain_case
 from stm_dlp.io.nifti import read_nifti_maps
 from stm_dlp.types import PARAMS, Study, StudyError
+
+#: Every layout :func:`study_layout` can tell (see the module docstring).
+LAYOUTS = ("dicom_labelled", "nifti_labelled", "isles2018", "isles2024", "unitobrain", "nifti4d", "dicom")
 
 #: Largest allowed difference (mm, element-wise) between a label map's affine and the scan's.
 AFFINE_TOL_MM = 1e-3
@@ -90,11 +122,20 @@ def read_label_maps(maps_dir: str | Path, shape_shw: tuple[int, int, int],
     return np.stack(vols, axis=1).astype(np.float32), mask
 
 
-def read_labelled_study(patient_dir: str | Path, *, pseudonym_key: bytes | None = None,
-                        on_bad_frame: str = "raise") -> Study:
-    """Read ``patient_dir/ctp/`` (DICOM) and, if present, ``patient_dir/maps/`` (labels).
+def _nifti_ctp(pdir: Path) -> Path | None:
+    for suffix in NIFTI_SUFFIXES:
+        if (pdir / f"ctp{suffix}").is_file():
+            return pdir / f"ctp{suffix}"
+    return None
 
-    ``on_bad_frame`` is passed to :func:`~stm_dlp.data.dicom.read_dicom_study`.
+
+def read_labelled_study(patient_dir: str | Path, *, pseudonym_key: bytes | None = None,
+                        on_bad_frame: str = "raise", frame_interval_s: float | None = None) -> Study:
+    """Read ``patient_dir/ctp/`` (DICOM) or ``patient_dir/ctp.nii.gz`` (4-D NIfTI) and, if present,
+    ``patient_dir/maps/`` (labels).
+
+    ``on_bad_frame`` is passed to :func:`~stm_dlp.data.dicom.read_dicom_study`; ``frame_interval_s``
+    to :func:`~stm_dlp.data.nifti4d.read_nifti4d` (used only when the NIfTI has no times).
 
     Returns:
         A validated :class:`Study` (frames ``(S, T, H, W)`` HU, times_s ``(S, T)`` s, maps
@@ -107,10 +148,15 @@ def read_labelled_study(patient_dir: str | Path, *, pseudonym_key: bytes | None 
     if not pdir.exists():
         raise StudyError(f"{pdir}: path does not exist")
     ctp = pdir / "ctp"
-    if not ctp.is_dir():
-        raise StudyError(f"{pdir}: no ctp/ folder (expected {pdir}/ctp/ holding the DICOM series and "
-                         f"optionally {pdir}/maps/ holding cbv/cbf/tmax.nii.gz)")
-    study = read_dicom_study(ctp, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
+    nifti = _nifti_ctp(pdir)
+    if ctp.is_dir():
+        study = read_dicom_study(ctp, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
+    elif nifti is not None:
+        study = read_nifti4d(nifti, frame_interval_s=frame_interval_s, pseudonym_key=pseudonym_key,
+                             patient_name=pdir.name)
+    else:
+        raise StudyError(f"{pdir}: no ctp/ folder (expected {pdir}/ctp/ holding the DICOM series, or "
+                         f"{pdir}/ctp.nii.gz, and optionally {pdir}/maps/ holding cbv/cbf/tmax.nii.gz)")
     maps_dir = pdir / "maps"
     meta = dict(study.meta)
     maps = mask = None
@@ -120,14 +166,37 @@ def read_labelled_study(patient_dir: str | Path, *, pseudonym_key: bytes | None 
     return validate_study(dataclasses.replace(study, maps=maps, mask=mask, source=str(pdir), meta=meta))
 
 
+def study_layout(path: str | Path) -> str | None:
+    """Which of :data:`LAYOUTS` ``path`` is in (the order of the checks decides), or None when it does
+    not exist. A folder that is none of the others is taken as a bare DICOM folder."""
+    p = Path(path)
+    if p.is_file():
+        return "nifti4d" if p.name.endswith(NIFTI_SUFFIXES) else "dicom"
+    if not p.is_dir():
+        return None
+    if (p / "ctp").is_dir():
+        return "dicom_labelled"
+    if _nifti_ctp(p) is not None:
+        return "nifti_labelled"
+    if is_isles_case(p):
+        return "isles2018"
+    if is_isles2024_subject(p):
+        return "isles2024"
+    if is_unitobrain_case(p):
+        return "unitobrain"
+    return "dicom"
+
+
 def _is_patient(path: Path) -> bool:
     if not path.is_dir() or path.name.startswith("."):
         return False
-    return (path / "ctp").is_dir() or is_isles_case(path)
+    return study_layout(path) not in (None, "dicom")
 
 
 def list_patients(root: str | Path) -> list[Path]:
-    """Patient folders under ``root``: sub-folders with ``ctp/`` or an ISLES 2018 case, sorted by name.
+    """The patients under dataset ``root`` in any layout, sorted by name: sub-folders that are a patient
+    (``ctp/``, ``ctp.nii.gz``, an ISLES 2018 case, a UniToBrain case), or the subjects of an ISLES'24
+    release.
 
     Hidden folders (e.g. a half-written ``.sub-0001.xxx.tmp``) are skipped. ``root`` itself is
     returned when it is a single patient/case folder.
@@ -135,49 +204,78 @@ def list_patients(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise StudyError(f"{root}: dataset root does not exist or is not a folder")
+    if is_isles2024_root(root):
+        return list_isles2024_subjects(root)
     found = sorted((p for p in root.iterdir() if _is_patient(p)), key=lambda p: p.name)
     if not found and _is_patient(root):
         return [root]
     return found
 
 
-def with_brain_mask(study: Study) -> Study:
-    """``study`` with the automatic CT brain mask (:func:`stm_dlp.perfusion.mask.brain_mask`) where it has
-    none (``meta["mask_source"]`` says which): the one mask predict, calc, training losses and metrics use."""
-    if study.mask is not None:
-        return dataclasses.replace(study, meta={**study.meta, "mask_source": study.meta.get("mask_source", "given")})
-    from stm_dlp.perfusion.mask import brain_mask
+def study_sources(path: str | Path) -> list[Path]:
+    """Every file or folder the study at ``path`` is read from (for cache fingerprints): ISLES'24 also
+    reads the subject's ``derivatives``, a UniToBrain release case its ``_Maps`` sibling, a NIfTI its sidecar."""
+    p = Path(path)
+    layout = study_layout(p)
+    if layout == "isles2024":
+        return _subject_dirs(p)
+    if layout == "unitobrain":
+        found = find_unitobrain(p)
+        if found is not None:
+            ctp, maps = found
+            outside = [d for d in (ctp, *maps.values()) if p.resolve() not in d.resolve().parents and d != p]
+            return [p, *dict.fromkeys(outside)]
+    if layout == "nifti4d" and (side := sidecar_path(p)) is not None:
+        return [p, side]
+    return [p]
 
-    frames = np.nan_to_num(np.asarray(study.frames, np.float32), nan=-1000.0)  # unreadable frames: air, not brain
-    mask = np.asarray(brain_mask(frames, np.asarray(study.times_s, np.float32)), bool)
-    return dataclasses.replace(study, mask=mask, meta={**study.meta, "mask_source": "automatic"})
+
+def study_fingerprint(path: str | Path) -> dict[str, Any]:
+    """:func:`~stm_dlp.data.cache.source_fingerprint` of every source of the study (one source: the
+    same dict as ``source_fingerprint(path)``)."""
+    sources = study_sources(path)
+    if len(sources) == 1:
+        return source_fingerprint(sources[0])
+    return {"sources": [source_fingerprint(s) for s in sources]}
 
 
 def read_any_study(path: str | Path, *, pseudonym_key: bytes | None = None,
                    frame_interval_s: float | None = None, on_bad_frame: str = "raise") -> Study:
-    """Read whatever ``path`` holds (see :func:`_read_study`) and give it a brain mask
-    (:func:`with_brain_mask`) when its layout carries none."""
-    return with_brain_mask(_read_study(path, pseudonym_key=pseudonym_key, frame_interval_s=frame_interval_s,
-                                       on_bad_frame=on_bad_frame))
-
-
-def _read_study(path: str | Path, *, pseudonym_key: bytes | None = None,
-                frame_interval_s: float | None = None, on_bad_frame: str = "raise") -> Study:
-    """Read whatever ``path`` holds: a patient folder (``ctp/`` + ``maps/``), an ISLES 2018 case, or a
-    bare DICOM series folder (unlabelled).
+    """Read whatever ``path`` holds, in any of :data:`LAYOUTS` (see the module docstring).
 
     Args:
-        path: the folder.
+        path: the patient folder, case, subject, CTP folder or 4-D NIfTI file.
         pseudonym_key: HMAC key for patient pseudonyms.
-        frame_interval_s: seconds between frames, for ISLES cases whose header lacks it.
+        frame_interval_s: seconds between frames, for NIfTI inputs whose files give no times.
         on_bad_frame: ``"raise"`` or ``"nan"`` for DICOM series (see
             :func:`~stm_dlp.data.dicom.read_dicom_study`); NIfTI cases are always strict.
+
+    Returns:
+        A validated :class:`Study`; ``meta["layout"]`` says which layout was read.
     """
     p = Path(path)
-    if not p.exists():
+    layout = study_layout(p)
+    if layout is None:
         raise StudyError(f"{p}: path does not exist")
-    if (p / "ctp").is_dir():
-        return read_labelled_study(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
-    if is_isles_case(p):
-        return read_isles_case(p, frame_interval_s=frame_interval_s, pseudonym_key=pseudonym_key)
-    return read_dicom_study(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
+    if layout in ("dicom_labelled", "nifti_labelled"):
+        study = read_labelled_study(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame,
+                                    frame_interval_s=frame_interval_s)
+    elif layout == "isles2018":
+        study = read_isles_case(p, frame_interval_s=frame_interval_s, pseudonym_key=pseudonym_key)
+    elif layout == "isles2024":
+        study = read_isles2024_case(p, frame_interval_s=frame_interval_s, pseudonym_key=pseudonym_key)
+    elif layout == "unitobrain":
+        study = read_unitobrain_case(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
+    elif layout == "nifti4d":
+        study = read_nifti4d(p, frame_interval_s=frame_interval_s, pseudonym_key=pseudonym_key)
+    else:
+        if p.is_dir() and is_isles2024_root(p):
+            raise StudyError(f"{p}: an ISLES'24 release (raw_data/, derivatives/), not one study; give one "
+                             f"subject ({p}/raw_data/sub-…) or use the folder as a dataset root")
+        study = read_dicom_study(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
+    study.meta["layout"] = layout
+    return study
+
+
+__all__ = ["LAYOUTS", "list_patients", "read_any_study", "read_label_maps", "read_labelled_study",
+           "study_fingerprint", "study_layout", "study_sources"]
