@@ -2,10 +2,18 @@
 in a subprocess), tested on held-out patients under each condition (``eval_conditions``), beside the
 calculation approach (``model=calc``, oSVD with automatic AIF) on the same input.
 
+Every evaluation carries the clinical readout's agreement with the truth (:mod:`stm_dlp.perfusion.readout`,
+summarised by :func:`stm_dlp.metrics.summarise_agreement`): median Dice of TMAX > 6 s and of the core, the
+volume errors with Bland-Altman limits and the voxelwise Pearson r per parameter.
+
 In-process additions (from the best checkpoint, with :func:`stm_dlp.predict.predict_study` and the
 torchmetrics of :func:`stm_dlp.calc_eval.evaluate_studies`): dropped-frame severities other than the named
 30 %, the label-noise run evaluated against truth, a consistency check of that path against the run's own
-test metrics, and the colour maps per condition.
+test metrics, the colour maps per condition, and the cross-family evaluation (``Profile.cross_family``):
+the default model trained on each phantom family and tested on the other family's held-out patients
+(regular, noisy, motion), oSVD on the same studies beside it.
+
+:func:`clinical_targets` derives issue 13's targets from a whole ``results.json`` (accuracy and speed).
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ CORRUPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "jittered_framing": ("jittered framing", {"eval_corruption": "jittered_framing"}),
 }
 IRREGULAR = ("noise", "motion", "dropped_frames", "jittered_framing")
+#: Conditions of the cross-family evaluation: name → data overrides of the test cohort.
+CROSS_CONDITIONS: dict[str, dict[str, Any]] = {"regular": {}, "noise": {"eval_corruption": "noise"},
+                                               "motion": {"eval_corruption": "motion"}}
 
 
 def frames_name(fraction: float) -> str:
@@ -84,8 +95,16 @@ def eval_conditions_override(profile: Profile) -> str:
     return "+eval_conditions=[" + ", ".join(items) + "]"
 
 
+def cross_run_name(family: str) -> str:
+    """The training run of the default model on a phantom family other than the main runs'."""
+    return f"{MAIN}_{family}"
+
+
 def data_overrides(profile: Profile) -> list[str]:
-    return [f"scale={profile.scale}", f"trainer={profile.trainer}", f"data.n_patients={profile.n_patients}",
+    family = [f"data.phantom.family={profile.cross_family[0]}"] if profile.cross_family else []
+    if profile.lesion_probability is not None:
+        family.append(f"data.phantom.lesion_probability={profile.lesion_probability}")
+    return [*family, f"scale={profile.scale}", f"trainer={profile.trainer}", f"data.n_patients={profile.n_patients}",
             f"data.phantom.height={profile.height}", f"data.phantom.width={profile.height}",
             f"data.phantom.n_slices={profile.n_slices}", f"data.phantom.frames_min={profile.frames_min}",
             f"data.phantom.frames_max={profile.frames_max}", f"data.batch_size={profile.batch_size}",
@@ -103,21 +122,24 @@ def trainer_overrides(profile: Profile) -> list[str]:
 
 
 def run_command(name: str, model_overrides: Sequence[str], profile: Profile, run_dir: Path,
-                extra: Sequence[str] = ()) -> list[str]:
+                extra: Sequence[str] = (), eval_conditions: bool = True) -> list[str]:
+    """The ``python -m stm_dlp.run`` command line of one benchmark run (``extra`` overrides come after the
+    profile's, so ``data.phantom.family=…`` there wins); ``eval_conditions=False``: its own test only."""
     cmd = [sys.executable, "-m", "stm_dlp.run", *model_overrides, *data_overrides(profile)]
     if "model=calc" not in model_overrides:
         cmd += trainer_overrides(profile)
-    cmd += [*extra, eval_conditions_override(profile), f"experiment_name=bench_{name}",
-            f"hydra.run.dir={run_dir}"]
+    cmd += [*extra, *([eval_conditions_override(profile)] if eval_conditions else []),
+            f"experiment_name=bench_{name}", f"hydra.run.dir={run_dir}"]
     return cmd
 
 
 def run_training(name: str, model_overrides: Sequence[str], profile: Profile, out: Path, env: dict[str, str],
-                 extra: Sequence[str] = (), log: Callable[[str], None] = print) -> dict[str, Any]:
+                 extra: Sequence[str] = (), log: Callable[[str], None] = print,
+                 eval_conditions: bool = True) -> dict[str, Any]:
     """Train + test one model (or evaluate ``model=calc``) in a subprocess; returns its metrics.json."""
     run_dir = out / "runs" / name
     metrics_path = run_dir / "metrics.json"
-    cmd = run_command(name, model_overrides, profile, run_dir, extra)
+    cmd = run_command(name, model_overrides, profile, run_dir, extra, eval_conditions)
     if metrics_path.is_file():  # resumable: a finished run is not repeated
         log(f"  {name}: reusing {metrics_path}")
         return json.loads(metrics_path.read_text())
@@ -193,11 +215,23 @@ def dropped_studies(studies: Sequence[Study], fraction: float, seed: int) -> lis
 
 
 def metrics_only(results: dict[str, Any]) -> dict[str, Any]:
+    """MAE / RMSE / R² per parameter and the readout's summary (no per-patient rows: results.json stays
+    small and names no patient) of one evaluation (``metrics.json["test"]`` + ``["readout"]``, a condition
+    record, or :func:`~stm_dlp.calc_eval.evaluate_studies`)."""
     out = {p: results[p] for p in ALL_PARAMS}
     for k in ("failed_studies", "seconds"):
         if k in results:
             out[k] = results[k]
+    summary = (results.get("readout") or {}).get("summary")
+    if summary is not None:
+        out["readout"] = summary
     return out
+
+
+def run_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """:func:`metrics_only` of a run's own test (``metrics.json``: ``test`` and ``readout`` side by side)."""
+    return metrics_only({**metrics["test"], **{k: metrics[k] for k in ("failed_studies", "readout")
+                                                 if k in metrics}})
 
 
 # --------------------------------------------------------------------------------- the whole section
@@ -214,19 +248,22 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
     result: dict[str, Any] = {"conditions": {k: v[0] for k, v in conds.items()}, "models": {}, "runs": {}}
 
     # 1. the calculation approach and every model, through python -m stm_dlp.run
-    jobs = [("calc", ["model=calc"], []), *[(n, list(ov), []) for n, (_l, ov) in MODELS.items()],
-            (LABEL_NOISE, list(MODELS[MAIN][1]), ["data.label_source=calc"])]
+    jobs = [("calc", ["model=calc"], [], True), *[(n, list(ov), [], True) for n, (_l, ov) in MODELS.items()],
+            (LABEL_NOISE, list(MODELS[MAIN][1]), ["data.label_source=calc"], True)]
+    # the default model on every other phantom family (its own test only; the conditions are in-process)
+    jobs += [(cross_run_name(f), list(MODELS[MAIN][1]), [f"data.phantom.family={f}"], False)
+             for f in profile.cross_family[1:]]
     outcomes: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=max(1, profile.parallel_runs)) as pool:
-        futures = {name: pool.submit(run_training, name, ov, profile, out, env, extra, log)
-                   for name, ov, extra in jobs}
+        futures = {name: pool.submit(run_training, name, ov, profile, out, env, extra, log, conds)
+                   for name, ov, extra, conds in jobs}
         for name, fut in futures.items():
             try:
                 outcomes[name] = fut.result()
             except Exception as exc:  # noqa: BLE001 - reported; only the label-noise run is optional
                 outcomes[name] = exc
-    for name, value in outcomes.items():
-        if isinstance(value, Exception) and name != LABEL_NOISE:
+    for name, value in outcomes.items():  # the label-noise and cross-family runs are reported when they fail
+        if isinstance(value, Exception) and name != LABEL_NOISE and not name.startswith(f"{MAIN}_"):
             raise value
     runs: dict[str, dict[str, Any]] = {k: v for k, v in outcomes.items() if not isinstance(v, Exception)}
     for name, m in runs.items():
@@ -235,9 +272,10 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
     labels = {"calc": CALC_LABEL, **{k: v[0] for k, v in MODELS.items()}}
     for name in ["calc", *MODELS]:
         m = runs[name]
-        per_cond = {"regular": metrics_only(m["test"])}
+        per_cond = {"regular": run_metrics(m)}
         for cname, rec in (m.get("conditions") or {}).items():
-            per_cond[cname] = metrics_only(rec["test"])
+            per_cond[cname] = metrics_only({**rec["test"], **{k: rec[k] for k in ("failed_studies", "readout")
+                                                              if k in rec}})
         result["models"][name] = {"label": labels[name], "metrics": per_cond}
         result["runs"][name] = {k: m.get(k) for k in ("epochs", "fit_seconds", "wall_seconds", "command",
                                                         "n_test_patients", "eval_seconds", "failed_studies")}
@@ -269,6 +307,10 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
                                 for p in ALL_PARAMS),
         "what": "STM-DLP LSTM regular test MAE: in-process (predict_study + evaluate_studies) vs metrics.json",
     }
+    ref_dice = ((runs[MAIN].get("readout") or {}).get("summary") or {}).get("dice_tmax_gt_6", {}).get("median")
+    again_dice = (again.get("readout") or {}).get("dice_tmax_gt_6", {}).get("median")
+    if ref_dice is not None and again_dice is not None:
+        result["consistency"]["abs_diff_dice_tmax_gt_6"] = abs(again_dice - ref_dice)
 
     # label noise: trained against oSVD labels, evaluated against truth (same held-out patients)
     if LABEL_NOISE in runs:
@@ -287,12 +329,62 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
         result["label_noise"] = {"label": LABEL_NOISE_LABEL, "error": err[-1500:]}
         log(f"  label-noise run failed: {err.splitlines()[0][:200]}")
 
+    # cross-family: the default model trained on each family, tested on every family's held-out patients
+    if len(profile.cross_family) > 1:
+        t0 = time.perf_counter()
+        try:
+            result["cross_family"] = run_cross_family(profile, out, runs, outcomes, calc, device, log)
+        except Exception as exc:  # noqa: BLE001 - reported in the section; the rest of the accuracy stands
+            result["cross_family"] = {"families": list(profile.cross_family), "error": repr(exc)[-1500:]}
+            log(f"  cross-family evaluation failed: {exc!r}"[:300])
+        log(f"  cross-family evaluation: {time.perf_counter() - t0:.0f} s")
+
     # 3. derived numbers, targets, figures
     result["ratios"] = ratios(result)
     result["targets"] = targets(result, profile)
     result["figures"] = make_figures(result, profile, providers, regular, dropped, main_dir, figures, log)
     result["seconds"] = round(time.perf_counter() - t_section, 1)
     return result
+
+
+# --------------------------------------------------------------------------------- cross-family
+def run_cross_family(profile: Profile, out: Path, runs: dict[str, dict[str, Any]], outcomes: dict[str, Any],
+                     calc: Any, device: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The default model trained on each family of ``profile.cross_family`` (the first: the main runs),
+    evaluated on each family's held-out test patients under :data:`CROSS_CONDITIONS`, and oSVD on the
+    same studies.
+
+    Returns ``{"families", "conditions": {name: label}, "runs": {family: run facts},
+    "model": {"<train>-><test>": {condition: metrics}}, "calc": {test family: {condition: metrics}},
+    "consistency": {...}}`` (metrics as :func:`metrics_only`); ``"<f>-><f>"`` is the same family
+    (held-out patients of the family trained on), the others the held-out family.
+    """
+    from stm_dlp.calc_eval import evaluate_studies
+
+    families = list(profile.cross_family)
+    names = {families[0]: MAIN, **{f: cross_run_name(f) for f in families[1:]}}
+    failed = {f: str(outcomes[n]) for f, n in names.items() if isinstance(outcomes.get(n), Exception)}
+    if failed:
+        raise RuntimeError("; ".join(f"{f}: {e.splitlines()[0][:300]}" for f, e in failed.items()))
+    dirs = {f: out / "runs" / n for f, n in names.items()}
+    models = {f: ModelMaps(best_checkpoint(dirs[f], runs[n]), device) for f, n in names.items()}
+    studies = {f: {c: test_studies(dirs[f], **ov) for c, ov in CROSS_CONDITIONS.items()} for f in families}
+    res: dict[str, Any] = {
+        "families": families, "conditions": {c: CORRUPTIONS[c][0] if c in CORRUPTIONS else c for c in CROSS_CONDITIONS},
+        "runs": {f: {"run": n, **{k: runs[n].get(k) for k in ("epochs", "fit_seconds", "wall_seconds", "command",
+                                                               "n_test_patients")}} for f, n in names.items()},
+        "model": {}, "calc": {}}
+    for test in families:
+        res["calc"][test] = {c: metrics_only(evaluate_studies(calc, st)) for c, st in studies[test].items()}
+        for train in families:
+            res["model"][f"{train}->{test}"] = {c: metrics_only(evaluate_studies(models[train], st))
+                                               for c, st in studies[test].items()}
+        log(f"  cross-family: tested on {test}")
+    # the in-process path reproduces each family run's own test metrics (same checkpoint, same studies)
+    res["consistency"] = {
+        f: max(abs(res["model"][f"{f}->{f}"]["regular"][p]["mae"] - runs[n]["test"][p]["mae"])
+               / max(abs(runs[n]["test"][p]["mae"]), 1e-9) for p in ALL_PARAMS) for f, n in names.items()}
+    return res
 
 
 # --------------------------------------------------------------------------------- ratios and targets
@@ -339,6 +431,89 @@ def targets(result: dict[str, Any], profile: Profile) -> list[dict[str, Any]]:
                 for p in ALL_PARAMS}
     out.append({"target": "STM-DLP-LSTM better than UniToBrain on every parameter (MAE ratio ≤ 0.85)",
                 **_check(vs_unito, 0.85)})
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    return None if x is None or not np.isfinite(float(x)) else float(x)
+
+
+def readout_value(metrics: dict[str, Any] | None, key: str, stat: str = "median") -> float | None:
+    """One readout summary number of an evaluation (:func:`metrics_only`): ``dice_tmax_gt_6`` /
+    ``dice_core`` → its median over patients with the lesion, ``pearson_r_<p>`` → the median r,
+    ``<name>_ml_error`` → ``stat`` of its Bland-Altman record (``bias``, ``loa_low``, …); ``None`` if absent."""
+    v = ((metrics or {}).get("readout") or {}).get(key)
+    if isinstance(v, dict):
+        v = v.get(stat)
+    return _finite(v)
+
+
+def _r2(metrics: dict[str, Any] | None, p: str) -> float | None:
+    return None if metrics is None else _finite(metrics[p]["r2"])
+
+
+def _target(text: str, values: dict[str, float | None], limit: str, ok: Callable[[dict[str, float]], bool],
+            note: str = "") -> dict[str, Any]:
+    """A reported target: ``met`` is ``None`` (not measured) when a value it needs is missing."""
+    need = {k: v for k, v in values.items() if not k.startswith("oSVD")}
+    met = None if any(v is None for v in need.values()) else bool(ok(need))
+    return {"target": text, "values": values, "limit": limit, "met": met, "note": note}
+
+
+def clinical_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 13's targets from a whole ``results.json`` (the accuracy and speed sections), each
+    ``{target, values, limit, met, note}`` with ``met`` ``True`` / ``False`` / ``None`` (not measured:
+    a section was not run, a value is undefined — e.g. no test patient with a lesion — or the profile's
+    study is not the target's size). Reported, never asserted."""
+    acc = results.get("accuracy") or {}
+    models = acc.get("models") or {}
+    out: list[dict[str, Any]] = []
+    main = (models.get(MAIN) or {}).get("metrics", {}).get("regular")
+    family = ((results.get("meta") or {}).get("profile_settings") or {}).get("cross_family") or ["default"]
+    where = f"held-out patients, same family ({family[0]}), regular: {MODELS[MAIN][0]}"
+    out.append(_target(f"{where} TMAX R² ≥ 0.7", {"TMAX R²": _r2(main, "tmax")}, "≥ 0.7",
+                       lambda v: v["TMAX R²"] >= 0.7))
+    out.append(_target(f"{where} Dice(TMAX > 6 s) ≥ 0.75", {"Dice": readout_value(main, "dice_tmax_gt_6")}, "≥ 0.75",
+                       lambda v: v["Dice"] >= 0.75))
+    out.append(_target(f"{where} CBF and CBV R² ≥ 0.8", {"CBF R²": _r2(main, "cbf"), "CBV R²": _r2(main, "cbv")},
+                       "≥ 0.8", lambda v: min(v.values()) >= 0.8))
+    out.append(_target(f"{where} MTT R² ≥ 0.5", {"MTT R²": _r2(main, "mtt")}, "≥ 0.5", lambda v: v["MTT R²"] >= 0.5))
+    ratio = ((acc.get("ratios") or {}).get("regular") or {}).get(MAIN) or {}
+    out.append(_target(f"{where} MAE ≤ oSVD's on every parameter (ratio MAE / oSVD MAE)",
+                       {p: _finite(ratio.get(p)) for p in ALL_PARAMS}, "≤ 1",
+                       lambda v: max(v.values()) <= 1.0))
+    cross = acc.get("cross_family") or {}
+    fams = cross.get("families") or list(family)
+    pairs = [(a, b) for a in fams for b in fams if a != b] or [("family A", "family B")]  # older results.json
+    for a, b in pairs:
+        ev = (cross.get("model") or {}).get(f"{a}->{b}") or {}
+        calc = (cross.get("calc") or {}).get(b) or {}
+        note = "" if ev else ("cross-family evaluation failed: " + str(cross["error"])[:200] if "error" in cross
+                              else "cross-family evaluation not run")
+        reg = ev.get("regular")
+        out.append(_target(f"cross-family, trained on {a}, tested on {b}, regular: Dice(TMAX > 6 s) ≥ 0.6 and "
+                           "TMAX R² ≥ 0.5",
+                           {"Dice": readout_value(reg, "dice_tmax_gt_6"), "TMAX R²": _r2(reg, "tmax")},
+                           "≥ 0.6 / ≥ 0.5", lambda v: v["Dice"] >= 0.6 and v["TMAX R²"] >= 0.5, note))
+        vals: dict[str, float | None] = {}
+        for c in ("noise", "motion"):
+            vals[f"Dice {c}"] = readout_value(ev.get(c), "dice_tmax_gt_6")
+        for c in ("noise", "motion"):
+            vals[f"oSVD Dice {c}"] = readout_value(calc.get(c), "dice_tmax_gt_6")
+        out.append(_target(f"cross-family, trained on {a}, tested on {b}, noise and motion: Dice(TMAX > 6 s) ≥ 0.5 "
+                           "where oSVD < 0.1", vals, "≥ 0.5 (oSVD < 0.1)", lambda v: min(v.values()) >= 0.5,
+                           note or "met = the model's Dice ≥ 0.5 under both; oSVD's Dice on the same studies shown"))
+    infer = [r for r in (results.get("speed") or {}).get("infer", []) if r.get("spec", {}).get("device") == "cpu"]
+    spec = infer[0]["spec"] if infer else {}
+    full = (spec.get("study_slices"), spec.get("size"), spec.get("frames")) == (16, 256, 50)
+    secs = _finite(infer[0].get("model_s_per_study")) if infer and "error" not in infer[0] else None
+    note = "" if full else ("speed section not run" if not infer else
+                            f"this profile's study is {spec.get('study_slices')}×{spec.get('size')}²×"
+                            f"{spec.get('frames')}, not the target's: not judged")
+    out.append(_target("CPU inference of a 16 × 256² × 50-frame study with the default model ≤ 15 s",
+                       {"s/study": secs}, "≤ 15 s", lambda v: v["s/study"] <= 15.0, note))
+    if not full:
+        out[-1]["met"] = None
     return out
 
 

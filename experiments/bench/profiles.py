@@ -15,6 +15,7 @@ class Profile:
     trainer: str = "cpu"                      # conf/trainer group
     scale: str = "laptop"                     # conf/scale group
     n_patients: int = 10
+    lesion_probability: float | None = None   # data.phantom.lesion_probability (None: the phantom's default)
     height: int = 32
     n_slices: int = 2
     frames_min: int = 40
@@ -28,6 +29,10 @@ class Profile:
     parallel_runs: int = 1                    # training subprocesses at once (1: clean timings)
     frame_fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
     dropped_fractions: tuple[float, ...] = (0.2, 0.4)   # in-process, besides the named 30 % condition
+    # phantom families (PhantomConfig.family): the main runs use the first; the default model is also trained
+    # on each other one and every trained family is tested on every family (cross-family). () = main runs on
+    # the default family, no cross-family evaluation.
+    cross_family: tuple[str, ...] = ("classic", "ribbon")
     # ---- speed
     speed_sizes: tuple[int, ...] = (128, 256)
     speed_frames: int = 50
@@ -69,8 +74,8 @@ class Profile:
 PROFILES: dict[str, Profile] = {
     # Toy size, for CI (tests/test_bench.py): the whole pipeline end to end, numbers meaningless.
     "smoke": Profile(
-        name="smoke", trainer="smoke", n_patients=5, height=24, n_slices=2, frames_min=12, frames_max=14,
-        batch_size=2, crop_size=16, max_epochs=1, check_val_every_n_epoch=1,
+        name="smoke", trainer="smoke", n_patients=5, lesion_probability=1.0, height=24, n_slices=2, frames_min=12,
+        frames_max=14, batch_size=2, crop_size=16, max_epochs=1, check_val_every_n_epoch=1,
         frame_fractions=(0.8, 0.6, 0.4), dropped_fractions=(0.2, 0.4),
         speed_sizes=(32,), speed_frames=8, speed_steps=1, speed_warmup=0, infer_slices=1, infer_size=32,
         infer_frames=8, lstm_compare_n=64, lstm_compare_t=12, matmul_n=256,
@@ -78,8 +83,8 @@ PROFILES: dict[str, Profile] = {
         dicom_patients=1, dicom_size=16, dicom_slices=1, dicom_frames=6,
         deconv_profile="smoke", deconv_timeout_s=300, parallel_runs=3, speed_isolate=False,
         profile_batch=1, profile_crop=16, profile_frames=8, profile_infer_size=32,
-        notes=("smoke profile: toy sizes, one training batch per model; the numbers test the pipeline, "
-               "not the methods",),
+        notes=("smoke profile: toy sizes, one training batch per model, every patient with a lesion (so the "
+               "clinical readout's Dice is exercised); the numbers test the pipeline, not the methods",),
     ),
     # This repository's 2-core CPU machine in about half an hour (shared with other work: conservative).
     "cpu": Profile(
