@@ -6,7 +6,14 @@ Each patient becomes, in DESIGN.md's labelled-dataset layout::
     DIR/<patient>/maps/{cbv,cbf,tmax,mtt,mask}.nii.gz  exact truth (write_maps_nifti)
     DIR/<patient>/truth.json                           AIF parameters, residue, seeds, time style
 
-plus ``DIR/cohort.json`` (the settings). Patients cycle through the DICOM time-tag styles of
+plus ``DIR/cohort.json`` (the settings). ``layout=`` writes the cohort in another layout the readers
+take (:data:`LAYOUTS`): the DICOM variants ``dicom_series_per_time_point``, ``dicom_enhanced`` (one
+Enhanced CT file per patient), ``dicom_enhanced_per_time_point`` (one per time point, Canon-style
+TemporalPositionIndex = 1), ``dicom_shuttle`` (two table positions, per-slice times) keep the layout
+above; ``nifti`` writes ``DIR/<patient>/ctp.nii.gz`` + ``ctp.json`` + ``maps/``; ``isles2018``
+``DIR/case_N/``; ``isles2024`` an ISLES'24 release (``raw_data/`` and ``derivatives/`` with the lesion);
+``unitobrain`` a UniToBrain release (``MOL-NNN_Registered_Filtered_3mm_20HU[_Maps]``). Outside the
+``ctp/`` layouts the truth goes to ``DIR/truth/<patient>.json``. Patients cycle through the DICOM time-tag styles of
 :data:`stm_dlp.io.dicom_writer.TIME_STYLES`, so a 4-patient cohort has all of them. Patient
 ``i`` is ``simulate_patient(cfg, cohort_member(i, seed)[0])`` — the same phantom as the in-memory
 dataset. The fake PHI (PatientName ``PHANTOM^PATIENT0001``, PatientID ``PHANTOM-<seed>-0001``,
@@ -35,12 +42,18 @@ from stm_dlp.cli import REQUIRED, parse_kv, run_cli
 from stm_dlp.data.dicom import pseudonymise
 from stm_dlp.data.phantom import PhantomConfig, cohort_member, simulate_patient
 from stm_dlp.io.atomic import atomic_write_text
-from stm_dlp.io.dicom_writer import TIME_STYLES, write_study_dicom
+from stm_dlp.io.dicom_writer import TIME_STYLES, shuttle_study, write_study_dicom, write_study_enhanced
 from stm_dlp.io.nifti import write_maps_nifti
 from stm_dlp.types import Study, maps_by_name
 
+#: Layouts :func:`synthesize_cohort` writes (see the module docstring).
+DICOM_LAYOUTS = ("dicom", "dicom_series_per_time_point", "dicom_enhanced", "dicom_enhanced_per_time_point",
+                 "dicom_shuttle")
+LAYOUTS = (*DICOM_LAYOUTS, "nifti", "isles2018", "isles2024", "unitobrain")
+
 SPEC: dict[str, tuple[Any, Any, str]] = {
     "out": (str, REQUIRED, "output folder (created)"),
+    "layout": (str, "dicom", f"how the cohort is written: {', '.join(LAYOUTS)}"),
     "patients": (int, 4, "number of patients"),
     "height": (int, 64, "rows per slice"),
     "width": (int, 64, "columns per slice"),
@@ -88,8 +101,12 @@ def parse_styles(text: str) -> tuple[str, ...]:
 
 def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, patient_name: str,
                   patient_id: str, seed: int, truth: dict[str, Any] | None = None,
-                  overwrite: bool = False, patient_birth_date: str = "", accession_number: str = "") -> Path:
+                  overwrite: bool = False, patient_birth_date: str = "", accession_number: str = "",
+                  layout: str = "dicom") -> Path:
     """Write one labelled patient (``ctp/`` DICOM, ``maps/`` NIfTI truth, ``truth.json``) atomically.
+
+    ``layout`` is one of :data:`DICOM_LAYOUTS` (``dicom_shuttle`` writes ``study`` as given: make it
+    with :func:`~stm_dlp.io.dicom_writer.shuttle_study` first).
 
     Everything goes into a hidden temporary sibling folder that is renamed to ``patient_dir`` when
     complete, so an interrupted run leaves no half patient (readers skip hidden folders).
@@ -103,6 +120,8 @@ def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, pat
         overwrite: replace an existing ``patient_dir``; otherwise it is an error.
     """
     final = Path(patient_dir)
+    if layout not in DICOM_LAYOUTS:
+        raise ValueError(f"write_patient writes the DICOM layouts {DICOM_LAYOUTS}, got {layout!r}")
     if study.maps is None or study.mask is None:
         raise ValueError(f"{study.source}: write_patient needs a labelled study with a mask")
     if final.exists() and not overwrite:
@@ -110,9 +129,16 @@ def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, pat
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        write_study_dicom(study, tmp / "ctp", time_style=time_style, patient_name=patient_name,
-                          patient_id=patient_id, patient_birth_date=patient_birth_date,
-                          accession_number=accession_number, seed=seed)
+        if layout.startswith("dicom_enhanced"):
+            per_time = layout == "dicom_enhanced_per_time_point"
+            write_study_enhanced(study, tmp / "ctp", files="per_time_point" if per_time else "single",
+                                 temporal_position_index="constant" if per_time else "per_time",
+                                 patient_name=patient_name, patient_id=patient_id, seed=seed)
+        else:
+            write_study_dicom(study, tmp / "ctp", time_style=time_style, patient_name=patient_name,
+                              patient_id=patient_id, patient_birth_date=patient_birth_date,
+                              accession_number=accession_number, seed=seed,
+                              series_per_time_point=layout == "dicom_series_per_time_point")
         maps = maps_by_name(study.maps)
         maps["mask"] = np.asarray(study.mask, bool)
         write_maps_nifti(tmp / "maps", maps, study.affine)
@@ -140,12 +166,51 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _target(root: Path, i: int, layout: str) -> Path:
+    """Where patient ``i`` of a cohort in ``layout`` goes (the folder a reader is given)."""
+    if layout == "isles2018":
+        return root / f"case_{i + 1}"
+    if layout == "isles2024":
+        return root / "raw_data" / f"sub-stroke{i + 1:04d}"
+    if layout == "unitobrain":
+        return root / f"MOL-{i + 1:03d}_Registered_Filtered_3mm_20HU"
+    return root / patient_dir_name(i)
+
+
+def _write_other(target: Path, study: Study, layout: str, name: str, pid: str, seed: int, overwrite: bool) -> Path:
+    """One patient in a non-``ctp/`` layout (see the module docstring)."""
+    from stm_dlp.data.phantom import CORE, PENUMBRA
+    from stm_dlp.io.layouts import (
+        write_isles2018_case,
+        write_isles2024_case,
+        write_nifti_patient,
+        write_unitobrain_case,
+    )
+
+    if layout == "nifti":
+        return write_nifti_patient(target, study, overwrite=overwrite)
+    if layout == "isles2018":
+        return write_isles2018_case(target, study, times="sidecar", overwrite=overwrite)
+    if layout == "isles2024":
+        labels = study.meta.get("labels")
+        lesion = np.isin(labels, [CORE, PENUMBRA]) if isinstance(labels, np.ndarray) else None
+        write_isles2024_case(target.parent.parent, study, subject=target.name, space="ncct", lesion=lesion,
+                             overwrite=overwrite)
+        return write_isles2024_case(target.parent.parent, study, subject=target.name, overwrite=overwrite)
+    name_key = target.name.split("_")[0]
+    return write_unitobrain_case(target.parent, study, name=name_key, seed=seed, patient_name=name, patient_id=pid,
+                                 overwrite=overwrite)
+
+
 def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | None = None, seed: int = 0,
                       styles: Sequence[str] = TIME_STYLES, overwrite: bool = False,
-                      progress: bool = True) -> list[Path]:
-    """Write ``n_patients`` phantom patients under ``out``; returns their folders (see module doc)."""
+                      progress: bool = True, layout: str = "dicom") -> list[Path]:
+    """Write ``n_patients`` phantom patients under ``out`` in ``layout`` (one of :data:`LAYOUTS`); returns
+    the folder of each (what a reader is given; see module doc)."""
     if n_patients < 1:
         raise ValueError(f"patients must be >= 1, got {n_patients}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     cfg = cfg or PhantomConfig()
     styles = tuple(styles)
     for s in styles:
@@ -153,7 +218,7 @@ def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | Non
             raise ValueError(f"unknown time style {s!r}; use some of {TIME_STYLES}")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    targets = [root / patient_dir_name(i) for i in range(n_patients)]
+    targets = [_target(root, i, layout) for i in range(n_patients)]
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{existing[0]} already exists ({len(existing)} of the patient folders do); "
@@ -166,6 +231,8 @@ def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | Non
                    console=Console(stderr=True), disable=not progress):
         patient_seed, _ = cohort_member(i, seed)
         study = simulate_patient(cfg, patient_seed)
+        if layout == "dicom_shuttle":
+            study = shuttle_study(study, positions=2)
         name, pid = fake_phi(i, seed)
         birth_date, accession = fake_phi_extra(i, seed)
         style = styles[i % len(styles)]
@@ -181,14 +248,21 @@ def synthesize_cohort(out: str | Path, n_patients: int, cfg: PhantomConfig | Non
             "n_slices": study.n_slices,
             "n_frames": study.n_frames,
             "shape_hw": list(study.shape_hw),
+            "layout": layout,
             "times_s": study.times_s[0].tolist(),
+            **({"times_s_per_slice": study.times_s.tolist()} if layout == "dicom_shuttle" else {}),
             "units": {"cbv": "ml/100g", "cbf": "ml/100g/min", "tmax": "s", "mtt": "s"},
             "config": asdict(cfg),
         }
-        written.append(write_patient(targets[i], study, time_style=style, patient_name=name, patient_id=pid,
-                                     seed=patient_seed, truth=truth, overwrite=overwrite,
-                                     patient_birth_date=birth_date, accession_number=accession))
-    cohort = {"patients": [t.name for t in targets], "seed": seed, "styles": list(styles),
+        if layout in DICOM_LAYOUTS:
+            written.append(write_patient(targets[i], study, time_style=style, patient_name=name, patient_id=pid,
+                                         seed=patient_seed, truth=truth, overwrite=overwrite,
+                                         patient_birth_date=birth_date, accession_number=accession, layout=layout))
+        else:
+            written.append(_write_other(targets[i], study, layout, name, pid, patient_seed, overwrite))
+            atomic_write_text(root / "truth" / f"{targets[i].name}.json",
+                              json.dumps(truth, indent=2, default=_json_default) + "\n")
+    cohort = {"patients": [t.name for t in targets], "seed": seed, "styles": list(styles), "layout": layout,
               "config": asdict(cfg)}
     atomic_write_text(root / "cohort.json", json.dumps(cohort, indent=2) + "\n")
     return written
@@ -203,7 +277,7 @@ def synth(argv: Sequence[str]) -> list[Path]:
                         residue=args["residue"], lesion_probability=args["lesion_probability"])
     paths = synthesize_cohort(args["out"], args["patients"], cfg, seed=args["seed"],
                               styles=parse_styles(args["styles"]), overwrite=args["overwrite"],
-                              progress=args["progress"])
+                              progress=args["progress"], layout=args["layout"])
     print(f"wrote {len(paths)} patients to {args['out']}")
     return paths
 

@@ -4,7 +4,13 @@ Sources (``source=``):
 
 * ``phantom`` — the embedded digital phantom (zero set-up, exact labels);
 * ``dicom``   — ``ROOT/<patient>/ctp/`` DICOM + ``ROOT/<patient>/maps/*.nii.gz`` (DESIGN.md);
-* ``isles2018`` — ISLES 2018 case folders.
+* ``nifti``   — ``ROOT/<patient>/ctp.nii.gz`` (4-D, real times) + the same ``maps/``;
+* ``isles2018`` — ISLES 2018 case folders;
+* ``isles2024`` — an ISLES'24 release (``raw_data/``, ``derivatives/``);
+* ``unitobrain`` — UniToBrain (DICOM CTP + NLR maps; CBV and CBF labelled, no TMAX).
+
+Every source is read through :func:`stm_dlp.data.studies.read_any_study`, which tells the layout of
+each patient itself; the name says what the root is and keys the cache.
 
 Label source (``label_source=``): ``maps`` (labels on disk / phantom truth) or ``calc`` (our own
 deconvolution, :func:`stm_dlp.perfusion.calculate_maps`, computed once and cached).
@@ -26,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
-from stm_dlp.data.cache import StudyCache, source_fingerprint
+from stm_dlp.data.cache import StudyCache
 from stm_dlp.data.context import attach_arterial
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
 from stm_dlp.data.phantom import GENERATOR_VERSION, PhantomConfig, cohort_member, simulate_patient
@@ -35,7 +41,7 @@ from stm_dlp.types import PARAMS, SliceSample, Study, StudyError, collate_slices
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("phantom", "dicom", "isles2018")
+SOURCES = ("phantom", "dicom", "nifti", "isles2018", "isles2024", "unitobrain")
 LABEL_SOURCES = ("maps", "calc")
 #: ``frame_fraction`` / ``train_frame_fraction`` lie in (lo, hi]: some frames, at most all of them.
 FRAME_FRACTION_RANGE = (0.0, 1.0)
@@ -118,7 +124,7 @@ class CTPDataModule(L.LightningDataModule):
     """Patient-split slice loading with variable-length frame collation.
 
     Args:
-        source: ``phantom`` | ``dicom`` | ``isles2018``.
+        source: one of :data:`SOURCES`.
         root: dataset root for ``dicom`` / ``isles2018``.
         n_patients: phantom cohort size.
         phantom: :class:`~stm_dlp.data.phantom.PhantomConfig` fields for the phantom.
@@ -202,7 +208,7 @@ class CTPDataModule(L.LightningDataModule):
         reading path that predict and calc use too — each parsed once into the cache."""
         from rich.progress import track
 
-        from stm_dlp.data.studies import list_patients, read_any_study
+        from stm_dlp.data.studies import list_patients, read_any_study, study_fingerprint
 
         root = Path(self.root)
         if not root.is_dir():
@@ -212,7 +218,7 @@ class CTPDataModule(L.LightningDataModule):
             raise StudyError(f"{root}: no patient folders found (expected ROOT/<patient>/ctp/ or ISLES cases)")
         out = []
         for p in track(patients, description="Reading studies"):
-            parts = {"kind": self.source, "src": source_fingerprint(p), "brain_mask": "auto-v1",
+            parts = {"kind": self.source, "src": study_fingerprint(p), "brain_mask": "auto-v1",
                      "frame_interval_s": self.frame_interval_s,
                      # a changed key must re-pseudonymise, so the key's hash (never the key) is in the fingerprint
                      "key": hashlib.sha256(self.pseudonym_key).hexdigest() if self.pseudonym_key else None}

@@ -154,13 +154,15 @@ def write_nifti_patient(patient_dir: str | Path, study: Study, *, times: str = "
     return _atomic_dir(Path(patient_dir), fill, overwrite)
 
 
-def write_isles2018_case(case_dir: str | Path, study: Study, *, five_d: bool = True, overwrite: bool = False) -> Path:
-    """An ISLES 2018 case folder: ``SMIR.Brain.XX.O.CT_4DPWI.<id>/….nii`` (5-D with pixdim[5] by default;
-    uniform times only) and ``CT_CBV``, ``CT_CBF``, ``CT_MTT``, ``CT_Tmax`` (0 outside the brain)."""
+def write_isles2018_case(case_dir: str | Path, study: Study, *, times: str = "five_d", overwrite: bool = False) -> Path:
+    """An ISLES 2018 case folder: ``SMIR.Brain.XX.O.CT_4DPWI.<id>/….nii`` and ``CT_CBV``, ``CT_CBF``,
+    ``CT_MTT``, ``CT_Tmax`` (0 outside the brain). ``times`` as in :func:`write_nifti4d`: ``five_d`` (the
+    challenge's 5-D file with pixdim[5]; uniform times only), ``pixdim``, or ``sidecar`` (a BIDS
+    ``….json`` beside the 4-D file, for irregular framing)."""
 
     def fill(tmp: Path) -> None:
         stem = "SMIR.Brain.XX.O.CT_4DPWI.100001"
-        write_nifti4d(study, tmp / stem / f"{stem}.nii", times="five_d" if five_d else "pixdim")
+        write_nifti4d(study, tmp / stem / f"{stem}.nii", times=times)
         if study.maps is not None:
             mask = np.asarray(study.mask, bool) if study.mask is not None else np.ones(study.maps[:, 0].shape, bool)
             for i, (name, marker) in enumerate((("cbv", "CT_CBV"), ("cbf", "CT_CBF"), ("mtt", "CT_MTT"),
@@ -213,7 +215,8 @@ def write_isles2024_case(root: str | Path, study: Study, *, subject: str = "sub-
 
 
 def write_unitobrain_case(root: str | Path, study: Study, *, name: str = "MOL-001", layout: str = "release",
-                          seed: int = 0, patient_id: str = "UNITO^PATIENT", overwrite: bool = False) -> Path:
+                          seed: int = 0, patient_name: str = "UNITO^PATIENT", patient_id: str = "UNITO-0001",
+                          overwrite: bool = False) -> Path:
     """One UniToBrain patient under ``root``; returns the folder a reader is pointed at.
 
     ``layout="release"`` (as the IEEE DataPort release): ``root/<name>_Registered_Filtered_3mm_20HU/`` is the
@@ -238,23 +241,25 @@ def write_unitobrain_case(root: str | Path, study: Study, *, name: str = "MOL-00
         for key, vol in maps.items():
             slope, intercept = UNITOBRAIN_MAPS[key]
             write_volume_dicom(np.where(mask, vol, 0.0), study.affine, folder / key, description=key,
-                               slope=slope, intercept=intercept, patient_id=patient_id, seed=seed)
+                               slope=slope, intercept=intercept, patient_name=patient_name, patient_id=patient_id,
+                               seed=seed)
 
     if layout == "release":
         ctp = root / f"{name}_Registered_Filtered_3mm_20HU"
         _atomic_dir(root / f"{ctp.name}_Maps", write_maps, overwrite)
-        return _atomic_dir(ctp, lambda tmp: write_study_dicom(study, tmp, patient_id=patient_id, seed=seed),
-                           overwrite)
+        return _atomic_dir(ctp, lambda tmp: write_study_dicom(study, tmp, patient_name=patient_name,
+                                                              patient_id=patient_id, seed=seed), overwrite)
 
     def fill(tmp: Path) -> None:
-        write_study_dicom(study, tmp / "CT4D", patient_id=patient_id, seed=seed)
+        write_study_dicom(study, tmp / "CT4D", patient_name=patient_name, patient_id=patient_id, seed=seed)
         write_maps(tmp)
 
     return _atomic_dir(root / name, fill, overwrite)
 
 
 def write_volume_dicom(volume_shw: np.ndarray, affine: np.ndarray, folder: str | Path, *, description: str,
-                       slope: float, intercept: float, patient_id: str = "ANONYMOUS", seed: int = 0,
+                       slope: float, intercept: float, patient_name: str = "ANONYMOUS",
+                       patient_id: str = "ANONYMOUS", seed: int = 0,
                        modality: str = "CT", uid_root: str = DEFAULT_UID_ROOT) -> list[Path]:
     """A derived single-volume series (one image per slice) with the given rescale, stored as uint16
     (values below ``intercept`` are clipped). Geometry from ``affine``."""
@@ -283,7 +288,7 @@ def write_volume_dicom(volume_shw: np.ndarray, affine: np.ndarray, folder: str |
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL", description]
         ds.Modality = modality
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = day
-        ds.PatientName, ds.PatientID = patient_id, patient_id
+        ds.PatientName, ds.PatientID = patient_name, patient_id
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.SeriesDescription = description
         ds.SeriesNumber, ds.InstanceNumber = 50, s + 1
