@@ -172,6 +172,7 @@ def select_aif(
     vof_min_lag_s: float = 1.0,
     pv_correction: bool = True,
     max_pv_scale: float = 3.0,
+    aif_allowed: torch.Tensor | None = None,
 ) -> AIFSelection:
     """Automatic AIF (and VOF) from candidate curves.
 
@@ -192,6 +193,9 @@ def select_aif(
         vof_min_lag_s: VOF candidates peak at least this long after the AIF.
         pv_correction: scale the AIF area up to the VOF's (see module docstring).
         max_pv_scale: cap of that scale.
+        aif_allowed: optional ``(P,)`` bool: candidates that may be AIF pixels (e.g. not next to
+            bone, where motion makes curves spike); the others may still be VOF pixels. Ignored when
+            it would leave no AIF candidate.
 
     Raises:
         ValueError: when no pixel enhances (no bolus in the study).
@@ -218,6 +222,8 @@ def select_aif(
         ok = (f["peak"] > 0) & plausible
     if int(ok.sum()) == 0:
         ok = f["peak"] > 0
+    if aif_allowed is not None and bool((ok & aif_allowed[pool]).any()):
+        ok = ok & aif_allowed[pool]
     score = _robust_z(f["peak"]) - _robust_z(f["arrival"]) - _robust_z(f["fwhm"]) - 0.5 * _robust_z(f["roughness"])
     score = torch.where(ok, score, torch.full_like(score, -1e9))
     n_take = int(min(n_aif, int(ok.sum())))

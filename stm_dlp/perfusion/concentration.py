@@ -187,16 +187,18 @@ class BolusArrival:
 
 
 #: Candidates for the arrival reference: pixels whose early frames are in this HU range (no air, no
-#: bone: a moving skull edge "enhances" by hundreds of HU).
+#: bone: a moving skull edge "enhances" by hundreds of HU) ...
 REFERENCE_HU_RANGE: tuple[float, float] = (-100.0, 150.0)
+#: ... and farther than this fraction of the image size from bone (the head may move that much).
+BONE_MARGIN_FRAC: float = 0.04
 
 
 def study_arrival(
     frames: torch.Tensor,
     times_s: torch.Tensor,
     region: torch.Tensor | None = None,
-    top_frac: float = 0.005,
-    min_pixels: int = 8,
+    top_frac: float = 0.01,
+    min_pixels: int = 32,
     k_sigma: float = 3.0,
     min_rise_frac: float = 0.05,
 ) -> BolusArrival:
@@ -224,6 +226,13 @@ def study_arrival(
     early = frames[:, : min(3, n_t)].median(1).values
     if region is None:
         region = (early > REFERENCE_HU_RANGE[0]) & (early < REFERENCE_HU_RANGE[1])
+        # and away from bone: a moving skull edge "enhances" by hundreds of HU for as long as the
+        # head stays moved — a sustained fake bolus (the arteries are deep inside the head)
+        from stm_dlp.perfusion.mask import dilate
+
+        near_bone = dilate(early >= REFERENCE_HU_RANGE[1], max(2, int(round(BONE_MARGIN_FRAC * min(h, w)))))
+        if int((region & ~near_bone).sum()) >= min_pixels:
+            region = region & ~near_bone
         if int(region.sum()) < min_pixels:
             region = torch.ones_like(region)
     flat = frames.permute(0, 2, 3, 1).reshape(-1, n_t)
@@ -239,7 +248,7 @@ def study_arrival(
     same_times = bool(torch.all(tt == tt[:1]))
     if same_times:
         ref_t = tt[0]
-        ref = trimmed_mean(flat[top].to(torch.float64), 0)
+        ref = trimmed_mean(flat[top].to(torch.float64), 0, 0.2)
     else:  # per-slice times (shuttle mode): each curve onto one grid at the median frame interval
         dt = float(torch.diff(tt, dim=1).median())
         ref_t = torch.arange(float(tt[:, 0].max()), float(tt[:, -1].min()) + 1e-9, max(dt, 1e-3),
@@ -250,7 +259,7 @@ def study_arrival(
         for s in torch.unique(slice_of).tolist():
             sel = slice_of == s
             on_grid[sel] = flat[top[sel]].to(torch.float64) @ interp_matrix(tt[s], ref_t).T
-        ref = trimmed_mean(on_grid, 0)
+        ref = trimmed_mean(on_grid, 0, 0.2)
     det = arrival_details(ref, k_sigma, min_rise_frac)
     j = det["index"]
     t_first = float(ref_t[j])

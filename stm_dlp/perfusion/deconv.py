@@ -309,12 +309,6 @@ class Deconvolver:
         """Window indices ``< n_positive`` are lags ``i * dt >= 0``; the rest (circulant) are negative."""
         return self.n_window - self.n_negative
 
-    def lag_times(self) -> torch.Tensor:
-        """``(n_window,)`` lag (s) of each window sample of :meth:`residue` (negative lags at the end)."""
-        i = torch.arange(self.n_window, dtype=torch.float64)
-        i = torch.where(i < self.n_positive, i, i - self.n_window)
-        return i * self.dt_s
-
     def _get(self, key: str, build):
         if key not in self._cache:
             self._cache[key] = build()

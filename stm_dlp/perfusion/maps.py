@@ -99,6 +99,9 @@ CSF_MAX_FRAC: float = 0.5
 CSF_NOISE_TARGET_HU: float = 2.0
 #: ... but never more than this (px): beyond it, the ventricles blur into the parenchyma.
 CSF_MAX_SMOOTH_PX: float = 3.0
+#: Pixels within this many pixels of bone (pre-bolus HU >= MAX_VESSEL_BASE_HU) are no AIF candidates,
+#: and their tissue curves are cleaned of bone leaking in (:func:`clean_bone_leak`).
+BONE_MARGIN_PX: int = 2
 #: Automatic AIF/VOF candidates: the most enhancing AIF_POOL_FRAC of the search region (at least
 #: AIF_POOL_MIN pixels); arteries and the sinus are a few per mille of a head slice.
 AIF_POOL_FRAC: float = 0.02
@@ -402,6 +405,8 @@ class Curves:
     flat_idx: list[torch.Tensor]
     conc: list[torch.Tensor]
     n_brain: list[int]
+    #: per slice, the brain pixels (local row indices) whose curves :func:`clean_bone_leak` changed
+    cleaned: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def n_region(self) -> int:
@@ -478,6 +483,10 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
     slice_of = torch.cat([torch.full((int(i.numel()),), s, device=dev) for s, i in enumerate(curves.flat_idx)])
     local = torch.cat([torch.arange(int(i.numel()), device=dev) for i in curves.flat_idx])
 
+    # pixels next to bone may be VOF pixels (the sinus lies against the skull) but not AIF pixels: a
+    # moving skull edge spikes by hundreds of HU
+    near_bone = dilate(base >= MAX_VESSEL_BASE_HU, BONE_MARGIN_PX)
+
     def pool(frac: float, minimum: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         size = int(min(n_region, max(minimum, round(frac * n_region), p.n_aif + p.n_vof)))
         top = torch.topk(peaks, size).indices
@@ -490,6 +499,9 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
         coords = torch.stack([slice_of[top], flat // w, flat % w], dim=1)
         return conc, tt[slice_of[top]], coords
 
+    def allowed(coords: torch.Tensor) -> torch.Tensor:
+        return ~near_bone[coords[:, 0], coords[:, 1], coords[:, 2]]
+
     tried: list[str] = []
     conc, times, coords = pool(AIF_POOL_FRAC, AIF_POOL_MIN)
     if p.despike_sigma > 0:
@@ -497,7 +509,7 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
     # with noise, more pixels are averaged (~4 HU noise on the AIF; at most 4 x n_aif)
     n_aif = int(min(max(p.n_aif, math.ceil((noise_hu / 4.0) ** 2)), 4 * p.n_aif))
     sel = select_aif(conc, times, coords, grid, n_aif=n_aif, n_vof=p.n_vof, pv_correction=p.pv_correction,
-                     pool_frac=1.0)
+                     pool_frac=1.0, aif_allowed=allowed(coords))
     problem = _aif_problem(sel, p.dt_s, noise_hu)
     if problem is None:
         return sel
@@ -511,7 +523,8 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
     if int(keep.sum()) >= 1:
         sel = select_aif(conc[keep], times[keep], coords[keep], grid, n_aif=n_aif, n_vof=p.n_vof,
                          pv_correction=p.pv_correction, pool_frac=1.0, pool_min=1, min_peak_frac=0.3,
-                         max_late_s=float("inf"), max_roughness=float("inf"), min_support=0.0)
+                         max_late_s=float("inf"), max_roughness=float("inf"), min_support=0.0,
+                         aif_allowed=allowed(coords[keep]))
         problem = _aif_problem(sel, p.dt_s, noise_hu)
         if problem is None:
             sel.fallback = {"used": "relaxed", "tried": tried}
@@ -560,6 +573,49 @@ def _user_aif(aif: Any, inp: Inputs, base: torch.Tensor, grid: torch.Tensor) -> 
         return aif_from_curve(torch.as_tensor(arr, device=fr.device), tt[0], grid)
     raise ValueError("aif must be 'auto', a list of (slice, row, col) pixels, a (T,) curve or "
                      "{'times_s': [...], 'aif': [...]}")
+
+
+def clean_bone_leak(curves: Curves, base: torch.Tensor, limit_hu: float) -> int:
+    """Step 4b: brain pixels next to bone whose enhancement leaves ``±limit_hu`` in some frames (bone
+    moved into the pixel: the head moved, or a registration left a fraction of a pixel) get those
+    frames replaced by linear interpolation in time from the frames that are plausible — tissue
+    never enhances by a third of the arterial peak. Modifies ``curves`` in place; returns how many
+    samples were replaced."""
+    near_bone = dilate(base >= MAX_VESSEL_BASE_HU, BONE_MARGIN_PX)
+    n_fixed = 0
+    for s, idx in enumerate(curves.flat_idx):
+        nb = curves.n_brain[s]
+        if nb == 0:
+            continue
+        near = near_bone[s].reshape(-1)[idx[:nb]]
+        rows = torch.nonzero(near).flatten()
+        if rows.numel() == 0:
+            continue
+        c = curves.conc[s][rows]
+        bad = c.abs() > limit_hu
+        has = bad.any(-1) & ~bad.all(-1)
+        if not bool(has.any()):
+            continue
+        rows, c, bad = rows[has], c[has], bad[has]
+        n_fixed += int(bad.sum())
+        curves.conc[s][rows] = _interpolate_invalid(c, ~bad)
+        curves.cleaned[s] = rows
+    return n_fixed
+
+
+def _interpolate_invalid(c: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Curves ``(P, T)`` with invalid samples replaced by linear interpolation (in frame index) between
+    the nearest valid ones (held constant beyond the first / last valid sample)."""
+    n_t = c.shape[-1]
+    ar = torch.arange(n_t, device=c.device).expand_as(c)
+    last = torch.where(valid, ar, torch.full_like(ar, -1)).cummax(-1).values
+    nxt = torch.where(valid, ar, torch.full_like(ar, n_t)).flip(-1).cummin(-1).values.flip(-1)
+    lo = torch.where(last >= 0, last, nxt).clamp(0, n_t - 1)
+    hi = torch.where(nxt < n_t, nxt, last).clamp(0, n_t - 1)
+    c_lo, c_hi = c.gather(-1, lo), c.gather(-1, hi)
+    span = (hi - lo).to(c.dtype)
+    wgt = torch.where(span > 0, (ar - lo).to(c.dtype) / span.clamp_min(1), torch.zeros_like(c))
+    return torch.where(valid, c, c_lo + wgt * (c_hi - c_lo))
 
 
 @dataclass
@@ -654,6 +710,11 @@ def smooth_tissue(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: 
             weights = torch.zeros(h * w, dtype=inp.dtype, device=inp.device)
             weights[idx] = (~exc.vessel[s] & ~exc.csf[s].reshape(-1)[idx]).to(inp.dtype)
             enh = fr[s] - base[s]
+            if s in curves.cleaned:  # curves cleaned of bone leaking in: the smoothing must not see the leak
+                rows = curves.cleaned[s]
+                enh = enh.reshape(n_t, -1).clone()
+                enh[:, idx[rows]] = c[rows].T.to(enh.dtype)
+                enh = enh.reshape(n_t, h, w)
             if despike:
                 enh = _despike(enh.reshape(n_t, -1).T, p.despike_sigma * noise_hu).T.reshape(n_t, h, w)
             smoothed = gaussian_smooth_space(enh, sig, weights.reshape(h, w))
@@ -800,8 +861,7 @@ def calculate_maps(
     if p.motion:
         from stm_dlp.perfusion.motion import correct_motion
 
-        first = study_arrival(inp.frames, inp.times)
-        corrected, mreport = correct_motion(inp.frames, first.n_baseline)
+        corrected, mreport = correct_motion(inp.frames, None, inp.times)
         inp = replace(inp, frames=corrected)
         motion_info.update(mreport)
     t_motion = time.perf_counter()
@@ -817,7 +877,9 @@ def calculate_maps(
     aif_grid = aif_sel.curve.to(inp.dtype)
     t_aif = time.perf_counter()
 
+    n_leak = clean_bone_leak(curves, base, VESSEL_PEAK_FRAC * float(aif_sel.curve_raw.max()))
     exc = exclusions(inp, base, brain, curves, aif_sel, arrival, noise, p, mm)
+    exc.report["bone_leak_samples_replaced"] = n_leak
     tissue = smooth_tissue(inp, base, brain, curves, exc, p, noise, mm)
     t_smooth = time.perf_counter()
 
