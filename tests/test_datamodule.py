@@ -207,3 +207,22 @@ def test_missing_label_is_skipped_by_loss_and_metrics():
     assert "tmax" not in res["per_patient_mae"]["p"] and "mtt" in res["per_patient_mae"]["p"]
     table = metrics_table(res)
     assert "TMAX" in table and "—" in table.splitlines()[3]
+
+
+def test_lesion_crops_hold_hypoperfused_tissue():
+    from stm_dlp.data.datamodule import SliceDataset
+    from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+
+    study = simulate_patient(PhantomConfig(height=48, width=48, n_slices=2, frames_min=8, frames_max=8,
+                                           lesion_probability=1.0), seed=1)
+    has_lesion = [(study.maps[s, 2][study.mask[s]] > 6).any() for s in range(2)]
+    s = int(np.argmax(has_lesion))
+    assert has_lesion[s]
+    focused = SliceDataset([study], crop_size=8, lesion_crop_fraction=1.0)
+    uniform = SliceDataset([study], crop_size=8)
+    torch.manual_seed(0)
+    hits = [bool((c.maps[2][c.mask] > 6).any()) for c in (focused[s] for _ in range(20))]
+    base = [bool((c.maps[2][c.mask] > 6).any()) for c in (uniform[s] for _ in range(40))]
+    assert all(hits) and np.mean(base) < 1.0
+    with pytest.raises(ValueError, match="lesion_crop_fraction"):
+        SliceDataset([study], crop_size=8, lesion_crop_fraction=1.5)

@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 SOURCES = ("phantom", "dicom", "nifti", "isles2018", "isles2024", "unitobrain")
 LABEL_SOURCES = ("maps", "calc")
+#: Hypoperfusion threshold (s) for lesion-centred training crops (the readout's TMAX > 6 s).
+LESION_TMAX_S = 6.0
 #: ``frame_fraction`` / ``train_frame_fraction`` lie in (lo, hi]: some frames, at most all of them.
 FRAME_FRACTION_RANGE = (0.0, 1.0)
 
@@ -55,7 +57,10 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None,
-                 samples_per_slice: int = 1):
+                 samples_per_slice: int = 1, lesion_crop_fraction: float = 0.0):
+        if not 0.0 <= lesion_crop_fraction <= 1.0:
+            raise ValueError(f"data.lesion_crop_fraction must be in [0, 1], got {lesion_crop_fraction}")
+        self.lesion_crop_fraction = lesion_crop_fraction
         self.studies = list(studies)
         # With random crops, one slice yields several different samples per epoch.
         self.index = [(i, s) for i, st in enumerate(self.studies) for s in range(st.n_slices)] * samples_per_slice
@@ -88,11 +93,24 @@ class SliceDataset(Dataset):
         if self.crop_size:
             h, w = frames.shape[-2:]
             c = min(self.crop_size, h, w)
-            y0, x0 = int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
+            y0, x0 = self._crop_origin(sample, c, rng)
             frames = frames[:, y0:y0 + c, x0:x0 + c]
             maps, mask = maps[:, y0:y0 + c, x0:x0 + c], mask[y0:y0 + c, x0:x0 + c]
         return replace(sample, frames=np.ascontiguousarray(frames, np.float32),
                        maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask))
+
+
+    def _crop_origin(self, sample: SliceSample, c: int, rng: np.random.Generator) -> tuple[int, int]:
+        """A random crop's top-left corner; with probability ``lesion_crop_fraction`` the crop is centred on a
+        random hypoperfused (labelled TMAX > 6 s) pixel of the slice, when it has any — nnU-Net's foreground
+        oversampling: lesions are ~2 % of the brain and in ~7 % of random 16² crops (experiments.tmax_diagnostics)."""
+        h, w = sample.mask.shape
+        if self.lesion_crop_fraction > 0 and "tmax" in sample.labelled and rng.uniform() < self.lesion_crop_fraction:
+            ys, xs = np.nonzero(sample.mask & (sample.maps[PARAMS.index("tmax")] > LESION_TMAX_S))
+            if ys.size:
+                k = int(rng.integers(ys.size))
+                return (int(np.clip(ys[k] - c // 2, 0, h - c)), int(np.clip(xs[k] - c // 2, 0, w - c)))
+        return int(rng.integers(0, h - c + 1)), int(rng.integers(0, w - c + 1))
 
 
 class SizeGroupedBatchSampler(BatchSampler):
@@ -145,6 +163,7 @@ class CTPDataModule(L.LightningDataModule):
         split_file: the patient split to read back, created on first use (:mod:`stm_dlp.data.splits`);
             default ``ROOT/splits.json`` for a dataset root, none for the phantom.
         new_patients: where patients the split file does not know go (``train``, ``val``, ``test``, ``ignore``).
+        lesion_crop_fraction: share of training crops centred on a hypoperfused (TMAX > 6 s) pixel.
     """
 
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
@@ -156,7 +175,7 @@ class CTPDataModule(L.LightningDataModule):
                  train_frame_fraction: float | None = None, label_source: str = "maps",
                  calc: dict[str, Any] | None = None, cache_dir: str | None = None,
                  frame_interval_s: float | None = None, pseudonym_key: str | None = None,
-                 split_file: str | None = None, new_patients: str = "train"):
+                 split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -188,6 +207,7 @@ class CTPDataModule(L.LightningDataModule):
         default_split = None if source == "phantom" else str(Path(root) / "splits.json")
         self.split_file = split_file or default_split
         self.new_patients = new_patients
+        self.lesion_crop_fraction = lesion_crop_fraction
         self.studies: dict[str, Study] = {}
         self.splits: dict[str, list[str]] = {}
 
@@ -264,7 +284,7 @@ class CTPDataModule(L.LightningDataModule):
             train_tf.append(Truncate(keep_fraction=self.train_frame_fraction))
         self.train_set = SliceDataset([self.studies[p] for p in self.splits["train"]],
                                       Compose(train_tf) if train_tf else None, self.crop_size,
-                                      self.samples_per_slice)
+                                      self.samples_per_slice, self.lesion_crop_fraction)
         self.val_set = SliceDataset(self._eval_studies("val"))
         self.test_set = SliceDataset(self._eval_studies("test"))
 
