@@ -166,3 +166,23 @@ def test_oblique_grids_refuse_in_plane_restore():
                 meta={ORIGINAL_GRID: out.meta[ORIGINAL_GRID]})
     with pytest.raises(StudyError, match="oblique.nii"):
         restore_maps(out.maps, bad)
+
+
+def test_datamodule_resamples_before_the_cache_and_the_spacing_keys_it(tmp_path):
+    from stm_dlp.data.datamodule import CTPDataModule
+
+    phantom = dict(height=16, width=16, n_slices=2, frames_min=6, frames_max=6, noise_hu=1.0)
+    entries, shapes = set(), {}
+    for target in (9.0, 18.0, 9.0):
+        dm = CTPDataModule(n_patients=3, phantom=phantom, cache_dir=str(tmp_path), target_spacing_mm=target)
+        dm.setup("fit")
+        entries |= {p.name for p in tmp_path.iterdir()}
+        study = next(iter(dm.studies.values()))
+        shapes[target] = study.shape_hw
+        assert pixel_spacing_mm(study.affine) == pytest.approx((target, target))
+        assert study.meta[ORIGINAL_GRID]["shape_hw"] == [16, 16]  # survives the cache
+        assert dm.train_set[0].frames.shape[-2:] == study.shape_hw
+    assert len(entries) == 6  # three patients x two spacings; the repeated 9 mm is read back
+    assert shapes[9.0] == (24, 24) and shapes[18.0] == (12, 12)  # from 16² of 13.75 mm
+    with pytest.raises(ValueError, match="target_spacing_mm"):
+        CTPDataModule(n_patients=3, phantom=phantom, target_spacing_mm=-1.0)

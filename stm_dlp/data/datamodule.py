@@ -164,6 +164,9 @@ class CTPDataModule(L.LightningDataModule):
             default ``ROOT/splits.json`` for a dataset root, none for the phantom.
         new_patients: where patients the split file does not know go (``train``, ``val``, ``test``, ``ignore``).
         lesion_crop_fraction: share of training crops centred on a hypoperfused (TMAX > 6 s) pixel.
+        target_spacing_mm: in-plane pixel size (mm) every study is resampled to after reading or simulating
+            and before caching (:func:`stm_dlp.data.resample.resample_study`; part of the cache
+            fingerprint); ``None`` keeps each study's own grid.
     """
 
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
@@ -175,7 +178,8 @@ class CTPDataModule(L.LightningDataModule):
                  train_frame_fraction: float | None = None, label_source: str = "maps",
                  calc: dict[str, Any] | None = None, cache_dir: str | None = None,
                  frame_interval_s: float | None = None, pseudonym_key: str | None = None,
-                 split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0):
+                 split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0,
+                 target_spacing_mm: float | None = None):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -208,6 +212,9 @@ class CTPDataModule(L.LightningDataModule):
         self.split_file = split_file or default_split
         self.new_patients = new_patients
         self.lesion_crop_fraction = lesion_crop_fraction
+        if target_spacing_mm is not None and not float(target_spacing_mm) > 0:
+            raise ValueError(f"data.target_spacing_mm must be a positive number of mm or null, got {target_spacing_mm}")
+        self.target_spacing_mm = None if target_spacing_mm is None else float(target_spacing_mm)
         self.studies: dict[str, Study] = {}
         self.splits: dict[str, list[str]] = {}
 
@@ -218,9 +225,10 @@ class CTPDataModule(L.LightningDataModule):
         for i in range(self.n_patients):
             seed, pid = cohort_member(i, self.seed)
             parts = {"kind": "phantom", "config": cfg, "seed": seed, "id": pid,
-                     "generator": GENERATOR_VERSION[self.phantom_cfg.family]}
-            out.append(self.cache.get(parts,
-                                      lambda seed=seed, pid=pid: simulate_patient(self.phantom_cfg, seed, pid)))
+                     "generator": GENERATOR_VERSION[self.phantom_cfg.family],
+                     "target_spacing_mm": self.target_spacing_mm}
+            out.append(self.cache.get(parts, lambda seed=seed, pid=pid: self._on_target_grid(
+                simulate_patient(self.phantom_cfg, seed, pid))))
         return out
 
     def _load_disk(self) -> list[Study]:
@@ -239,12 +247,18 @@ class CTPDataModule(L.LightningDataModule):
         out = []
         for p in track(patients, description="Reading studies"):
             parts = {"kind": self.source, "src": study_fingerprint(p), "brain_mask": "auto-v1",
-                     "frame_interval_s": self.frame_interval_s,
+                     "frame_interval_s": self.frame_interval_s, "target_spacing_mm": self.target_spacing_mm,
                      # a changed key must re-pseudonymise, so the key's hash (never the key) is in the fingerprint
                      "key": hashlib.sha256(self.pseudonym_key).hexdigest() if self.pseudonym_key else None}
-            out.append(self.cache.get(parts, lambda p=p: read_any_study(
-                p, pseudonym_key=self.pseudonym_key, frame_interval_s=self.frame_interval_s)))
+            out.append(self.cache.get(parts, lambda p=p: self._on_target_grid(read_any_study(
+                p, pseudonym_key=self.pseudonym_key, frame_interval_s=self.frame_interval_s))))
         return out
+
+    def _on_target_grid(self, study: Study) -> Study:
+        """``study`` resampled in-plane to ``target_spacing_mm`` (unchanged when that is ``None``)."""
+        from stm_dlp.data.resample import resample_study
+
+        return study if self.target_spacing_mm is None else resample_study(study, self.target_spacing_mm)
 
     def _with_calc_labels(self, study: Study) -> Study:
         from stm_dlp.perfusion import calculate_maps
