@@ -75,13 +75,16 @@ class PerfusionLitModule(L.LightningModule):
         task_weights: weights of the CBV, CBF, TMAX losses (paper: equal).
         lr, betas, weight_decay: Adam (paper: 5e-4, (0.9, 0.999), 0).
         step_size, gamma: StepLR (paper: ×0.995 every 10 epochs).
+        target_spacing_mm: the in-plane pixel size (mm) the data was resampled to (``data.target_spacing_mm``;
+            ``None``: each study's own grid), stored in the checkpoint so prediction resamples to it.
     """
 
     def __init__(self, model: nn.Module, target_scale: Sequence[float] | torch.Tensor | None = None,
                  model_config: dict[str, Any] | None = None, loss: str = "charbonnier",
                  charbonnier_eps: float = 1e-3, task_weights: Sequence[float] = (1.0, 1.0, 1.0),
                  lr: float = 5e-4, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0,
-                 step_size: int = 10, gamma: float = 0.995, n_log_images: int = 2):
+                 step_size: int = 10, gamma: float = 0.995, n_log_images: int = 2,
+                 target_spacing_mm: float | None = None):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"lit.loss must be one of {LOSSES}, got {loss!r}")
@@ -90,6 +93,7 @@ class PerfusionLitModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "target_scale"])
         self.model = model
         self.model_config = model_config or {}
+        self.target_spacing_mm = None if target_spacing_mm is None else float(target_spacing_mm)
         scale = torch.ones(len(PARAMS)) if target_scale is None else torch.as_tensor(target_scale, dtype=torch.float32)
         self.register_buffer("target_scale", scale.clone())
         self.register_buffer("task_weights", torch.tensor(list(task_weights), dtype=torch.float32))
@@ -236,7 +240,7 @@ class PerfusionLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["stm_dlp"] = {"model_config": self.model_config,
                                  "target_scale": self.target_scale.detach().cpu().tolist(),
-                                 "params": list(PARAMS)}
+                                 "params": list(PARAMS), "target_spacing_mm": self.target_spacing_mm}
         # Lightning restores loops, optimiser and schedulers but not the global RNGs that draw the
         # shuffle order and the random crops/augmentation of the next epoch: keep them with the weights.
         checkpoint["stm_dlp_rng"] = rng_state()

@@ -54,6 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         write_run_files(cfg, out_dir, datamodule)
     lit = PerfusionLitModule(model=model, target_scale=datamodule.target_scale(),
                              model_config=OmegaConf.to_container(cfg.model, resolve=True),
+                             target_spacing_mm=cfg.data.get("target_spacing_mm"),
                              **OmegaConf.to_container(cfg.lit, resolve=True))
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
     with run_loggers(cfg) as loggers:
