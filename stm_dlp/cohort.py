@@ -68,7 +68,9 @@ def run_jobs(jobs: list[tuple[Path, Path]], fn: Callable[[Path, Path, Any], dict
                     raise
                 line = error_line(exc)
                 print(f"{path.name}: {line}", file=sys.stderr)
-                results.append(PatientResult(path.name, "failed", error=line.removeprefix("error: ")))
+                # the table names files relative to the root, so the file stays in view
+                short = line.removeprefix("error: ").replace(f"{path.parent}/", "")
+                results.append(PatientResult(path.name, "failed", error=short))
             bar.advance(task)
     return results
 
