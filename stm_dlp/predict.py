@@ -1,16 +1,17 @@
 """``python -m stm_dlp.predict ckpt=PATH input=STUDY_DIR output=OUT_DIR`` — model maps for a study.
 
-Reads a study in any layout :func:`stm_dlp.data.studies.read_any_study` reads (DICOM — classic,
-enhanced multi-frame, one series per time point, shuttle mode —, a 4-D NIfTI, an ISLES 2018 case,
-an ISLES'24 subject, a UniToBrain case), runs the model slice by slice in batches (GPU when present,
-``torch.inference_mode``), and writes ``{cbf,cbv,mtt,tmax}.nii.gz`` with the scan's geometry,
-``maps.png``, ``readout.png`` and ``summary.json`` with the clinical readout
-(:mod:`stm_dlp.perfusion.readout`), whose one-line form (core, TMAX > 6 s and mismatch volumes,
-DEFUSE-3 profile) is the last line on stdout. ``output_dicom=true`` adds ``OUT/dicom/`` for PACS
-(:mod:`stm_dlp.io.dicom_maps`). ``input=ROOT`` of a whole cohort (:mod:`stm_dlp.cohort`) writes
-``OUT/<patient>/`` for each, with a progress bar, and prints one summary table last (per patient
-status, frames, core and TMAX > 6 s volumes); a patient that fails is reported and skipped, and the
-exit status is then 2.
+Reads a study in any layout :func:`stm_dlp.data.studies.read_any_study` reads (DICOM — classic, enhanced
+multi-frame, one series per time point, shuttle mode —, a 4-D NIfTI, an ISLES 2018 case, an ISLES'24
+subject, a UniToBrain case), runs the model slice by slice in batches (GPU when present,
+``torch.inference_mode``) at the pixel size the model was trained at (the checkpoint's
+``target_spacing_mm``: the study is resampled in-plane to it and the maps brought back to the scan's own
+grid), and writes ``{cbf,cbv,mtt,tmax}.nii.gz`` with the scan's geometry, ``maps.png``, ``readout.png``
+and ``summary.json`` with the clinical readout (:mod:`stm_dlp.perfusion.readout`), whose one-line form
+(core, TMAX > 6 s and mismatch volumes, DEFUSE-3 profile) is the last line on stdout.
+``output_dicom=true`` adds ``OUT/dicom/`` for PACS (:mod:`stm_dlp.io.dicom_maps`). ``input=ROOT`` of a
+whole cohort (:mod:`stm_dlp.cohort`) writes ``OUT/<patient>/`` for each, with a progress bar, and prints
+one summary table last (per patient status, frames, core and TMAX > 6 s volumes); a patient that fails
+is reported and skipped, and the exit status is then 2.
 
 Checkpoints are loaded with ``torch.load(weights_only=True)``: a checkpoint that needs unpickling of
 arbitrary objects is refused. Slices that fail (e.g. non-finite input) are reported and, with
@@ -20,6 +21,7 @@ fails the whole study instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -33,6 +35,7 @@ from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED, parse_bool
 from stm_dlp.data.context import attach_arterial
+from stm_dlp.data.resample import pixel_spacing_mm, resample_study, restore_maps
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
 from stm_dlp.types import ALL_PARAMS, PARAMS, UNITS, Study, StudyError, collate_slices, physical_maps
@@ -105,6 +108,26 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
     return out, failed
 
 
+def predict_on_scan_grid(model: torch.nn.Module, target_scale: torch.Tensor, study: Study,
+                         target_spacing_mm: float | None, batch_size: int = 4, device: torch.device | str = "cpu",
+                         mode: str = "best_effort") -> tuple[dict, list[dict]]:
+    """:func:`predict_study` at the checkpoint's pixel size ``target_spacing_mm`` (mm; ``None``: the scan's
+    own grid): the study is resampled in-plane to it (:func:`~stm_dlp.data.resample.resample_study`), the
+    maps ``{cbv, cbf, tmax, mtt}`` come back ``(S, H, W)`` on the scan's own grid
+    (:func:`~stm_dlp.data.resample.restore_maps`; MTT derived again from the restored CBV and CBF) and are
+    masked with the scan's own brain mask."""
+    if target_spacing_mm is None:
+        return predict_study(model, target_scale, study, batch_size, device, mode)
+    # unmasked on the model's grid: masking before restoring would bleed zeros into the brain's edge
+    work = resample_study(dataclasses.replace(study, mask=None), float(target_spacing_mm))
+    maps, failed = predict_study(model, target_scale, work, batch_size, device, mode)
+    maps = restore_maps(maps, work)
+    if study.mask is not None:
+        for p in maps:
+            maps[p] = (maps[p] * np.asarray(study.mask)).astype(np.float32)
+    return maps, failed
+
+
 def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_size: int = 4,
                 mode: str = "best_effort", frame_interval_s: float | None = None,
                 readout_thresholds: ReadoutThresholds | None = None, output_dicom: bool = False) -> dict[str, Any]:
@@ -157,7 +180,7 @@ def _predict_to(model: torch.nn.Module, scale: torch.Tensor, info: dict, dev: to
                            on_bad_frame="nan" if mode == "best_effort" else "raise")
     t_read = time.perf_counter() - t0
     t0 = time.perf_counter()
-    maps, failed = predict_study(model, scale, study, batch_size, dev, mode)
+    maps, failed = predict_on_scan_grid(model, scale, study, info.get("target_spacing_mm"), batch_size, dev, mode)
     t_pred = time.perf_counter() - t0
     summary = {
         "method": "stm_dlp",
@@ -174,6 +197,9 @@ def _predict_to(model: torch.nn.Module, scale: torch.Tensor, info: dict, dev: to
         "device": str(dev),
         "timing_s": {"read": round(t_read, 3), "predict": round(t_pred, 3)},
         "failed_slices": failed,
+        # the scan's own pixels (rows, columns) and the pixel size the model ran at (maps are on the scan's grid)
+        "pixel_spacing_mm": {"scan": [round(v, 4) for v in pixel_spacing_mm(study.affine)],
+                             "model": info.get("target_spacing_mm")},
     }
     if output_dicom:
         from stm_dlp.io.dicom_maps import DICOM_DIR, reference_uids, write_maps_dicom

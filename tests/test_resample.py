@@ -186,3 +186,37 @@ def test_datamodule_resamples_before_the_cache_and_the_spacing_keys_it(tmp_path)
     assert shapes[9.0] == (24, 24) and shapes[18.0] == (12, 12)  # from 16² of 13.75 mm
     with pytest.raises(ValueError, match="target_spacing_mm"):
         CTPDataModule(n_patients=3, phantom=phantom, target_spacing_mm=-1.0)
+
+
+def test_predict_at_the_training_spacing_writes_maps_on_the_scan_grid(tmp_path, monkeypatch):
+    """A checkpoint trained at 9 mm on a 13.75 mm study: the model runs on 9 mm pixels, the NIfTI maps come
+    out on the study's own 16² grid with its affine."""
+    import json
+
+    import torch
+
+    from stm_dlp import predict as P
+    from stm_dlp.io.layouts import write_nifti_patient
+    from stm_dlp.io.nifti import read_nifti_maps
+    from stm_dlp.models import STMDLP
+
+    config = {"_target_": "stm_dlp.models.STMDLP", "encoder": "cnn", "spatial_channels": 4, "temporal_hidden": 4,
+              "mpp_hidden": 4, "unet_depth": 1}
+    model = STMDLP(**{k: v for k, v in config.items() if k != "_target_"})
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "stm_dlp": {"model_config": config, "target_scale": [4.0, 60.0, 8.0], "params": ["cbv", "cbf", "tmax"],
+                            "target_spacing_mm": 9.0}}, ckpt)
+    study = simulate_patient(tiny_phantom(), 4)
+    write_nifti_patient(tmp_path / "patient", study)
+    seen = []
+    real = P.predict_study
+    monkeypatch.setattr(P, "predict_study", lambda m, s, st, *a: seen.append(st.shape_hw) or real(m, s, st, *a))
+    summary = P.run_predict(str(ckpt), str(tmp_path / "patient"), str(tmp_path / "out"), device="cpu")
+    assert seen == [(24, 24)]  # round(16 * 13.75 / 9)
+    vol, affine = read_nifti_maps(tmp_path / "out" / "cbf.nii.gz")
+    assert vol.shape == (2, 16, 16)  # (S, H, W) of the scan
+    np.testing.assert_allclose(affine, study.affine, atol=1e-4)
+    assert np.all(vol[~study.mask] == 0) and np.all(vol[study.mask] > 0)  # masked with the scan's own mask
+    assert summary["pixel_spacing_mm"] == {"scan": [13.75, 13.75], "model": 9.0}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["pixel_spacing_mm"]["model"] == 9.0
