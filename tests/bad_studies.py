@@ -9,6 +9,7 @@ are alternatives of which one must appear, case-insensitively).
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ class BadCase:
     path: Path
     needles: tuple[str, ...]
     keywords: tuple[str, ...]
-    reader: str = "labelled"  # "labelled" (patient folder) or "dicom" (ctp folder)
+    reader: str = "labelled"  # "labelled" (patient folder), "dicom" (ctp folder) or "any" (read_any_study)
 
 
 def make_good(where: Path, seed: int = 7, style: str = "acquisition_time", index: int = 0) -> Path:
@@ -54,6 +55,19 @@ class Corpus:
         self.good = make_good(self.workdir / "good")
         self.files = [[self.good / "ctp" / rel for rel in row]
                       for row in read_dicom_study(self.good / "ctp").meta["files"]]
+
+    @property
+    def study(self):
+        """The good study in memory (for cases written in another layout)."""
+        return simulate_patient(GOOD_CFG, 7)
+
+    def patient(self, name: str, write_ctp: Callable[[Path], object]) -> Path:
+        """A labelled patient ``workdir/name`` whose ``ctp/`` is written by ``write_ctp(folder)`` and whose
+        ``maps/`` are the good patient's."""
+        dst = self.workdir / name
+        write_ctp(dst / "ctp")
+        shutil.copytree(self.good / "maps", dst / "maps")
+        return dst
 
     def copy(self, name: str) -> tuple[Path, list[list[Path]]]:
         """A fresh copy of the good patient as ``workdir/name`` and its ``[slice][frame]`` files."""
@@ -287,11 +301,173 @@ def single_frame_per_slice(c: Corpus) -> BadCase:
     return BadCase(p / "ctp", ("ctp",), ("single image",), reader="dicom")
 
 
+# ------------------------------------------------------------------------------ other layouts (issue 15)
+def _enhanced(c: Corpus, name: str, **kw) -> tuple[Path, Path]:
+    from stm_dlp.io.dicom_writer import write_study_enhanced
+
+    paths: list[Path] = []
+    p = c.patient(name, lambda d: paths.extend(write_study_enhanced(c.study, d, seed=7, patient_name=PHI[0],
+                                                                     patient_id=PHI[1], **kw)))
+    return p, paths[0]
+
+
+def enhanced_without_frame_times(c: Corpus) -> BadCase:
+    p, f = _enhanced(c, "enhanced_without_frame_times", time_tags=(), temporal_position_index="none")
+    return BadCase(p, (f.name, "FrameContentSequence"), ("without per-frame times",))
+
+
+def enhanced_scrambled_times(c: Corpus) -> BadCase:
+    """De-identification shuffled FrameAcquisitionDateTime within each slice; nothing else orders the frames."""
+    p, f = _enhanced(c, "enhanced_scrambled_times", time_tags=("FrameAcquisitionDateTime",))
+
+    def scramble(ds: pydicom.Dataset) -> None:
+        by_slice: dict[int, list] = {}
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            content = item.FrameContentSequence[0]
+            by_slice.setdefault(int(content.InStackPositionNumber), []).append(content)
+        for items in by_slice.values():
+            values = [i.FrameAcquisitionDateTime for i in items]
+            for i, v in zip(items, values[::-1]):
+                i.FrameAcquisitionDateTime = v
+
+    _edit(f, scramble)
+    return BadCase(p, (f.name, "FrameAcquisitionDateTime", "TemporalPositionIndex"), ("scrambled",))
+
+
+def enhanced_functional_groups_cut(c: Corpus) -> BadCase:
+    p, f = _enhanced(c, "enhanced_functional_groups_cut")
+    _edit(f, lambda ds: ds.PerFrameFunctionalGroupsSequence.pop())
+    return BadCase(p, (f.name, "PerFrameFunctionalGroupsSequence", "NumberOfFrames"), ("items",))
+
+
+def enhanced_frame_without_position(c: Corpus) -> BadCase:
+    p, f = _enhanced(c, "enhanced_frame_without_position")
+    _edit(f, lambda ds: delattr(ds.PerFrameFunctionalGroupsSequence[3], "PlanePositionSequence"))
+    return BadCase(p, (f.name, "frame 4", "PlanePositionSequence"), ("cannot tell which slice",))
+
+
+def enhanced_truncated_pixels(c: Corpus) -> BadCase:
+    p, f = _enhanced(c, "enhanced_truncated_pixels")
+    f.write_bytes(f.read_bytes()[:-300])
+    return BadCase(p, (f.name,), ("truncated",))
+
+
+def _per_volume(c: Corpus, name: str) -> tuple[Path, list[list[Path]]]:
+    from stm_dlp.io.dicom_writer import write_study_dicom
+
+    paths: list[list[Path]] = []
+    p = c.patient(name, lambda d: paths.extend(write_study_dicom(c.study, d, seed=7, patient_name=PHI[0],
+                                                                  patient_id=PHI[1], series_per_time_point=True)))
+    return p, paths
+
+
+def per_volume_geometry_mismatch(c: Corpus) -> BadCase:
+    """One series per time point, but one volume has another PixelSpacing: not the same acquisition."""
+    p, f = _per_volume(c, "per_volume_geometry_mismatch")
+    for row in f:
+        _edit(row[2], lambda ds: setattr(ds, "PixelSpacing", ["0.5", "0.5"]))
+    uids = [hash_uid(pydicom.dcmread(f[0][t]).SeriesInstanceUID) for t in (0, 2)]
+    return BadCase(p, (*uids, "PixelSpacing"), ("look like one series per time point",))
+
+
+def per_volume_missing_slice(c: Corpus) -> BadCase:
+    p, f = _per_volume(c, "per_volume_missing_slice")
+    f[1][3].unlink()
+    return BadCase(p, (hash_uid(pydicom.dcmread(f[0][3]).SeriesInstanceUID), "slice positions"),
+                   ("look like one series per time point",))
+
+
+def _nifti_patient(c: Corpus, name: str) -> Path:
+    from stm_dlp.io.layouts import write_nifti_patient
+
+    return write_nifti_patient(c.workdir / name, c.study)
+
+
+def sidecar_wrong_frame_count(c: Corpus) -> BadCase:
+    p = _nifti_patient(c, "sidecar_wrong_frame_count")
+    side = p / "ctp.json"
+    data = json.loads(side.read_text())
+    data["FrameTimesStart"] = data["FrameTimesStart"][:-1]
+    side.write_text(json.dumps(data))
+    return BadCase(p, ("ctp.json", "FrameTimesStart"), ("volumes",), reader="any")
+
+
+def sidecar_not_json(c: Corpus) -> BadCase:
+    p = _nifti_patient(c, "sidecar_not_json")
+    (p / "ctp.json").write_text("{FrameTimesStart: [0, 1,")
+    return BadCase(p, ("ctp.json",), ("not valid json",), reader="any")
+
+
+def sidecar_times_not_increasing(c: Corpus) -> BadCase:
+    p = _nifti_patient(c, "sidecar_times_not_increasing")
+    data = json.loads((p / "ctp.json").read_text())
+    data["FrameTimesStart"][3] = data["FrameTimesStart"][2]
+    (p / "ctp.json").write_text(json.dumps(data))
+    return BadCase(p, ("ctp.json", "FrameTimesStart"), ("not strictly increasing",), reader="any")
+
+
+def nifti_without_times(c: Corpus) -> BadCase:
+    p = _nifti_patient(c, "nifti_without_times")
+    (p / "ctp.json").unlink()
+    return BadCase(p, ("ctp.nii.gz", "frame_interval_s"), ("never guessed",), reader="any")
+
+
+def isles2024_map_wrong_shape(c: Corpus) -> BadCase:
+    from stm_dlp.io.layouts import write_isles2024_case
+
+    subject = write_isles2024_case(c.workdir / "isles2024_map_wrong_shape", c.study)
+    path = next(subject.rglob("*_cbf.nii.gz"))
+    vol, affine = read_nifti_maps(path)
+    path.write_bytes(nifti_bytes(vol[:, :-2, :], affine))
+    return BadCase(subject, (path.name, "CTP grid"), ("does not match",), reader="any")
+
+
+def _unitobrain(c: Corpus, name: str) -> Path:
+    from stm_dlp.io.layouts import write_unitobrain_case
+
+    return write_unitobrain_case(c.workdir / name, c.study, layout="patient", patient_name=PHI[0],
+                                 patient_id=PHI[1])
+
+
+def unitobrain_without_cbf(c: Corpus) -> BadCase:
+    p = _unitobrain(c, "unitobrain_without_cbf")
+    shutil.rmtree(p / "NLR_CBF")
+    return BadCase(p, ("NLR_CBF",), ("missing",), reader="any")
+
+
+def unitobrain_map_slice_missing(c: Corpus) -> BadCase:
+    p = _unitobrain(c, "unitobrain_map_slice_missing")
+    sorted((p / "NLR_CBV").iterdir())[0].unlink()
+    return BadCase(p, ("NLR_CBV",), ("slices",), reader="any")
+
+
+def unitobrain_map_misaligned(c: Corpus) -> BadCase:
+    p = _unitobrain(c, "unitobrain_map_misaligned")
+
+    def shift(ds: pydicom.Dataset) -> None:
+        ds.ImagePositionPatient = [str(float(ds.ImagePositionPatient[0]) + 3.0), *map(str, ds.ImagePositionPatient[1:])]
+
+    for f in (p / "NLR_CBF").iterdir():
+        _edit(f, shift)
+    return BadCase(p, ("NLR_CBF", "ImagePositionPatient"), ("does not overlay",), reader="any")
+
+
+#: The failure classes of the layouts of issue 15 (enhanced DICOM, one series per time point, NIfTI
+#: sidecars, ISLES'24, UniToBrain), each refused with a one-line StudyError naming the file and the tag.
+FORMAT_CASES = (
+    enhanced_without_frame_times, enhanced_scrambled_times, enhanced_functional_groups_cut,
+    enhanced_frame_without_position, enhanced_truncated_pixels, per_volume_geometry_mismatch,
+    per_volume_missing_slice, sidecar_wrong_frame_count, sidecar_not_json, sidecar_times_not_increasing,
+    nifti_without_times, isles2024_map_wrong_shape, unitobrain_without_cbf, unitobrain_map_slice_missing,
+    unitobrain_map_misaligned,
+)
+
+
 CASES: dict[str, Callable[[Corpus], BadCase]] = {fn.__name__: fn for fn in (
     truncated_pixels, truncated_header, empty_file, not_dicom, missing_pixel_data, no_time_tag,
     partly_missing_time_tag, duplicate_instance, duplicate_frame, same_time, two_series, rows_columns,
     compressed_no_decoder, rescale_overflow, nan_after_rescale, contradictory_time_tags, mixed_orientation,
     mixed_patients, fewer_frames, nan_labels,
     labels_wrong_shape, labels_misaligned, label_missing, empty_dir, missing_path, missing_ctp,
-    single_frame_per_slice,
+    single_frame_per_slice, *FORMAT_CASES,
 )}

@@ -18,7 +18,7 @@ from stm_dlp.data.dicom import (
     read_dicom_study,
 )
 from stm_dlp.data.phantom import PhantomConfig, simulate_patient
-from stm_dlp.data.studies import read_labelled_study
+from stm_dlp.data.studies import read_any_study, read_labelled_study
 from stm_dlp.io.dicom_writer import CT_IMAGE_STORAGE, TIME_STYLES, write_study_dicom
 from stm_dlp.types import StudyError
 
@@ -115,10 +115,11 @@ def test_pseudonymise_is_keyed_and_stable():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_study_is_refused_with_a_useful_message(corpus, name):
     case = CASES[name](corpus)
-    reader = read_labelled_study if case.reader == "labelled" else read_dicom_study
+    reader = {"labelled": read_labelled_study, "dicom": read_dicom_study, "any": read_any_study}[case.reader]
     with pytest.raises(StudyError) as info:
         reader(case.path)
     msg = str(info.value)
+    assert "\n" not in msg.strip(), f"{name}: multi-line message {msg!r}"
     for needle in case.needles:
         assert needle in msg, f"{name}: {needle!r} not in {msg!r}"
     assert any(k in msg.lower() for k in case.keywords), f"{name}: none of {case.keywords} in {msg!r}"

@@ -7,8 +7,15 @@ Whatever the mutation, :func:`~stm_dlp.data.dicom.read_dicom_study` must either 
 passes ``Study.validate()`` or raise :class:`~stm_dlp.types.StudyError`: never another exception type,
 never a hang (a per-example alarm), and never PHI in the error message.
 
+The bases include the layouts of issue 15 — one series per time point, enhanced multi-frame CT (one
+file, and one file per time point) — and a second property mutates the enhanced files' functional
+groups (per-frame items, positions, per-frame times, TemporalPositionIndex, rescale); a third gives a
+4-D NIfTI hostile BIDS sidecars and headers. Each must be read or refused with a one-line
+:class:`~stm_dlp.types.StudyError`.
+
 The number of examples is bounded and the search derandomised, so the test is reproducible and
-takes well under 30 s; ``STM_DLP_FUZZ_EXAMPLES=5000`` runs a longer campaign.
+takes well under 30 s; ``STM_DLP_FUZZ_EXAMPLES=5000`` runs a longer campaign (the enhanced and NIfTI
+properties run a fifth of it each).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -31,12 +39,13 @@ from hypothesis import strategies as st
 
 from stm_dlp.data.dicom import read_dicom_study
 from stm_dlp.data.phantom import simulate_patient
-from stm_dlp.io.dicom_writer import TIME_STYLES, write_study_dicom
+from stm_dlp.io.dicom_writer import TIME_STYLES, write_study_dicom, write_study_enhanced
 from stm_dlp.types import Study, StudyError
 
 CFG = tiny_phantom(frames_min=4, frames_max=4)
 PHI = ("FUZZ^PATIENT", "FUZZ-ID-0042")
 N_EXAMPLES = int(os.environ.get("STM_DLP_FUZZ_EXAMPLES", "400"))
+N_FORMAT_EXAMPLES = max(20, N_EXAMPLES // 5)
 HANG_S = 10  # an example taking this long is a hang (normal: a few ms)
 
 
@@ -49,11 +58,24 @@ def _base_series() -> dict[str, dict[str, bytes]]:
             root = Path(tmp) / style
             write_study_dicom(study, root, time_style=style, patient_name=PHI[0], patient_id=PHI[1], seed=3)
             out[style] = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.dcm"))}
+        writers = {
+            "series_per_time_point": lambda r: write_study_dicom(study, r, patient_name=PHI[0], patient_id=PHI[1],
+                                                                 seed=3, series_per_time_point=True),
+            "enhanced": lambda r: write_study_enhanced(study, r, patient_name=PHI[0], patient_id=PHI[1], seed=3),
+            "enhanced_per_time_point": lambda r: write_study_enhanced(
+                study, r, files="per_time_point", series_per_file=True, temporal_position_index="constant",
+                patient_name=PHI[0], patient_id=PHI[1], seed=3),
+        }
+        for name, write in writers.items():
+            root = Path(tmp) / name
+            write(root)
+            out[name] = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.dcm"))}
     return out
 
 
 BASE = _base_series()
-N_FILES = len(next(iter(BASE.values())))
+N_FILES = max(len(files) for files in BASE.values())
+ENHANCED = ("enhanced", "enhanced_per_time_point")
 
 # ------------------------------------------------------------------------------ mutations
 TAGS_TO_DELETE = (
@@ -238,20 +260,24 @@ def _check_read(root: Path, what: str) -> Study | None:
 
 @settings(max_examples=N_EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(style=st.sampled_from(TIME_STYLES),
+@given(style=st.sampled_from(sorted(BASE)),
        edits=st.lists(st.tuples(st.integers(-1, N_FILES - 1), mutations()), min_size=1, max_size=3))
 def test_mutated_series_is_read_or_refused_with_study_error(style, edits):
     """``edits``: ``(file index, mutation)``; index -1 applies the mutation to every file (a vendor quirk)."""
+    _mutate_and_read(style, edits)
+
+
+def _mutate_and_read(style: str, edits) -> None:
     files = dict(BASE[style])
     names = sorted(files)
     applied = []
     for index, (mutate, text) in edits:
-        targets = names if index < 0 else [names[index]]
+        targets = names if index < 0 else [names[index % len(names)]]
         try:
             files.update({name: mutate(files[name]) for name in targets})
         except Exception:  # noqa: BLE001 - pydicom could not re-encode this edit; try the next one
             continue
-        applied.append(f"{'every file' if index < 0 else names[index]}: {text}")
+        applied.append(f"{'every file' if index < 0 else targets[0]}: {text}")
     tmp = Path(tempfile.mkdtemp(prefix="fuzz_"))
     try:
         for rel, data in files.items():
@@ -260,6 +286,114 @@ def test_mutated_series_is_read_or_refused_with_study_error(style, edits):
         _check_read(tmp, f"[{style}] " + "; ".join(applied))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@st.composite
+def group_mutations(draw):
+    """A ``bytes -> bytes`` edit of an enhanced file's functional groups, and its description."""
+    kind = draw(st.sampled_from(["drop_item", "drop_macro", "frame_time", "temporal_index", "position", "rescale",
+                                 "frames", "drop_shared", "orientation"]))
+    frame = draw(st.integers(0, 7))
+
+    def on_item(fn):
+        def edit(ds):
+            items = ds.PerFrameFunctionalGroupsSequence
+            fn(items[frame % len(items)])
+        return edit
+
+    if kind == "drop_item":
+        return (lambda b: _edit_tags(b, lambda ds: ds.PerFrameFunctionalGroupsSequence.pop(frame % 4))), kind
+    if kind == "drop_macro":
+        macro = draw(st.sampled_from(["PlanePositionSequence", "FrameContentSequence", "CTImageFrameTypeSequence"]))
+        return (lambda b: _edit_tags(b, on_item(lambda it: delattr(it, macro) if macro in it else None))), \
+            f"frame {frame}: delete {macro}"
+    if kind == "frame_time":
+        key = draw(st.sampled_from(["FrameAcquisitionDateTime", "FrameReferenceDateTime"]))
+        value = draw(TIME_TEXT)
+        return (lambda b: _edit_tags(b, on_item(lambda it: setattr(it.FrameContentSequence[0], key, value)))), \
+            f"frame {frame}: {key}={value!r}"
+    if kind == "temporal_index":
+        value = draw(st.sampled_from([0, 1, 2, 3, 4, 65535]))
+        return (lambda b: _edit_tags(b, on_item(lambda it: setattr(it.FrameContentSequence[0],
+                                                                   "TemporalPositionIndex", value)))), \
+            f"frame {frame}: TemporalPositionIndex={value}"
+    if kind == "position":
+        value = draw(st.sampled_from(["nan\\0\\0", "1\\2", "", "0\\0\\0", "1e400\\0\\0"]))
+        return (lambda b: _edit_tags(b, on_item(lambda it: setattr(it.PlanePositionSequence[0],
+                                                                   "ImagePositionPatient", value)))), \
+            f"frame {frame}: ImagePositionPatient={value!r}"
+    if kind == "rescale":
+        key, value = draw(st.sampled_from(["RescaleSlope", "RescaleIntercept"])), draw(NUMBER_TEXT)
+
+        def rescale(ds):
+            setattr(ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0], key, value)
+        return (lambda b: _edit_tags(b, rescale)), f"shared {key}={value!r}"
+    if kind == "frames":
+        value = draw(st.sampled_from(["0", "1", "3", "9", "-1", "x", ""]))
+        return (lambda b: _edit_tags(b, lambda ds: setattr(ds, "NumberOfFrames", value))), f"NumberOfFrames={value!r}"
+    if kind == "orientation":
+        value = draw(st.sampled_from(["0\\0\\0\\0\\0\\0", "1\\0\\0", "nan\\0\\0\\0\\1\\0"]))
+
+        def orient(ds):
+            ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient = value
+        return (lambda b: _edit_tags(b, orient)), f"ImageOrientationPatient={value!r}"
+    return (lambda b: _edit_tags(b, lambda ds: delattr(ds, "SharedFunctionalGroupsSequence"))), kind
+
+
+@settings(max_examples=N_FORMAT_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(style=st.sampled_from(ENHANCED),
+       edits=st.lists(st.tuples(st.integers(-1, N_FILES - 1), st.one_of(group_mutations(), mutations())),
+                      min_size=1, max_size=3))
+def test_mutated_enhanced_functional_groups_are_read_or_refused(style, edits):
+    _mutate_and_read(style, edits)
+
+
+SIDECAR_VALUES = st.one_of(
+    st.sampled_from([None, "abc", [], {}, [[0, 1]], float("nan"), -5, 0, 1e308, True, [0.0] * 4, [3, 2, 1, 0]]),
+    st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10, 10), st.text(max_size=3)),
+             max_size=6),
+)
+
+
+@settings(max_examples=N_FORMAT_EXAMPLES, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(fields=st.dictionaries(st.sampled_from(["FrameTimesStart", "AcquisitionDuration", "SliceTiming"]),
+                              SIDECAR_VALUES, max_size=3),
+       raw=st.sampled_from([None, "", "{", "[]", "null", "\x00\xff"]),
+       unit=st.sampled_from(["sec", "msec", "usec", "unknown"]), step=st.sampled_from([0.0, -1.0, 1.5, float("nan")]))
+def test_hostile_nifti_sidecar_and_header_are_read_or_refused(fields, raw, unit, step):
+    import json
+
+    from stm_dlp.data.nifti4d import read_nifti4d
+    from stm_dlp.io.layouts import write_nifti4d
+
+    tmp = Path(tempfile.mkdtemp(prefix="fuzz_nifti_"))
+    try:
+        path = write_nifti4d(NIFTI_STUDY, tmp / "ctp.nii", times="none")
+        img = nib.load(path, mmap=False)
+        img = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header)
+        img.header.set_xyzt_units("mm", unit)
+        img.header["pixdim"][4] = step
+        nib.save(img, path)
+        if raw is not None or fields:
+            text = raw if raw is not None else json.dumps(fields, allow_nan=True)
+            (tmp / "ctp.json").write_text(text, encoding="utf-8", errors="surrogateescape")
+        what = f"sidecar {raw if raw is not None else fields!r:.80}, unit {unit}, step {step}"
+        try:
+            with _alarm(HANG_S):
+                study = read_nifti4d(path)
+        except StudyError as exc:
+            assert str(exc) and "\n" not in str(exc).strip(), f"{what}: multi-line error"
+            return
+        except Exception as exc:  # noqa: BLE001 - the property under test
+            pytest.fail(f"{what}: {type(exc).__name__} escaped the reader: {exc}")
+        assert study.validate() is study and np.all(np.diff(study.times_s, axis=1) > 0)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+NIFTI_STUDY = simulate_patient(CFG, seed=6)
 
 
 def test_unmutated_series_read_back():

@@ -30,8 +30,8 @@ SERIES_LAYOUTS = ("one series", "one series per time point")
 
 
 def _describe(uid: str, rs: list[FrameRecord]) -> str:
-    files = {r.path for r in rs}
-    return f"series {hash_uid(uid)} ({len(files)} files, e.g. {rs[0].path})"
+    n = len({r.path for r in rs})
+    return f"series {hash_uid(uid)} ({n} file{'' if n == 1 else 's'}, e.g. {rs[0].path})"
 
 
 def _single_volume(rs: list[FrameRecord]) -> bool:
