@@ -336,3 +336,17 @@ def test_arterial_reference_finds_the_phantom_aif_and_crops_carry_it() -> None:
         crop = crops[0]
         assert crop.frames.shape[-2:] == (8, 8)
         np.testing.assert_array_equal(crop.arterial_hu, whole.arterial_hu)
+
+
+def test_arterial_arrival_and_clock() -> None:
+    from stm_dlp.models.irfe import arterial_arrival, arterial_channels
+
+    times = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]])
+    curve = torch.tensor([[0.0, 0.0, 10.0, 50.0, 100.0, 60.0]])  # 30 % of the peak (30) between t=2 and 3
+    valid = torch.ones_like(times)
+    assert float(arterial_arrival(curve, times, valid)[0]) == pytest.approx(2.5)
+    ch = arterial_channels(curve, torch.tensor([6]), times)
+    torch.testing.assert_close(ch[0, :, 2], times[0] - 2.5)
+    torch.testing.assert_close(ch[0, :, 0], curve[0] / 100.0)
+    short = arterial_channels(curve, torch.tensor([4]), times)  # the peak past lengths is not seen
+    assert float(short[0, 3, 0]) == pytest.approx(1.0) and float(short[0, 4:].abs().sum()) == 0.0

@@ -72,18 +72,38 @@ def normalise_frames(
     return x, times_s / time_scale_s
 
 
-#: Channels of the arterial context at each time step (shape over its own peak, amplitude).
-ARTERIAL_CHANNELS = 2
+#: Channels of the arterial context at each time step: the arterial curve's shape (over its own peak), its
+#: amplitude, and the time since the arterial arrival.
+ARTERIAL_CHANNELS = 3
+#: The arterial arrival is where the reference curve first reaches this fraction of its peak.
+ARRIVAL_FRACTION = 0.3
 
 
-def arterial_channels(arterial_hu: Tensor, lengths: Tensor, scale_hu: float = 300.0) -> Tensor:
-    """The arterial context ``(B, T, 2)`` from reference curves ``(B, T)`` (HU over baseline): the curve over
-    its own peak (timing and shape, amplitude-free) and over ``scale_hu`` (amplitude, which CBF and CBV
-    scale with); zero past ``lengths``."""
+def arterial_arrival(arterial_hu: Tensor, times: Tensor, valid: Tensor, fraction: float = ARRIVAL_FRACTION) -> Tensor:
+    """``(B,)`` time (in the units of ``times`` ``(B, T)``) at which each curve ``(B, T)`` first reaches
+    ``fraction`` of its peak, linearly interpolated between frames; ``valid`` ``(B, T)`` float marks real frames."""
+    a = arterial_hu * valid
+    level = fraction * a.amax(1, keepdim=True)
+    above = (a >= level) & (valid > 0)
+    idx = torch.argmax(above.to(torch.int8), dim=1, keepdim=True)  # first frame at or above the level
+    prev = (idx - 1).clamp_min(0)
+    a1, a0 = a.gather(1, idx), a.gather(1, prev)
+    t1, t0 = times.gather(1, idx), times.gather(1, prev)
+    w = ((level - a0) / (a1 - a0).clamp_min(1e-6)).clamp(0.0, 1.0)
+    return torch.where(idx > 0, t0 + w * (t1 - t0), t1)[:, 0]
+
+
+def arterial_channels(arterial_hu: Tensor, lengths: Tensor, times: Tensor, scale_hu: float = 300.0) -> Tensor:
+    """The arterial context ``(B, T, 3)`` from reference curves ``(B, T)`` (HU over baseline) at ``times``
+    ``(B, T)`` (the model's normalised time input): the curve over its own peak (timing and shape,
+    amplitude-free), over ``scale_hu`` (amplitude, which CBF and CBV scale with), and the time since the
+    arterial arrival (:func:`arterial_arrival`) — TMAX is the delay of a pixel's bolus on that clock; zero past
+    ``lengths``."""
     valid = valid_mask(lengths, arterial_hu.shape[1]).to(arterial_hu.dtype)
     a = arterial_hu * valid
     peak = a.amax(1, keepdim=True).clamp_min(1.0)  # a flat (failed) estimate stays small, never divides by ~0
-    return torch.stack([a / peak, a / scale_hu], dim=-1)
+    since = (times - arterial_arrival(a, times, valid)[:, None]) * valid
+    return torch.stack([a / peak, a / scale_hu, since], dim=-1)
 
 
 class MaskedGroupNorm3d(nn.GroupNorm):

@@ -60,9 +60,10 @@ class STMDLP(nn.Module):
         max_tokens: longest sequence for ``mlp_mixer``.
         n_tasks: number of predicted maps (3: CBV, CBF, TMAX).
         arterial_context: feed the slice's arterial reference curve (``arterial_hu`` of the batch, from
-            the whole slice before any crop) to the temporal encoder at every time step, as two channels:
-            the curve over its own peak (its shape and timing) and over ``arterial_scale_hu`` (its
-            amplitude). Beyond the paper, whose configuration is ``False``.
+            the whole slice before any crop) to the temporal encoder at every time step, as three channels
+            (:func:`~stm_dlp.models.irfe.arterial_channels`): the curve over its own peak (shape and timing),
+            over ``arterial_scale_hu`` (amplitude) and the time since the arterial arrival. Beyond the paper,
+            whose configuration is ``False``.
         arterial_scale_hu: HU per unit of the arterial amplitude channel.
     """
 
@@ -138,7 +139,7 @@ class STMDLP(nn.Module):
             if arterial_hu is None or arterial_hu.shape != times_s.shape:
                 raise ValueError("this model uses arterial context: pass arterial_hu (B, T), the batch's arterial "
                                  f"reference curves (got {None if arterial_hu is None else tuple(arterial_hu.shape)})")
-            context = arterial_channels(arterial_hu, lengths, self.arterial_scale_hu)
+            context = arterial_channels(arterial_hu, lengths, t, self.arterial_scale_hu)
         x, hw = pad_to_multiple(x, self.irfe.multiple)
         y = crop_to(self.mpp(self.irfe(x, t, lengths, context)), hw)
         return F.softplus(y) if self.positive_output else y
