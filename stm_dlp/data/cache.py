@@ -82,6 +82,7 @@ def save_study(study: Study, entry: Path) -> None:
             "source": study.source,
             "meta": _jsonable({k: v for k, v in study.meta.items() if k not in meta_arrays}),
             "meta_arrays": sorted(meta_arrays),
+            "labelled": list(study.labelled),  # which label channels are real (UniToBrain: no TMAX)
         }
         with open(tmp / "study.json", "w") as fh:
             json.dump(info, fh)
@@ -111,7 +112,7 @@ def load_study(entry: Path, mmap: bool = True) -> Study:
         meta[k] = arr(f"meta_{k}")
     return Study(frames=arr("frames"), times_s=arr("times_s"), affine=np.asarray(arr("affine")),
                  maps=arr("maps"), mask=arr("mask"), patient_id=info["patient_id"], source=info["source"],
-                 meta=meta)
+                 meta=meta, **({"labelled": tuple(info["labelled"])} if "labelled" in info else {}))
 
 
 class StudyCache:
