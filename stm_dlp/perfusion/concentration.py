@@ -44,10 +44,7 @@ def median3(x: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] < 3:
         return x
 
-    def med(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # median(a, b, c) = max(min(a, b), min(max(a, b), c)): elementwise, no sort
-        return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
-
+    med = _med3
     m = x.clone()
     m[..., 1:-1] = med(x[..., :-2], x[..., 1:-1], x[..., 2:])
     if x.shape[-1] >= 4:
@@ -79,15 +76,32 @@ def trimmed_mean(x: torch.Tensor, dim: int, trim: float = 0.1) -> torch.Tensor:
     return x.sort(dim).values.narrow(dim, k, n - 2 * k).mean(dim)
 
 
-def _enhancement_score(c: torch.Tensor) -> torch.Tensor:
-    """How strongly curves ``(P, T)`` enhance: their 3rd-highest frame over the median of their first 3.
+def _med3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    # median(a, b, c) = max(min(a, b), min(max(a, b), c)): elementwise, no sort
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
 
-    The 3rd-highest frame needs a rise that lasts 3 frames — a bolus does, an impulse or a motion
-    spike of one or two frames does not.
+
+def sustained_peak(c: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The highest level curves hold for 3 consecutive frames: ``max_t min(c[t-1], c[t], c[t+1])``.
+
+    A bolus holds its level for several frames, an impulse or a motion spike of one or two frames
+    does not — so this ranks arteries above spikes, elementwise (no sort). Curves of fewer than 3
+    frames: their maximum.
     """
-    n_t = c.shape[-1]
-    k = min(3, n_t)
-    return torch.topk(c, k, dim=-1).values[..., -1] - c[..., :k].median(-1).values
+    n = c.shape[dim]
+    if n < 3:
+        return c.amax(dim)
+    lo = torch.minimum(torch.minimum(c.narrow(dim, 0, n - 2), c.narrow(dim, 1, n - 2)), c.narrow(dim, 2, n - 2))
+    return lo.amax(dim)
+
+
+def _enhancement_score(c: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """How strongly curves enhance: their :func:`sustained_peak` over the median of their first 3 frames."""
+    n = c.shape[dim]
+    if n < 3:
+        return c.amax(dim) - c.narrow(dim, 0, 1).squeeze(dim)
+    first = _med3(c.select(dim, 0), c.select(dim, 1), c.select(dim, 2))
+    return sustained_peak(c, dim) - first
 
 
 def arrival_details(curve: torch.Tensor, k_sigma: float = 3.0, min_rise_frac: float = 0.05) -> dict:
@@ -223,7 +237,8 @@ def study_arrival(
     """
     s_count, n_t, h, w = frames.shape
     tt = times_s.to(torch.float64).reshape(s_count, n_t)
-    early = frames[:, : min(3, n_t)].median(1).values
+    x = frames.reshape(s_count, n_t, h * w)  # a view: no copy of the study
+    early = (_med3(x[:, 0], x[:, 1], x[:, 2]) if n_t >= 3 else x[:, 0]).reshape(s_count, h, w)
     if region is None:
         region = (early > REFERENCE_HU_RANGE[0]) & (early < REFERENCE_HU_RANGE[1])
         # and away from bone: a moving skull edge "enhances" by hundreds of HU for as long as the
@@ -235,20 +250,16 @@ def study_arrival(
             region = region & ~near_bone
         if int(region.sum()) < min_pixels:
             region = torch.ones_like(region)
-    flat = frames.permute(0, 2, 3, 1).reshape(-1, n_t)
-    cand = torch.nonzero(region.reshape(-1)).flatten()
-    # ranked in chunks: median3 over all candidates at once would need several copies of the study
-    score = torch.empty(cand.numel(), dtype=torch.float64, device=frames.device)
-    for i in range(0, cand.numel(), 65536):
-        c = flat[cand[i: i + 65536]]
-        score[i: i + 65536] = _enhancement_score(c).to(torch.float64)
-    n_ref = int(min(cand.numel(), max(min_pixels, round(top_frac * cand.numel()))))
-    top = cand[torch.topk(score, n_ref).indices]
+    score = torch.where(region.reshape(s_count, -1), _enhancement_score(x, 1),
+                        torch.full((), float("-inf"), dtype=x.dtype, device=x.device)).reshape(-1)
+    n_cand = int(region.sum())
+    n_ref = int(min(n_cand, max(min_pixels, round(top_frac * n_cand))))
+    top = torch.topk(score, n_ref).indices
     slice_of = top // (h * w)
     same_times = bool(torch.all(tt == tt[:1]))
     if same_times:
         ref_t = tt[0]
-        ref = trimmed_mean(flat[top].to(torch.float64), 0, 0.2)
+        ref = trimmed_mean(x[slice_of, :, top % (h * w)].to(torch.float64), 0, 0.2)
     else:  # per-slice times (shuttle mode): each curve onto one grid at the median frame interval
         dt = float(torch.diff(tt, dim=1).median())
         ref_t = torch.arange(float(tt[:, 0].max()), float(tt[:, -1].min()) + 1e-9, max(dt, 1e-3),
@@ -258,7 +269,7 @@ def study_arrival(
         on_grid = torch.empty((n_ref, ref_t.numel()), dtype=torch.float64, device=frames.device)
         for s in torch.unique(slice_of).tolist():
             sel = slice_of == s
-            on_grid[sel] = flat[top[sel]].to(torch.float64) @ interp_matrix(tt[s], ref_t).T
+            on_grid[sel] = x[s, :, top[sel] % (h * w)].T.to(torch.float64) @ interp_matrix(tt[s], ref_t).T
         ref = trimmed_mean(on_grid, 0, 0.2)
     det = arrival_details(ref, k_sigma, min_rise_frac)
     j = det["index"]

@@ -29,10 +29,13 @@ Implementation notes:
   compute exactly what an explicit SVD of Wu's 2N × 2N block-circulant matrix gives (a test checks
   this against :func:`block_circulant_matrix` + ``torch.linalg.svd``), in ``O(N log N)`` per pixel.
   ``ssvd`` does one real SVD of the N × N causal matrix per AIF and one batched matmul.
-* oSVD stays vectorised: for each candidate threshold (ascending) the residues of all still
-  undecided pixels are computed in one batched inverse FFT and their OIs in one reduction; each
-  pixel keeps the first candidate whose OI is below the target (Wu's "increase until OI < target");
-  pixels that never pass keep the largest candidate.
+* oSVD stays vectorised: every truncation's residue is a partial sum over the singular components
+  (kept frequencies, largest singular value first), so the threshold search adds one band of
+  components at a time to running residues — from the largest threshold down, one thin matrix
+  product per candidate for the pixels still undecided — and tests all their OIs in one reduction
+  (``osvd_search="cumulative"``, see :class:`DeconvParams`); each pixel keeps the first candidate
+  whose OI is below the target (Wu's "increase until OI < target"); pixels that never pass keep the
+  largest candidate.
 * The OI is evaluated at the acquisition's sampling (``oi_stride`` grid steps, e.g. the median frame
   interval / ``dt``), the sampling Wu's targets were calibrated at; on a finer grid second
   differences shrink and the same target would regularise far less.
@@ -93,10 +96,14 @@ class DeconvParams:
             ``"argmax"``: the first local maximum of ``k`` (in time order) that reaches
             ``tmax_peak_frac`` of the global maximum, refined by a parabola through it and its
             neighbours (the literal definition; reports the lag above).
-        osvd_search: ``"bisect"`` (default): binary search over the ascending candidates for the first
-            one whose OI is below the target — ``ceil(log2 M)`` residue evaluations per pixel instead
-            of up to ``M``; identical to ``"linear"`` (Wu's "raise the threshold until OI < target")
-            whenever the OI falls monotonically with the threshold, as it does but for rare noise.
+        osvd_search: ``"cumulative"`` (default): Wu's search ("raise the threshold until OI <
+            target") over **all** candidates in one pass — every truncation's residue is a partial
+            sum over the singular components (kept frequencies, largest singular value first), so
+            the residues of all candidates come from one matrix product per band of components
+            and a cumulative sum, and their OIs from one reduction; identical to ``"linear"`` (one
+            residue evaluation per candidate, the reference implementation). ``"bisect"``: binary
+            search, ``ceil(log2 M)`` evaluations; the same result whenever the OI falls
+            monotonically with the threshold, as it does but for rare noise.
         tmax_peak_frac: plateau tolerance of ``"argmax"``: with 0.9 a plateau-shaped residue (box,
             gamma) reports the start of the plateau, as the truth ``TMAX = delay`` defines it,
             instead of whichever Gibbs ripple happens to be highest; 1.0 is the plain argmax.
@@ -113,14 +120,14 @@ class DeconvParams:
     max_freq_hz: float | None = None
     tmax_method: str = "half_rise"
     tmax_peak_frac: float = 0.9
-    osvd_search: str = "bisect"
+    osvd_search: str = "cumulative"
 
     def __post_init__(self) -> None:
         self.method = self.method.lower()
         if self.method not in METHODS:
             raise ValueError(f"unknown deconvolution method {self.method!r}; valid: {', '.join(METHODS)}")
-        if self.osvd_search not in ("bisect", "linear"):
-            raise ValueError(f"osvd_search must be 'bisect' or 'linear', got {self.osvd_search!r}")
+        if self.osvd_search not in ("cumulative", "bisect", "linear"):
+            raise ValueError(f"osvd_search must be 'cumulative', 'bisect' or 'linear', got {self.osvd_search!r}")
         if self.tmax_method not in ("argmax", "half_rise"):
             raise ValueError(f"tmax_method must be 'argmax' or 'half_rise', got {self.tmax_method!r}")
         if self.aif_weights not in ("simpson", "rect"):
@@ -351,6 +358,8 @@ class Deconvolver:
         basis = self._get("oi", lambda: self._inv_basis(
             torch.arange(0, self.n_window, stride, device=self.device)))
         target = self.params.oi_target
+        if self.params.osvd_search == "cumulative":
+            return self._choose_cumulative(kf, basis, target)
         if self.params.osvd_search == "linear":
             chosen = torch.full((n_pix,), m_count - 1, dtype=torch.long, device=kf.device)
             undecided = torch.ones(n_pix, dtype=torch.bool, device=kf.device)
@@ -371,6 +380,70 @@ class Deconvolver:
             hi = torch.where(active & ok, mid, hi)
             lo = torch.where(active & ~ok, mid + 1, lo)
         return lo
+
+    def _band_basis(self, basis: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """Components interleaved ``[re_0, im_0, re_1, im_1, ...]`` (largest singular value first): the
+        permutation of ``kf``'s columns, the permuted ``basis`` transposed ``(samples, 2Fk)``, the same
+        second-differenced along the samples (the OI's numerator is linear in the residue) and, per
+        candidate ``m``, the component range it adds to candidate ``m + 1`` (the last keeps
+        ``n_keep[-1]``)."""
+        key = ("band", basis.data_ptr())
+        if key not in self._cache:
+            fk = self.freq_idx.shape[0]
+            rank = torch.arange(fk, device=self.device)
+            perm = torch.stack([rank, rank + fk], 1).reshape(-1)
+            n_keep = [int(v) for v in self.n_keep.tolist()] + [0]
+            bands = [(2 * n_keep[m + 1], 2 * n_keep[m]) for m in range(len(self.candidates))]
+            bas = basis[perm]
+            d2 = bas[:, 2:] + bas[:, :-2] - 2 * bas[:, 1:-1]
+            self._cache[key] = (perm, bas.T.contiguous(), d2.T.contiguous(), bands)
+        return self._cache[key]
+
+    def _choose_cumulative(self, kf: torch.Tensor, basis: torch.Tensor, target: float) -> torch.Tensor:
+        """Per-pixel candidate from partial sums over the singular components (see ``osvd_search``).
+
+        The residue of candidate ``m`` is ``r_m = Σ_{b >= m} kf_b @ basis_b`` over bands of components
+        (band ``b``: the components candidate ``b`` keeps and ``b + 1`` drops), and its OI numerator
+        ``Σ|d2 r_m|`` the same sum over a second-differenced basis. Going from the largest threshold
+        down, each step adds one band to the running residues of the pixels still undecided (a
+        thin matrix product) and tests their OI; a pixel is decided at its first failure after a
+        pass (the one before passed) — with the OI falling as the threshold rises, that is Wu's
+        first threshold below the target; a pixel that never passes keeps the largest. Pixels are
+        compacted as they are decided, so a pixel costs ``M - m`` band steps and the whole search
+        about one residue evaluation's matrix work.
+        """
+        perm, bas_t, bas_d2_t, bands = self._band_basis(basis)
+        m_count = len(self.candidates)
+        n_pix, n_s = kf.shape[0], bas_t.shape[0]
+        best = torch.full((n_pix,), m_count - 1, dtype=torch.long, device=kf.device)
+        lim = target * n_s
+        # samples x pixels: the per-pixel reductions run over the leading axis, contiguous in pixels
+        kt_all = kf[:, perm].T.contiguous()
+        for start in range(0, n_pix, 16384):
+            kt = kt_all[:, start: start + 16384]
+            idx = torch.arange(start, start + kt.shape[1], device=kf.device)
+            acc = torch.zeros((n_s, kt.shape[1]), dtype=kf.dtype, device=kf.device)
+            acc2 = torch.zeros((n_s - 2, kt.shape[1]), dtype=kf.dtype, device=kf.device)
+            passed = torch.zeros(kt.shape[1], dtype=torch.bool, device=kf.device)
+            for m in range(m_count - 1, -1, -1):
+                lo, hi = bands[m]
+                if hi > lo:
+                    acc.addmm_(bas_t[:, lo:hi], kt[lo:hi])
+                    acc2.addmm_(bas_d2_t[:, lo:hi], kt[lo:hi])
+                # OI = Σ|d2| / (N fmax) < target; a non-positive fmax fails
+                ok = acc2.abs().sum(0) < lim * acc.amax(0)
+                best[idx[ok]] = m
+                # decided: failed after having passed (the run of passing thresholds has ended)
+                undecided = ok | ~passed
+                passed |= ok
+                n_left = int(undecided.sum())
+                if n_left == 0:
+                    break
+                if n_left < 0.5 * undecided.numel():  # compact to the undecided pixels
+                    kt, idx, acc, acc2 = kt[:, undecided], idx[undecided], acc[:, undecided], acc2[:, undecided]
+                    passed = passed[undecided]
+        return best
 
     def residue(self, conc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow-scaled residues over the whole window (for inspection and tests).

@@ -68,6 +68,7 @@ from stm_dlp.perfusion.concentration import (
     interp_matrix,
     median3,
     study_arrival,
+    sustained_peak,
     uniform_grid,
 )
 from stm_dlp.perfusion.deconv import OI_TARGET_CT, OSVD_THRESHOLDS, Deconvolver, DeconvParams
@@ -306,19 +307,40 @@ def prepare_inputs(frames: Any, times_s: Any, p: CalcParams) -> Inputs:
     return Inputs(frames=fr, times=(tt - t0).contiguous(), t0=t0, device=dev, dtype=dtype)
 
 
-def frame_noise(frames: torch.Tensor, region: torch.Tensor | None = None) -> float:
-    """The study's per-frame noise (HU): median of :func:`curve_noise` over up to
-    :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first frame is soft tissue)."""
+def _noise_sample(frames: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """Curves ``(P, T)`` of up to :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first
+    frame is soft tissue), taken at a deterministic stride without copying the study."""
     s_count, n_t, h, w = frames.shape
     if region is None:
         first = frames[:, 0]
         region = (first > -100) & (first < 150)
     idx = torch.nonzero(region.reshape(-1)).flatten()
     if idx.numel() == 0:
-        return 0.0
+        return frames.new_zeros((0, n_t))
     idx = idx[:: max(1, idx.numel() // NOISE_SAMPLE)]
-    curves = frames.permute(0, 2, 3, 1).reshape(-1, n_t)[idx]
-    return float(curve_noise(curves.to(torch.float64)).median())
+    x = frames.reshape(s_count, n_t, h * w)
+    return x[idx // (h * w), :, idx % (h * w)].to(torch.float64)
+
+
+def frame_noise(frames: torch.Tensor, region: torch.Tensor | None = None) -> float:
+    """The study's per-frame noise (HU): median of :func:`curve_noise` over up to
+    :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first frame is soft tissue)."""
+    curves = _noise_sample(frames, region)
+    return float(curve_noise(curves).median()) if curves.shape[0] else 0.0
+
+
+def impulse_fraction(frames: torch.Tensor, noise_hu: float, k: float = 6.0) -> float:
+    """Fraction of the samples of :func:`_noise_sample` further than ``k`` noise levels from their
+    running median of 3: ~0 for Gaussian noise on smooth curves, the impulse rate otherwise."""
+    curves = _noise_sample(frames, None)
+    if curves.numel() == 0 or noise_hu <= 0:
+        return 0.0
+    return float(((curves - median3(curves)).abs() > k * noise_hu).to(torch.float64).mean())
+
+
+#: Despiking runs when more than this fraction of the sampled frames are impulses (:func:`impulse_fraction`;
+#: an arterial peak sampled coarsely also stands out from its neighbours, in a few per ten thousand).
+IMPULSE_MIN_FRAC: float = 1e-3
 
 
 def _user_reference(aif: Any, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -476,10 +498,9 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
     if aif != "auto":
         raise ValueError(f"aif must be 'auto', a pixel list, a curve or a dict; got {aif!r}")
     n_region = curves.n_region
-    # candidates ranked by their 3rd-highest frame: a bolus lasts several frames, an impulse or motion
+    # candidates ranked by their sustained peak: a bolus lasts several frames, an impulse or motion
     # spike (which outscores any artery on its peak) one or two
-    k = min(3, n_t)
-    peaks = torch.cat([torch.topk(c, k, dim=-1).values[:, -1] for c in curves.conc])
+    peaks = torch.cat([sustained_peak(c) for c in curves.conc])
     slice_of = torch.cat([torch.full((int(i.numel()),), s, device=dev) for s, i in enumerate(curves.flat_idx)])
     local = torch.cat([torch.arange(int(i.numel()), device=dev) for i in curves.flat_idx])
 
@@ -636,8 +657,9 @@ def exclusions(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Cur
     * CSF: the baseline, smoothed inside the brain (normalised convolution) with σ = ``csf_smooth_mm``
       — more when the baseline is noisy, until its noise is :data:`CSF_NOISE_TARGET_HU` (at most
       :data:`CSF_MAX_SMOOTH_PX`) — below ``csf_max_hu``.
-    * Vessels: the 3rd-highest frame above ``max(VESSEL_PEAK_FRAC * AIF peak, brain median of the
-      same + VESSEL_NOISE_K * noise)`` — noisy or spiking frames cannot make a tissue pixel a vessel.
+    * Vessels: the sustained peak (:func:`~stm_dlp.perfusion.concentration.sustained_peak`) above
+      ``max(VESSEL_PEAK_FRAC * AIF peak, brain median of the same + VESSEL_NOISE_K * noise)`` —
+      noisy or spiking frames cannot make a tissue pixel a vessel.
     """
     s_count, n_t, h, w = inp.shape
     dtype = inp.dtype
@@ -675,8 +697,8 @@ def exclusions(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Cur
         csf = torch.zeros_like(brain)
         report["csf"] = {"pixels": 0, "reason": "csf_max_hu=None: CSF kept"}
     aif_peak = float(aif_sel.curve_raw.max())
-    k = min(3, n_t)  # the 3rd-highest frame: impulses and motion spikes of 1-2 frames make no vessel
-    peaks = [torch.topk(curves.conc[s][: curves.n_brain[s]], k, dim=-1).values[:, -1] for s in range(s_count)]
+    # the sustained peak: impulses and motion spikes of 1-2 frames make no vessel
+    peaks = [sustained_peak(curves.conc[s][: curves.n_brain[s]]) for s in range(s_count)]
     allp = torch.cat(peaks) if peaks else torch.zeros(0)
     med_peak = float(allp.median()) if allp.numel() else 0.0
     vessel_hu = max(VESSEL_PEAK_FRAC * aif_peak, med_peak + VESSEL_NOISE_K * noise_hu)
@@ -697,7 +719,7 @@ def smooth_tissue(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: 
     fr, tt = inp.frames, inp.times
     s_count, n_t, h, w = inp.shape
     sig = p.sigma_px(pixel_mm, noise_hu)
-    despike = p.despike_sigma > 0 and noise_hu > 0
+    despike = p.despike_sigma > 0 and noise_hu > 0 and exc.report.get("impulse_fraction", 1.0) > IMPULSE_MIN_FRAC
     tissue = []
     for s in range(s_count):
         nb = curves.n_brain[s]
@@ -721,11 +743,17 @@ def smooth_tissue(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: 
             c_new = smoothed.reshape(n_t, -1)[:, idx].T
             if p.temporal_sigma_s > 0:
                 c_new = gaussian_smooth_time(c_new, tt[s].to(inp.dtype), p.temporal_sigma_s)
-            c = torch.where(exc.vessel[s][:, None], _despike_candidates(c, p.despike_sigma * noise_hu)
-                            if despike else c, c_new)
+            ves = exc.vessel[s]
+            if despike and bool(ves.any()):
+                c_new[ves] = _despike_candidates(c[ves], p.despike_sigma * noise_hu)
+            else:
+                c_new[ves] = c[ves]
+            c = c_new
         elif despike:
-            c = torch.where(exc.vessel[s][:, None], _despike_candidates(c, p.despike_sigma * noise_hu),
-                            _despike(c, p.despike_sigma * noise_hu))
+            ves = exc.vessel[s]
+            c = _despike(c, p.despike_sigma * noise_hu)
+            if bool(ves.any()):
+                c[ves] = _despike_candidates(curves.conc[s][:nb][ves], p.despike_sigma * noise_hu)
         tissue.append(c.contiguous())
     return tissue
 
@@ -880,6 +908,8 @@ def calculate_maps(
     n_leak = clean_bone_leak(curves, base, VESSEL_PEAK_FRAC * float(aif_sel.curve_raw.max()))
     exc = exclusions(inp, base, brain, curves, aif_sel, arrival, noise, p, mm)
     exc.report["bone_leak_samples_replaced"] = n_leak
+    exc.report["impulse_fraction"] = round(impulse_fraction(inp.frames, noise, p.despike_sigma or 6.0), 6)
+    exc.report["despiked"] = bool(p.despike_sigma > 0 and exc.report["impulse_fraction"] > IMPULSE_MIN_FRAC)
     tissue = smooth_tissue(inp, base, brain, curves, exc, p, noise, mm)
     t_smooth = time.perf_counter()
 
