@@ -133,14 +133,17 @@ def test_sidecar_timing_holds_per_slice_offsets_only():
 
 
 # ------------------------------------------------------------------------------ ISLES 2018
-def test_isles2018_writer_round_trip(uniform, tmp_path):
+def test_isles2018_writer_round_trip_and_classic_calc(uniform, tmp_path):
     case = write_isles2018_case(tmp_path / "case_1", uniform)
     assert study_layout(case) == "isles2018"
     back = read_any_study(case)
     np.testing.assert_array_equal(back.frames, uniform.frames)
     np.testing.assert_allclose(back.times_s, uniform.times_s, atol=1e-5)
     assert "pixdim[5]" in back.meta["time_source"]
-    np.testing.assert_allclose(back.maps[:, 0][uniform.mask], uniform.maps[:, 0][uniform.mask], atol=1e-6)
+    for i in range(3):
+        np.testing.assert_allclose(back.maps[:, i][uniform.mask], uniform.maps[:, i][uniform.mask], atol=1e-6)
+    write_study_dicom(uniform, tmp_path / "classic", seed=1)
+    _same_calc(back, read_any_study(tmp_path / "classic"), uniform.mask)
 
 
 # ------------------------------------------------------------------------------ ISLES'24

@@ -396,6 +396,93 @@ def test_hostile_nifti_sidecar_and_header_are_read_or_refused(fields, raw, unit,
 NIFTI_STUDY = simulate_patient(CFG, seed=6)
 
 
+def _case_base(layout: str) -> dict[str, bytes]:
+    """``{relative path: bytes}`` of one good ISLES'24 release or UniToBrain (patient layout) case."""
+    from stm_dlp.io.layouts import write_isles2024_case, write_unitobrain_case
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if layout == "isles2024":
+            write_isles2024_case(root, NIFTI_STUDY)
+        else:
+            write_unitobrain_case(root, NIFTI_STUDY, layout="patient", patient_name=PHI[0], patient_id=PHI[1])
+        return {f.relative_to(root).as_posix(): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+CASE_BASES = {layout: _case_base(layout) for layout in ("isles2024", "unitobrain")}
+
+
+@st.composite
+def map_file_edits(draw):
+    """An edit of a map file (NIfTI array edits or DICOM mutations), and its description."""
+    kind = draw(st.sampled_from(["crop", "fill", "ndim", "garbage", "truncate", "dicom"]))
+    if kind == "dicom":
+        mutate, text = draw(mutations())
+        return "dcm", mutate, text
+    if kind in ("garbage", "truncate"):
+        frac = draw(st.floats(0.0, 1.0))
+        return "nii", (lambda b: b[:int(len(b) * frac)] if kind == "truncate" else b"not a nifti"), f"{kind} {frac:.2f}"
+    value = draw(st.sampled_from([float("nan"), float("inf"), -1e30, -1.0, 0.0, 1e30]))
+    axis = draw(st.integers(0, 2))
+
+    def edit(raw: bytes) -> bytes:
+        import gzip
+        import io as _io
+
+        img = nib.Nifti1Image.from_bytes(gzip.decompress(raw))
+        data = np.asarray(img.dataobj, np.float32)
+        if kind == "crop":
+            data = np.take(data, range(max(1, data.shape[axis] - 1)), axis=axis)
+        elif kind == "fill":
+            data = data.copy()
+            data.reshape(-1)[:: 3 + axis] = value
+        else:
+            data = data[..., None, None]
+        out = nib.Nifti1Image(data, img.affine)
+        buf = _io.BytesIO(gzip.compress(out.to_bytes()))
+        return buf.getvalue()
+
+    return "nii", edit, f"{kind} axis {axis} value {value}"
+
+
+@settings(max_examples=max(20, N_FORMAT_EXAMPLES // 2), deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(layout=st.sampled_from(sorted(CASE_BASES)), pick=st.integers(0, 10_000), edit=map_file_edits())
+def test_mutated_isles2024_and_unitobrain_maps_are_read_or_refused(layout, pick, edit):
+    from stm_dlp.data.studies import list_patients, read_any_study
+
+    suffix, mutate, text = edit
+    files = dict(CASE_BASES[layout])
+    maps = sorted(k for k in files if ("perfusion-maps" in k or "/NLR_" in k) and k.endswith(
+        ".nii.gz" if suffix == "nii" else ".dcm"))
+    if not maps:
+        return
+    target = maps[pick % len(maps)]
+    try:
+        files[target] = mutate(files[target])
+    except Exception:  # noqa: BLE001 - this edit cannot be encoded; nothing to test
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="fuzz_case_"))
+    try:
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+        what = f"[{layout}] {target}: {text}"
+        try:
+            with _alarm(HANG_S):
+                study = read_any_study(list_patients(tmp)[0])
+        except StudyError as exc:
+            msg = str(exc)
+            assert msg and "\n" not in msg.strip(), f"{what}: multi-line error {msg!r}"
+            assert not any(phi in msg for phi in PHI), f"{what}: PHI in {msg!r}"
+            return
+        except Exception as exc:  # noqa: BLE001 - the property under test
+            pytest.fail(f"{what}: {type(exc).__name__} escaped the reader: {exc}")
+        assert study.validate() is study and np.all(np.isfinite(study.maps))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_unmutated_series_read_back():
     """The fuzz starts from series the reader accepts (else every example would be a refusal)."""
     for style, files in BASE.items():
