@@ -243,3 +243,15 @@ def test_predict_feeds_the_model_each_slice_own_times(shuttle_pair):
     times = torch.cat(seen).numpy()
     for s in range(sh.n_slices):
         np.testing.assert_allclose(times[s, :sh.n_frames], sh.times_s[s] - sh.times_s[s, 0], atol=1e-6)
+
+
+def test_implicit_vr_enhanced_file(truth, tmp_path):
+    """Implicit VR carries no VR for the binary per-frame integers (TemporalPositionIndex is UL)."""
+    (path,) = write_study_enhanced(truth, tmp_path, seed=6)
+    ref = read_dicom_study(tmp_path)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    back = read_dicom_study(tmp_path)
+    np.testing.assert_array_equal(back.frames, ref.frames)
+    np.testing.assert_array_equal(back.times_s, ref.times_s)

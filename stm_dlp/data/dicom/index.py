@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.tag import BaseTag
 
@@ -57,6 +57,14 @@ _US_TAGS = {"Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelR
 _TAG_CACHE: dict[str, BaseTag] = {}
 
 
+def _dictionary_vr(keyword: str) -> str | None:
+    """The VR the DICOM dictionary gives ``keyword`` (implicit-VR files carry none), or None."""
+    try:
+        return dictionary_VR(tag_for_keyword(keyword))
+    except (KeyError, TypeError):
+        return None
+
+
 class Header:
     """Fast access to raw (unconverted) header values; pydicom's value conversion is slow."""
 
@@ -89,7 +97,7 @@ class Header:
             return None
         value = elem.value
         if isinstance(value, (bytes, bytearray)):
-            vr = elem.VR or ("US" if keyword in _US_TAGS else None)
+            vr = elem.VR or ("US" if keyword in _US_TAGS else _dictionary_vr(keyword))
             if vr in _BINARY_INT_VRS:
                 if len(value) == 0:
                     return None
