@@ -50,6 +50,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 METHODS: tuple[str, ...] = ("ssvd", "bcsvd", "osvd", "tikhonov")
@@ -64,6 +65,12 @@ OSVD_THRESHOLDS: tuple[float, ...] = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05
 #: The residue's peak (CBF) and TMAX are searched up to this lag (s): a tissue whose bolus peaks a
 #: minute after the AIF has no measurable flow (clinical TMAX maps end at 10-20 s).
 MAX_POSITIVE_LAG_S: float = 60.0
+#: TMAX estimators (:attr:`DeconvParams.tmax_method`).
+TMAX_METHODS: tuple[str, ...] = ("half_rise", "argmax", "calibrated")
+#: The calibration residues (:meth:`Deconvolver.calibration`): exponential, these mean transit times (s) ...
+CALIBRATION_MTT_S: tuple[float, ...] = (1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 13.0, 20.0)
+#: ... delayed by this much (s) after the AIF.
+CALIBRATION_DELAY_S: float = 3.0
 #: Circulant engines report lags down to this many seconds before the AIF (tissue "earlier" than the
 #: AIF, e.g. when the AIF was picked downstream); the rest of the window holds positive lags.
 MAX_NEGATIVE_LAG_S: float = 15.0
@@ -104,6 +111,12 @@ class DeconvParams:
             residue evaluation per candidate, the reference implementation). ``"bisect"``: binary
             search, ``ceil(log2 M)`` evaluations; the same result whenever the OI falls
             monotonically with the threshold, as it does but for rare noise.
+            ``"calibrated"``: the argmax minus the lag the same deconvolution (this AIF, grid, band
+            limit, framing and the pixel's threshold) gives an exponential residue of the pixel's
+            apparent MTT (:meth:`Deconvolver.calibration`). Half-rise is unbiased for residues that
+            jump at the delay (classic phantom) but early for dispersed ones that rise over a second
+            or two (ribbon phantom: -2.3 s); the calibrated argmax sits between (+0.3 s / -0.6..-1 s;
+            ``python -m experiments.calc_settings`` compares them across both families).
         tmax_peak_frac: plateau tolerance of ``"argmax"``: with 0.9 a plateau-shaped residue (box,
             gamma) reports the start of the plateau, as the truth ``TMAX = delay`` defines it,
             instead of whichever Gibbs ripple happens to be highest; 1.0 is the plain argmax.
@@ -128,8 +141,8 @@ class DeconvParams:
             raise ValueError(f"unknown deconvolution method {self.method!r}; valid: {', '.join(METHODS)}")
         if self.osvd_search not in ("cumulative", "bisect", "linear"):
             raise ValueError(f"osvd_search must be 'cumulative', 'bisect' or 'linear', got {self.osvd_search!r}")
-        if self.tmax_method not in ("argmax", "half_rise"):
-            raise ValueError(f"tmax_method must be 'argmax' or 'half_rise', got {self.tmax_method!r}")
+        if self.tmax_method not in TMAX_METHODS:
+            raise ValueError(f"tmax_method must be one of {', '.join(TMAX_METHODS)}, got {self.tmax_method!r}")
         if self.aif_weights not in ("simpson", "rect"):
             raise ValueError(f"aif_weights must be 'simpson' or 'rect', got {self.aif_weights!r}")
         if not 0 < self.threshold < 1:
@@ -186,6 +199,8 @@ def _peak_stats(kt: torch.Tensor, n_neg: int, dt_s: float, method: str, peak_fra
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kmax, tmax_s)`` of residues ``kt`` ``(P, J)`` in time order (sample ``i`` is lag ``(i - n_neg) dt``)."""
     n = kt.shape[-1]
+    if method == "calibrated":  # the argmax; the caller subtracts the calibrated lag
+        method = "argmax"
     if method == "half_rise":
         kmax, iglob = kt.max(-1)
         # last sample before the peak that is below half of it; float indices and one where/amax
@@ -240,7 +255,8 @@ class Deconvolver:
         self.device = aif.device
         self.n_grid = int(aif.shape[-1])
         p = self.params
-        a_w = weighted_aif(aif.to(torch.float64), self.dt_s, p.aif_weights)
+        self._aif64 = aif.to(torch.float64)
+        a_w = weighted_aif(self._aif64, self.dt_s, p.aif_weights)
         if p.circulant:
             self.n_window = p.pad_factor * self.n_grid
             aif_f = torch.fft.rfft(a_w, n=self.n_window)  # complex128 (F,)
@@ -465,13 +481,16 @@ class Deconvolver:
         cand = torch.tensor(self.candidates, dtype=self.dtype, device=conc.device)
         return self._apply(kf, m, basis), cand[m]
 
-    def analyse(self, x: torch.Tensor, resample: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def analyse(self, x: torch.Tensor, resample: torch.Tensor | None = None,
+                frame_times: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Peak height, peak time, integral and threshold of the residues of many curves.
 
         Args:
             x: ``(P, L)`` enhancement on the grid, or ``(P, T)`` enhancement at the frame times when
                 ``resample`` ``(L, T)`` (see :func:`~stm_dlp.perfusion.concentration.interp_matrix`)
                 is given — the resampling is then folded into the first matmul.
+            frame_times: ``(T,)`` times (s, grid clock) of those frames, for the calibration
+                (:meth:`calibration`) of ``tmax_method="calibrated"``.
         Returns:
             dict of ``(P,)``: ``kmax`` (sampled maximum of ``k`` over lags ``[-15 s, min(L dt, 60 s)]``),
             ``tmax_s`` (see :attr:`DeconvParams.tmax_method`), ``kint`` (``Σ k dt`` over the window)
@@ -499,7 +518,75 @@ class Deconvolver:
         else:
             dc = torch.zeros_like(kmax)
         cand = torch.tensor(self.candidates, dtype=self.dtype, device=x.device)
-        return {"kmax": kmax, "tmax_s": tmax, "kint": dc * self.dt_s, "threshold": cand[m]}
+        kint = dc * self.dt_s
+        if p.tmax_method == "calibrated":
+            tmax = tmax - self._calibrated_lag(m, kint, kmax, resample, frame_times)
+        return {"kmax": kmax, "tmax_s": tmax, "kint": kint, "threshold": cand[m]}
+
+    def calibration(self, resample: torch.Tensor | None = None, frame_times: torch.Tensor | None = None
+                    ) -> dict[str, torch.Tensor]:
+        """What this deconvolution does to known residues, per candidate threshold (cached per framing).
+
+        Exponential residues ``k = exp(-(t - d) / MTT)`` (``MTT`` in :data:`CALIBRATION_MTT_S`, ``d`` =
+        :data:`CALIBRATION_DELAY_S`) are convolved with the AIF on a grid four times finer (the
+        forward model of :func:`causal_matrix`), sampled like the data — at ``frame_times`` and
+        interpolated onto the grid by ``resample`` ``(L, T)`` when both are given, else on the grid
+        — and deconvolved at every candidate threshold. Returns ``(M, n)`` tensors: ``mtt_obs`` (the
+        apparent MTT ``∫k / max k`` of the estimate, increasing along n) and ``lag`` (estimated argmax
+        minus the delay, s).
+        """
+        framed = resample is not None and frame_times is not None
+        key = ("calibration", tuple(round(float(v), 6) for v in frame_times.cpu()) if framed else None)
+
+        def build() -> dict[str, torch.Tensor]:
+            fine = 4
+            dt_f = self.dt_s / fine
+            n_f = self.n_grid * fine
+            t_f = torch.arange(n_f, dtype=torch.float64, device=self.device) * dt_f
+            t = t_f[::fine]
+            mtt = torch.tensor(CALIBRATION_MTT_S, dtype=torch.float64, device=self.device)
+            d = CALIBRATION_DELAY_S
+            k_f = torch.where(t_f[None] >= d, torch.exp(-(t_f[None] - d) / mtt[:, None]), torch.zeros(()))
+            aif_f = torch.from_numpy(np.interp(t_f.cpu().numpy(), t.cpu().numpy(),
+                                               self._aif64.cpu().numpy())).to(self.device)
+            conc_f = (causal_matrix(aif_f * dt_f) @ k_f.T).T  # (n_mtt, n_f)
+            if not framed:
+                conc = conc_f[:, ::fine].to(self.dtype)
+                kf = self._spectrum(conc, None)
+            else:
+                ft = frame_times.to(torch.float64).cpu().numpy()
+                conc = torch.from_numpy(np.stack([np.interp(ft, t_f.cpu().numpy(), c)
+                                                  for c in conc_f.cpu().numpy()])).to(self.device, self.dtype)
+                kf = self._spectrum(conc, resample)
+            basis = self._get("out", lambda: self._inv_basis(self._out_idx()))
+            area = (k_f.sum(-1) * dt_f).to(self.dtype)
+            rows = {"mtt_obs": [], "lag": []}
+            for m in range(len(self.candidates)):
+                kt = self._apply(kf, m, basis)
+                kmax, tmax = _peak_stats(kt, self.n_negative, self.dt_s, "argmax", self.params.tmax_peak_frac)
+                kmax = kmax.clamp_min(1e-6)
+                rows["mtt_obs"].append(area / kmax)
+                rows["lag"].append(tmax - d)
+            return {k: torch.stack(v) for k, v in rows.items()}
+
+        return self._get(key, build)
+
+    def _calibrated_lag(self, m: torch.Tensor, kint: torch.Tensor, kmax: torch.Tensor,
+                        resample: torch.Tensor | None = None, frame_times: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """Per-pixel argmax lag of :meth:`calibration` at the pixel's threshold ``m`` and apparent MTT."""
+        cal = self.calibration(resample, frame_times)
+        xs = cal["mtt_obs"][m]  # (P, n) increasing
+        obs = torch.where(kmax > 0, kint / kmax.clamp_min(1e-12), xs[:, :1].squeeze(-1)).clamp(xs[:, 0], xs[:, -1])
+        j = torch.searchsorted(xs.contiguous(), obs[:, None].contiguous()).clamp(1, xs.shape[1] - 1)
+        x0, x1 = xs.gather(1, j - 1)[:, 0], xs.gather(1, j)[:, 0]
+        wgt = ((obs - x0) / (x1 - x0).clamp_min(1e-9)).clamp(0.0, 1.0)
+
+        def interp(y: torch.Tensor) -> torch.Tensor:
+            yy = y[m]
+            return yy.gather(1, j - 1)[:, 0] * (1 - wgt) + yy.gather(1, j)[:, 0] * wgt
+
+        return interp(cal["lag"])
 
     def summarise(self, k: torch.Tensor) -> dict[str, torch.Tensor]:
         """Peak, peak time and integral of full-window residues ``k`` ``(P, n_window)`` (:meth:`residue`)."""

@@ -132,7 +132,7 @@ class CalcParams:
         aif_weights: ``rect`` or ``simpson`` (see :func:`~stm_dlp.perfusion.deconv.weighted_aif`).
         band_limit: circulant engines keep only frequencies up to the acquisition's Nyquist
             frequency ``1 / (2 * median frame interval)``.
-        tmax_method: ``half_rise`` (default) or ``argmax`` (see :class:`DeconvParams`).
+        tmax_method: ``half_rise`` (default), ``argmax`` or ``calibrated`` (see :class:`DeconvParams`).
         cbv_method: ``area`` (default) or ``residue``.
         temporal_sigma_s: Gaussian smoothing of the curves (tissue and AIF) in seconds (0 = off).
         spatial_sigma_mm: in-plane Gaussian smoothing of the tissue curves (mm; 0 = off), converted
@@ -795,7 +795,7 @@ def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], a
         for start in range(0, n_b, chunk):
             stop = min(start + chunk, n_b)
             x = tissue[s][start:stop]
-            res = dec.analyse(x, wmat)
+            res = dec.analyse(x, wmat, inp.times[s])
             num = x @ area_w if p.cbv_method == "area" else res["kint"] * aif_area
             pix = curves.flat_idx[s][start:stop]
             out["cbf"][s, pix] = res["kmax"] / TISSUE_SCALE
