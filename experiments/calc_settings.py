@@ -1,341 +1,375 @@
-"""Accuracy of the calculation approach's deconvolution settings against the digital phantom's exact truth.
+"""The calculation approach's settings chosen across phantom families, against a plain oSVD.
 
-    python -m experiments.calc_settings [--out FILE.json] [--md FILE.md] [--quick] [--threads N]
-                                        [--residue exponential|box|gamma|mixed]
+    python -m experiments.calc_settings [--profile quick|full] [--out FILE.json] [--md FILE.md] [--threads N]
 
-What it measures: how the settings of :func:`stm_dlp.perfusion.maps.calculate_maps` — ``method``
-(``osvd`` / ``bcsvd``), the AIF (the phantom's true curve ``study.meta["aif_hu"][0]`` or ``"auto"``
-selection), ``spatial_sigma_px``, ``temporal_sigma_s``, ``tmax_method`` and, for oSVD, ``oi_target`` —
-change the error of the CBV, CBF, MTT and TMAX maps, so that defaults can be chosen with evidence.
+What it measures: the error of :func:`stm_dlp.perfusion.maps.calculate_maps` (automatic brain mask,
+automatic AIF, the study's pixel spacing) under a grid of settings, on studies of **both** phantom
+families (:func:`stm_dlp.data.phantom.simulate_patient`, ``family="classic"`` and ``"ribbon"``),
+next to the plain numpy block-circulant oSVD of :mod:`experiments.plain_osvd` run on the same
+studies — and which settings transfer: tuned on one family, reported on the other.
 
-* Studies: :func:`stm_dlp.data.phantom.simulate_patient` with ``PhantomConfig(height=128, width=128,
-  n_slices=4, noise_hu=NOISE)`` for NOISE in 0, 1, 3, 6 HU and seeds 0, 1 (``--quick``: 64x64, 2 slices,
-  seed 0, noise 0 and 3); ``--residue`` sets ``PhantomConfig.residue`` (default: the phantom's
-  ``exponential``; TMAX estimators depend on the residue's shape). Every setting sees the same
-  studies, so rows of one noise level are paired. Note that the phantom draws its noise from the
-  same random stream as the anatomy, so one seed at two noise levels is not exactly the same patient
-  (slices after the first differ).
-* Truth: ``study.maps`` (CBV ml/100g, CBF ml/100g/min, TMAX s), MTT = ``mtt_from_cbv_cbf``; every
-  metric is computed inside ``study.mask`` (brain incl. CSF, without the vessels), pixels pooled over
-  the seeds.
-* Grid (not the full cartesian product): oSVD with the automatic AIF over spatial x temporal x
-  tmax_method x oi_target; oSVD with the true AIF and bcSVD (auto and true AIF) over spatial x
-  temporal x tmax_method at the default oi_target (it does not apply to bcSVD).
-* Metrics per setting and noise: MAE of CBV, CBF, MTT, TMAX over the mask; median signed relative
-  error of CBV (pixels with true CBV > 0) and of CBF (true CBF >= 30); median signed TMAX error and
-  TMAX MAE over perfused pixels (true CBF > 0, i.e. without CSF); 95th percentile of the absolute
-  CBF and TMAX errors over the mask; per tissue class (``study.meta["labels"]``: WM, GM, CSF,
-  penumbra, core) MAE and median signed error of every map (JSON).
+* Studies (``full``: 3 patients per family, 128², 4 slices, 40-60 frames; ``quick``: 1 patient,
+  64², 2 slices), each under the conditions of issue 14 — ``clean`` (no noise), ``regular`` (the
+  family's own noise, 3-8 HU: classic white, ribbon correlated with streaks), and from ``regular``:
+  ``missing`` (30 % of the frames dropped), ``jittered`` (re-acquired at jittered times),
+  ``truncated`` (the last 30 % of the frames lost), ``noisy`` (+15-30 HU white noise and 0.1 %
+  impulses of 300-1000 HU) and ``motion`` (the project's ``motion`` corruption: 30 % of the frames
+  moved by up to 2 px / 3°). Corruptions are seeded per patient, so conditions are paired.
+* Truth: ``study.maps`` inside ``study.mask`` (brain without vessels; the automatic mask is
+  evaluated by what it keeps of it).
+* Metrics per family x condition x method, pixels pooled over patients: MAE of CBF, CBV and TMAX,
+  Dice of TMAX > 6 s, the percentage of the true perfused brain (truth CBF > 0) whose CBF is 0,
+  and the number of studies that failed.
+* Choice: each setting's score on a family is the mean, over the target conditions ``regular``,
+  ``missing``, ``jittered``, ``truncated``, of ``(CBF, CBV, TMAX MAE ratios to the plain oSVD) / 3 +
+  (1 - Dice)``; the best setting on each family is evaluated on the other (held out), and the
+  candidate with the better held-out score becomes the default. ``motion=True`` is then compared
+  with ``False`` for that setting on the motion and regular conditions of both families.
 
-Output: a Markdown table on stdout (one row per setting x noise) and a per-tissue table for the
-default settings; ``--out`` writes everything (also per seed) as JSON, ``--md`` the Markdown. A full
-run is ~1000 ``calculate_maps`` calls on 4 x 128² studies, about 10 minutes on one CPU thread.
+Output: Markdown tables on stdout (``--md`` writes them with a header), everything as JSON
+(``--out``). A ``full`` run is ~500 ``calculate_maps`` calls, ~10-15 minutes on one idle CPU core.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import platform
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from stm_dlp.data.phantom import CORE, CSF, GM, PENUMBRA, WM, PhantomConfig, simulate_patient
-from stm_dlp.perfusion.maps import calculate_maps
-from stm_dlp.perfusion.physics import RESIDUE_KINDS
-from stm_dlp.types import Study, mtt_from_cbv_cbf
+from experiments.plain_osvd import plain_osvd
+from stm_dlp.data.corrupt import (
+    Compose,
+    DropFrames,
+    GaussianNoise,
+    JitterFraming,
+    RandomTransform,
+    Truncate,
+    corrupt_study,
+    named_corruption,
+)
+from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.perfusion.maps import CalcParams, calculate_maps
+from stm_dlp.types import Study
 
-MAPS: tuple[str, ...] = ("cbv", "cbf", "mtt", "tmax")
-TISSUES: dict[str, int] = {"wm": WM, "gm": GM, "csf": CSF, "penumbra": PENUMBRA, "core": CORE}
-#: CBF relative errors are taken where the true CBF is at least this (ml/100g/min): GM and normal WM.
-CBF_REL_MIN: float = 30.0
-#: calculate_maps defaults the grid varies around.
-_SIGNATURE = inspect.signature(calculate_maps).parameters
-DEFAULTS: dict[str, Any] = {"aif": "auto", **{k: _SIGNATURE[k].default for k in (
-    "method", "spatial_sigma_px", "temporal_sigma_s", "tmax_method", "oi_target")}}
-SPATIAL: tuple[float, ...] = (0.0, 0.7, 1.0, 1.5)
-TEMPORAL: tuple[float, ...] = (0.0, 1.0, 2.0)
-TMAX_METHODS: tuple[str, ...] = ("argmax", "half_rise")
-OI_TARGETS: tuple[float, ...] = (0.095, 0.15)
+FAMILIES: tuple[str, ...] = ("classic", "ribbon")
+CONDITIONS: tuple[str, ...] = ("clean", "regular", "missing", "jittered", "truncated", "noisy", "motion")
+#: The conditions the targets (and the choice of defaults) are about.
+TARGET_CONDITIONS: tuple[str, ...] = ("regular", "missing", "jittered", "truncated")
+MAPS: tuple[str, ...] = ("cbf", "cbv", "tmax")
+PROFILES: dict[str, dict[str, Any]] = {
+    "micro": dict(size=32, slices=1, patients=1, frames=(20, 24)),  # the test suite's smoke run
+    "quick": dict(size=64, slices=2, patients=1, frames=(30, 36)),
+    "full": dict(size=128, slices=4, patients=3, frames=(40, 60)),
+}
 
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the grid: ``calculate_maps`` keyword arguments (``aif`` as ``"auto"`` or ``"true"``)."""
+    """One point of the grid: :class:`CalcParams` fields that differ from the defaults."""
 
-    method: str = DEFAULTS["method"]
-    aif: str = DEFAULTS["aif"]
-    spatial_sigma_px: float = DEFAULTS["spatial_sigma_px"]
-    temporal_sigma_s: float = DEFAULTS["temporal_sigma_s"]
-    tmax_method: str = DEFAULTS["tmax_method"]
-    oi_target: float = DEFAULTS["oi_target"]
+    spatial_sigma_mm: float = 2.6
+    tmax_method: str = "half_rise"
+    oi_target: float = 0.095
+    noise_ref_hu: float | None = 8.0
+    motion: bool = False
 
     @property
     def label(self) -> str:
-        oi = f" oi{self.oi_target:g}" if self.method == "osvd" else ""
-        tm = "hr" if self.tmax_method == "half_rise" else "am"
-        return (f"{self.method} {self.aif} s{self.spatial_sigma_px:g} t{self.temporal_sigma_s:g} {tm}{oi}")
+        nr = "off" if self.noise_ref_hu is None else f"{self.noise_ref_hu:g}"
+        return (f"σ {self.spatial_sigma_mm:g} mm, {self.tmax_method}, OI {self.oi_target:g}, noise-widen {nr}"
+                + (", motion" if self.motion else ""))
 
-    @property
-    def is_default(self) -> bool:
-        return all(getattr(self, k) == v for k, v in DEFAULTS.items())
-
-    def kwargs(self, study: Study) -> dict[str, Any]:
-        aif: Any = study.meta["aif_hu"][0] if self.aif == "true" else "auto"
-        kw: dict[str, Any] = dict(method=self.method, aif=aif, spatial_sigma_px=self.spatial_sigma_px,
-                                  temporal_sigma_s=self.temporal_sigma_s, tmax_method=self.tmax_method)
-        if self.method == "osvd":
-            kw["oi_target"] = self.oi_target
-        return kw
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(method=self.method, aif=self.aif, spatial_sigma_px=self.spatial_sigma_px,
-                    temporal_sigma_s=self.temporal_sigma_s, tmax_method=self.tmax_method,
-                    oi_target=self.oi_target if self.method == "osvd" else None)
+    def options(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def build_grid(quick: bool) -> list[Setting]:
-    """The settings evaluated (see the module docstring); ``quick`` keeps the oSVD/auto block only."""
-    grid: list[Setting] = []
-    spatial = (0.0, 1.0) if quick else SPATIAL
-    temporal = (0.0, 2.0) if quick else TEMPORAL
-    for s in spatial:
-        for t in temporal:
-            for tm in TMAX_METHODS:
-                for oi in OI_TARGETS:
-                    grid.append(Setting("osvd", "auto", s, t, tm, oi))
+    """The settings compared (``quick``: three)."""
     if quick:
-        grid += [Setting("osvd", "true"), Setting("bcsvd", "auto"), Setting("bcsvd", "true")]
-        return grid
-    for method, aif in (("osvd", "true"), ("bcsvd", "auto"), ("bcsvd", "true")):
-        for s in spatial:
-            for t in temporal:
-                for tm in TMAX_METHODS:
-                    grid.append(Setting(method, aif, s, t, tm))
+        return [Setting(), Setting(tmax_method="calibrated"), Setting(spatial_sigma_mm=1.5)]
+    grid = [Setting(spatial_sigma_mm=s, tmax_method=t) for s in (1.5, 2.6, 4.0) for t in ("half_rise", "calibrated")]
+    grid += [Setting(oi_target=0.15), Setting(tmax_method="calibrated", oi_target=0.15), Setting(noise_ref_hu=None)]
     return grid
 
 
 @dataclass
-class Truth:
-    """Truth maps, mask and labels of one study, flattened to the mask pixels."""
+class Impulses(RandomTransform):
+    """Impulse noise: a ``rate`` of the samples get ±300-1000 HU (bad detector readings)."""
 
-    maps: dict[str, np.ndarray]
-    labels: np.ndarray
-    mask: np.ndarray = field(repr=False)
+    rate: float = 1e-3
 
-    @classmethod
-    def of(cls, study: Study) -> Truth:
-        mask = np.asarray(study.mask, bool)
-        tm = np.asarray(study.maps, np.float32)
-        cbv, cbf, tmax = tm[:, 0], tm[:, 1], tm[:, 2]
-        maps = {"cbv": cbv[mask], "cbf": cbf[mask], "tmax": tmax[mask],
-                "mtt": np.asarray(mtt_from_cbv_cbf(cbv, cbf))[mask]}
-        return cls(maps=maps, labels=np.asarray(study.meta["labels"])[mask], mask=mask)
+    def apply(self, frames: np.ndarray, times_s: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        out = np.array(frames, np.float32, copy=True)
+        hit = rng.uniform(size=out.shape) < self.rate
+        out[hit] += (rng.choice([-1.0, 1.0], hit.sum()) * rng.uniform(300.0, 1000.0, hit.sum())).astype(np.float32)
+        return out, times_s
 
 
-def _f(x: float | np.floating) -> float:
-    return round(float(x), 4)
-
-
-def metrics(est: dict[str, np.ndarray], truth: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
-    """Metrics of mask-flattened estimate vs truth (see the module docstring for the definitions)."""
-    err = {k: est[k].astype(np.float64) - truth[k].astype(np.float64) for k in MAPS}
-    perfused = truth["cbf"] > 0
-    cbv_sel = truth["cbv"] > 0
-    cbf_sel = truth["cbf"] >= CBF_REL_MIN
-
-    def med(x: np.ndarray) -> float:
-        return _f(np.median(x)) if x.size else float("nan")
-
-    out: dict[str, Any] = {f"mae_{k}": _f(np.abs(err[k]).mean()) for k in MAPS}
-    out["rel_cbv"] = med(err["cbv"][cbv_sel] / truth["cbv"][cbv_sel])
-    out["rel_cbf"] = med(err["cbf"][cbf_sel] / truth["cbf"][cbf_sel])
-    out["bias_tmax"] = med(err["tmax"][perfused])
-    out["mae_tmax_perfused"] = _f(np.abs(err["tmax"][perfused]).mean()) if perfused.any() else float("nan")
-    out["p95_cbf"] = _f(np.percentile(np.abs(err["cbf"]), 95))
-    out["p95_tmax"] = _f(np.percentile(np.abs(err["tmax"]), 95))
-    tissue: dict[str, Any] = {}
-    for name, cls in TISSUES.items():
-        sel = labels == cls
-        if not sel.any():
-            continue
-        row: dict[str, Any] = {"n": int(sel.sum())}
-        for k in MAPS:
-            row[f"mae_{k}"] = _f(np.abs(err[k][sel]).mean())
-            row[f"bias_{k}"] = med(err[k][sel])
-        if name not in ("csf",):
-            row["rel_cbf"] = med(err["cbf"][sel] / truth["cbf"][sel])
-        tissue[name] = row
-    out["tissue"] = tissue
+def make_studies(family: str, patient: int, prof: dict[str, Any]) -> dict[str, Study]:
+    """The patient's study under every condition (see the module docstring)."""
+    rng = np.random.default_rng(1000 * (FAMILIES.index(family) + 1) + patient)
+    seed = 7000 + 31 * patient + (0 if family == "classic" else 5)
+    noise = float(rng.uniform(3.0, 8.0))
+    common = dict(family=family, height=prof["size"], width=prof["size"], n_slices=prof["slices"],
+                  frames_min=prof["frames"][0], frames_max=prof["frames"][1])
+    clean = simulate_patient(PhantomConfig(noise_hu=0.0, ribbon={"noise_hu": (0.0, 0.0)}, **common), seed=seed)
+    regular = simulate_patient(PhantomConfig(noise_hu=noise, ribbon={"noise_hu": (3.0, 8.0)}, **common), seed=seed)
+    out = {"clean": clean, "regular": regular}
+    heavy = float(rng.uniform(15.0, 30.0))
+    corruptions = {"missing": DropFrames(fraction=0.3), "jittered": JitterFraming(sigma_fraction=0.35),
+                   "truncated": Truncate(keep_fraction=0.7),
+                   "noisy": Compose([GaussianNoise(sigma_hu=heavy), Impulses(1e-3)]),
+                   "motion": named_corruption("motion")}
+    for k, (name, tr) in enumerate(corruptions.items()):
+        out[name] = corrupt_study(regular, tr, seed=seed * 10 + k)
     return out
 
 
-def run_setting(setting: Setting, study: Study, truth: Truth) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Mask-flattened maps of one setting on one study, and run facts (time, AIF scale, threshold)."""
-    t0 = time.perf_counter()
-    maps, info = calculate_maps(study.frames, study.times_s, truth.mask, device="cpu", **setting.kwargs(study))
-    facts = {"seconds": round(time.perf_counter() - t0, 3),
-             "pv_scale": info["aif"].get("pv_scale"),
-             "threshold_median": info["threshold_used"]["median"]}
-    return {k: np.asarray(maps[k], np.float32)[truth.mask] for k in MAPS}, facts
+def _truth(study: Study) -> dict[str, np.ndarray]:
+    m = np.asarray(study.mask, bool)
+    return {"cbv": study.maps[:, 0][m], "cbf": study.maps[:, 1][m], "tmax": study.maps[:, 2][m]}
 
 
-def _fmt(x: Any, nd: int = 2) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "—"
-    return f"{x:.{nd}f}"
+def _masked(maps: dict[str, np.ndarray], study: Study) -> dict[str, np.ndarray]:
+    m = np.asarray(study.mask, bool)
+    out = {k: np.nan_to_num(np.asarray(maps[k], np.float64))[m] for k in MAPS}
+    if "mask" in maps:
+        out["in_mask"] = np.asarray(maps["mask"], bool)[m]
+    return out
 
 
-COLUMNS: tuple[tuple[str, str, int], ...] = (
-    ("mae_cbv", "CBV MAE", 2), ("mae_cbf", "CBF MAE", 1), ("mae_mtt", "MTT MAE", 2), ("mae_tmax", "TMAX MAE", 2),
-    ("mae_tmax_perfused", "TMAX MAE perf", 2), ("rel_cbv", "CBV rel", 3), ("rel_cbf", "CBF rel≥30", 3),
-    ("bias_tmax", "TMAX bias", 2), ("p95_cbf", "CBF p95", 1), ("p95_tmax", "TMAX p95", 1),
-)
+def metrics(est: dict[str, list[np.ndarray]], truth: dict[str, list[np.ndarray]], failed: int) -> dict[str, Any]:
+    """Pooled metrics of one method on one family x condition."""
+    if not est["cbf"]:
+        return {"failed": failed}
+    e = {k: np.concatenate(v) for k, v in est.items() if v}
+    t = {k: np.concatenate(v) for k, v in truth.items()}
+    out: dict[str, Any] = {f"mae_{k}": round(float(np.abs(e[k] - t[k]).mean()), 4) for k in MAPS}
+    a, b = t["tmax"] > 6.0, e["tmax"] > 6.0
+    # no hypoperfusion in the truth: Dice is undefined (None), not 0
+    out["dice_tmax6"] = round(float(2 * (a & b).sum() / (a.sum() + b.sum())), 4) if a.any() else None
+    perfused = t["cbf"] > 0
+    out["zero_pct"] = round(100.0 * float((e["cbf"][perfused] <= 0).mean()), 3)
+    if "in_mask" in e:
+        out["outside_mask_pct"] = round(100.0 * float((~e["in_mask"][perfused]).mean()), 3)
+    out["bias_cbf"] = round(float(np.median(e["cbf"][perfused] - t["cbf"][perfused])), 3)
+    out["bias_tmax"] = round(float(np.median(e["tmax"][perfused] - t["tmax"][perfused])), 3)
+    out["failed"] = failed
+    return out
 
 
-def markdown(results: list[dict[str, Any]], noises: Iterable[float]) -> str:
-    """Main table (rows grouped by noise, then in grid order) and the per-tissue table of the defaults."""
-    lines = ["| setting | noise HU | " + " | ".join(c[1] for c in COLUMNS) + " | s/run |",
-             "|---|---:|" + "---:|" * len(COLUMNS) + "---:|"]
-    for noise in noises:
-        for r in results:
-            m = r["by_noise"].get(str(noise))
-            if m is None:
+def score(res: dict[str, Any], family: str, label: str) -> float:
+    """Mean over :data:`TARGET_CONDITIONS` of the MAE ratios to the plain oSVD (/3) plus 1 - Dice."""
+    vals = []
+    for cond in TARGET_CONDITIONS:
+        ours, plain = res[family][cond][label], res[family][cond]["plain"]
+        if "mae_cbf" not in ours:
+            return float("inf")
+        ratio = sum(ours[f"mae_{k}"] / max(plain[f"mae_{k}"], 1e-9) for k in MAPS) / 3
+        vals.append(ratio + (1.0 - ours["dice_tmax6"] if ours["dice_tmax6"] is not None else 0.0))
+    return round(float(np.mean(vals)), 4)
+
+
+def run(profile: str, grid: list[Setting], motion_check: bool = True, log=print) -> dict[str, Any]:
+    prof = PROFILES[profile]
+    base = CalcParams()
+    labels = [s.label for s in grid]
+    est: dict = {}
+    truth: dict = {}
+    failed: dict = {}
+    seconds: dict = {}
+
+    def add(fam: str, cond: str, label: str, maps: dict[str, np.ndarray] | None, study: Study, secs: float) -> None:
+        key = (fam, cond, label)
+        est.setdefault(key, {k: [] for k in (*MAPS, "in_mask")})
+        failed.setdefault(key, 0)
+        seconds.setdefault(key, []).append(secs)
+        if maps is None:
+            failed[key] += 1
+            return
+        for k, v in _masked(maps, study).items():
+            est[key][k].append(v)
+
+    t_start = time.perf_counter()
+    motion_settings: list[Setting] = []
+    for fam in FAMILIES:
+        for patient in range(prof["patients"]):
+            studies = make_studies(fam, patient, prof)
+            for cond, st in studies.items():
+                t = _truth(st)
+                tk = (fam, cond)
+                truth.setdefault(tk, {k: [] for k in MAPS})
+                for k in MAPS:
+                    truth[tk][k].append(t[k])
+                t0 = time.perf_counter()
+                add(fam, cond, "plain", plain_osvd(st.frames, st.times_s, st.mask), st, time.perf_counter() - t0)
+                for setting in grid:
+                    t0 = time.perf_counter()
+                    try:
+                        maps, _ = calculate_maps(st.frames, st.times_s, None, affine=st.affine, device="cpu",
+                                                 params=base, **setting.options())
+                    except ValueError as exc:
+                        log(f"  {fam} {cond} patient {patient} {setting.label}: FAILED {exc}")
+                        maps = None
+                    add(fam, cond, setting.label, maps, st, time.perf_counter() - t0)
+            log(f"{fam} patient {patient} done ({time.perf_counter() - t_start:.0f} s)")
+    res: dict[str, Any] = {fam: {cond: {} for cond in CONDITIONS} for fam in FAMILIES}
+    for (fam, cond, label), e in est.items():
+        res[fam][cond][label] = {**metrics(e, truth[(fam, cond)], failed[(fam, cond, label)]),
+                                 "seconds_mean": round(float(np.mean(seconds[(fam, cond, label)])), 3)}
+    scores = {label: {fam: score(res, fam, label) for fam in FAMILIES} for label in labels}
+    best = {fam: min(labels, key=lambda lb, f=fam: scores[lb][f]) for fam in FAMILIES}
+    held_out = {fam: {"tuned_on": fam, "setting": best[fam],
+                      "held_out_family": [f for f in FAMILIES if f != fam][0],
+                      "held_out_score": scores[best[fam]][[f for f in FAMILIES if f != fam][0]]} for fam in FAMILIES}
+    chosen = min(held_out.values(), key=lambda h: (h["held_out_score"], sum(scores[h["setting"]].values())))
+    chosen_setting = grid[labels.index(chosen["setting"])]
+    out = {"profile": profile, "config": prof, "grid": [s.options() for s in grid], "labels": labels,
+           "results": res, "scores": scores, "best_per_family": best, "cross_validation": held_out,
+           "chosen": chosen_setting.options(), "chosen_label": chosen["setting"]}
+    if motion_check:
+        on = Setting(**{**chosen_setting.options(), "motion": True})
+        motion_settings.append(on)
+        for fam in FAMILIES:
+            for patient in range(prof["patients"]):
+                studies = make_studies(fam, patient, prof)
+                for cond in ("motion", "regular"):
+                    st = studies[cond]
+                    t0 = time.perf_counter()
+                    try:
+                        maps, _ = calculate_maps(st.frames, st.times_s, None, affine=st.affine, device="cpu",
+                                                 params=base, **on.options())
+                    except ValueError as exc:
+                        log(f"  {fam} {cond} patient {patient} motion=True: FAILED {exc}")
+                        maps = None
+                    add(fam, cond, on.label, maps, st, time.perf_counter() - t0)
+        for fam in FAMILIES:
+            for cond in ("motion", "regular"):
+                key = (fam, cond, on.label)
+                res[fam][cond][on.label] = {**metrics(est[key], truth[(fam, cond)], failed[key]),
+                                            "seconds_mean": round(float(np.mean(seconds[key])), 3)}
+        out["motion_label"] = on.label
+    out["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    return out
+
+
+def _f(x: Any, nd: int = 2) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    res, chosen = doc["results"], doc["chosen_label"]
+    lines = ["## Chosen defaults and the issue's targets", "",
+             f"Chosen by cross-validation: **{chosen}**. Each row: ours (chosen settings, automatic mask and AIF) "
+             "vs the plain oSVD on the same studies. Targets (regular, missing, jittered, truncated): CBF and CBV "
+             "MAE ≤ 0.9 x plain, TMAX MAE ≤ 0.5 x plain, Dice(TMAX > 6 s) ≥ 0.85; every condition: no failed "
+             "study, ≤ 1 % of the perfused brain at CBF 0; motion: CBF MAE ≤ 1.5 x regular.", "",
+             "| family | condition | CBF MAE ours / plain | CBV MAE ours / plain | TMAX MAE ours / plain | "
+             "Dice TMAX>6 ours / plain | CBF 0 % | outside mask % | failed | targets |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for fam in FAMILIES:
+        for cond in CONDITIONS:
+            o, p = res[fam][cond].get(chosen, {}), res[fam][cond]["plain"]
+            if "mae_cbf" not in o:
+                lines.append(f"| {fam} | {cond} | failed ({o.get('failed')}) | | | | | | | ✗ |")
                 continue
-            star = " *" if r["is_default"] else ""
-            cells = [_fmt(m["pooled"].get(k), nd) for k, _, nd in COLUMNS]
-            lines.append(f"| {r['label']}{star} | {noise:g} | " + " | ".join(cells) + f" | {m['seconds_mean']:.2f} |")
-    lines += ["", "`*` = calculate_maps defaults. am = argmax, hr = half_rise; s = spatial_sigma_px, "
-              "t = temporal_sigma_s; rel = median signed relative error; TMAX bias = median signed error "
-              "(s) over perfused pixels; p95 = 95th percentile of |error|; MAE/p95 over the brain mask "
-              "(incl. CSF), pooled over seeds.", ""]
-    default = next((r for r in results if r["is_default"]), None)
-    if default is not None:
-        lines += [f"Per tissue, defaults ({default['label']}): MAE (median signed error)", "",
-                  "| noise HU | tissue | n | CBV | CBF | MTT | TMAX | CBF rel |",
-                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
-        for noise in noises:
-            m = default["by_noise"].get(str(noise))
-            if m is None:
-                continue
-            for name, row in m["pooled"]["tissue"].items():
-                cells = [f"{_fmt(row[f'mae_{k}'])} ({_fmt(row[f'bias_{k}'])})" for k in MAPS]
-                lines.append(f"| {noise:g} | {name} | {row['n']} | " + " | ".join(cells)
-                             + f" | {_fmt(row.get('rel_cbf'), 3)} |")
+            ok = []
+            if cond in TARGET_CONDITIONS:
+                ok += [o["mae_cbf"] <= 0.9 * p["mae_cbf"], o["mae_cbv"] <= 0.9 * p["mae_cbv"],
+                       o["mae_tmax"] <= 0.5 * p["mae_tmax"], o["dice_tmax6"] is None or o["dice_tmax6"] >= 0.85]
+            ok += [o["failed"] == 0, o["zero_pct"] <= 1.0]
+            if cond == "motion":
+                ok.append(o["mae_cbf"] <= 1.5 * res[fam]["regular"][chosen]["mae_cbf"])
+            lines.append(
+                f"| {fam} | {cond} | {_f(o['mae_cbf'], 1)} / {_f(p['mae_cbf'], 1)} | {_f(o['mae_cbv'])} / "
+                f"{_f(p['mae_cbv'])} | {_f(o['mae_tmax'])} / {_f(p['mae_tmax'])} | {_f(o['dice_tmax6'])} / "
+                f"{_f(p['dice_tmax6'])} | {_f(o['zero_pct'])} | {_f(o.get('outside_mask_pct'))} | {o['failed']} | "
+                f"{'✓' if all(ok) else '✗ ' + str(sum(not x for x in ok))} |")
+    lines += ["", "## Cross-validation (score: mean over the target conditions of the MAE ratios to plain / 3 "
+              "+ 1 - Dice; lower is better)", "",
+              "| setting | classic | ribbon |", "|---|---:|---:|"]
+    for label in doc["labels"]:
+        star = " **(chosen)**" if label == chosen else ""
+        sc = doc["scores"][label]
+        lines.append(f"| {label}{star} | {sc['classic']:.3f} | {sc['ribbon']:.3f} |")
+    lines += [""]
+    for fam, h in doc["cross_validation"].items():
+        lines.append(f"* tuned on {fam}: {h['setting']} — held out on {h['held_out_family']}: score "
+                     f"{h['held_out_score']:.3f}")
+    if "motion_label" in doc:
+        ml = doc["motion_label"]
+        lines += ["", "## Motion correction (chosen settings, motion=True vs False)", "",
+                  "| family | condition | CBF MAE off / on | CBV MAE off / on | TMAX MAE off / on | s/study off / on |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for fam in FAMILIES:
+            for cond in ("regular", "motion"):
+                a, b = res[fam][cond][chosen], res[fam][cond][ml]
+                if "mae_cbf" not in b:
+                    continue
+                lines.append(f"| {fam} | {cond} | {_f(a['mae_cbf'], 1)} / {_f(b['mae_cbf'], 1)} | {_f(a['mae_cbv'])}"
+                             f" / {_f(b['mae_cbv'])} | {_f(a['mae_tmax'])} / {_f(b['mae_tmax'])} | "
+                             f"{a['seconds_mean']:.2f} / {b['seconds_mean']:.2f} |")
+    lines += ["", "## Every setting, every condition (CBF / CBV / TMAX MAE, Dice)", "",
+              "| family | condition | setting | CBF | CBV | TMAX | Dice | CBF bias | TMAX bias | CBF 0 % | s |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for fam in FAMILIES:
+        for cond in CONDITIONS:
+            for label, m in res[fam][cond].items():
+                if "mae_cbf" not in m:
+                    continue
+                lines.append(f"| {fam} | {cond} | {label} | {_f(m['mae_cbf'], 1)} | {_f(m['mae_cbv'])} | "
+                             f"{_f(m['mae_tmax'])} | {_f(m['dice_tmax6'])} | {_f(m['bias_cbf'], 1)} | "
+                             f"{_f(m['bias_tmax'])} | {_f(m['zero_pct'])} | {m['seconds_mean']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
-def md_header() -> str:
-    """Title, rerun command, date and machine for the ``--md`` file."""
+def md_header(argv: list[str], doc: dict[str, Any]) -> str:
     import os
     from datetime import datetime, timezone
 
-    cmd = "python -m experiments.calc_settings " + " ".join(sys.argv[1:])
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"# Calculation-approach settings vs the phantom's exact truth\n\nGenerated by `{cmd.strip()}` on "
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} CPUs, "
-            f"torch {torch.__version__}. `*` marks calculate_maps' defaults. Columns: see the module docstring "
-            f"of `experiments/calc_settings.py`.\n\n")
+    p = doc["config"]
+    cmd = f"python -m experiments.calc_settings {' '.join(argv)}".rstrip()
+    return (f"# Calculation-approach settings across phantom families\n\nGenerated by `{cmd}` on "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} CPUs, torch "
+            f"{torch.__version__}; {doc['elapsed_s']:.0f} s. "
+            f"{p['patients']} patients per family, {p['size']}², {p['slices']} slices. Definitions: the module "
+            "docstring of `experiments/calc_settings.py`; the plain reference: `experiments/plain_osvd.py`.\n\n")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="write all results as JSON here")
-    ap.add_argument("--md", type=Path, default=None, help="also write the Markdown tables here")
-    ap.add_argument("--quick", action="store_true", help="64x64, 2 slices, 1 seed, noise 0 and 3, small grid")
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    ap.add_argument("--out", default=None, help="write everything as JSON here")
+    ap.add_argument("--md", default=None, help="also write the Markdown tables here")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    ap.add_argument("--residue", default=PhantomConfig.residue, choices=(*RESIDUE_KINDS, "mixed"),
-                    help="phantom residue function (default: %(default)s)")
+    ap.add_argument("--no-motion-check", action="store_true", help="skip the motion=True comparison")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
+    from pathlib import Path
 
-    if args.quick:
-        size, n_slices, seeds, noises = 64, 2, (0,), (0.0, 3.0)
-    else:
-        size, n_slices, seeds, noises = 128, 4, (0, 1), (0.0, 1.0, 3.0, 6.0)
-    grid = build_grid(args.quick)
-    t_start = time.perf_counter()
-    studies: dict[tuple[float, int], tuple[Study, Truth]] = {}
-    for noise in noises:
-        for seed in seeds:
-            cfg = PhantomConfig(height=size, width=size, n_slices=n_slices, noise_hu=noise, residue=args.residue)
-            st = simulate_patient(cfg, seed=seed)
-            studies[(noise, seed)] = (st, Truth.of(st))
-
-    from tqdm import tqdm
-
-    results: list[dict[str, Any]] = []
-    n_runs = len(grid) * len(studies)
-    with tqdm(total=n_runs, desc="calc_settings", unit="run", file=sys.stderr, dynamic_ncols=True) as bar:
-        for setting in grid:
-            entry: dict[str, Any] = {"label": setting.label, "setting": setting.as_dict(),
-                                     "is_default": setting.is_default, "by_noise": {}}
-            for noise in noises:
-                est_all: dict[str, list[np.ndarray]] = {k: [] for k in MAPS}
-                tru_all: dict[str, list[np.ndarray]] = {k: [] for k in MAPS}
-                lab_all: list[np.ndarray] = []
-                per_seed: dict[str, Any] = {}
-                secs: list[float] = []
-                for seed in seeds:
-                    study, truth = studies[(noise, seed)]
-                    bar.set_postfix_str(f"{setting.label} noise={noise:g} seed={seed}")
-                    try:
-                        est, facts = run_setting(setting, study, truth)
-                    except Exception as exc:  # a failed calculation is a result too
-                        per_seed[str(seed)] = {"error": f"{type(exc).__name__}: {exc}"}
-                        bar.update(1)
-                        continue
-                    m = metrics(est, truth.maps, truth.labels)
-                    m.pop("tissue")
-                    per_seed[str(seed)] = {**m, **facts}
-                    secs.append(facts["seconds"])
-                    for k in MAPS:
-                        est_all[k].append(est[k])
-                        tru_all[k].append(truth.maps[k])
-                    lab_all.append(truth.labels)
-                    bar.update(1)
-                if not lab_all:
-                    entry["by_noise"][str(noise)] = {"pooled": {}, "per_seed": per_seed, "seconds_mean": float("nan")}
-                    continue
-                pooled = metrics({k: np.concatenate(v) for k, v in est_all.items()},
-                                 {k: np.concatenate(v) for k, v in tru_all.items()}, np.concatenate(lab_all))
-                entry["by_noise"][str(noise)] = {"pooled": pooled, "per_seed": per_seed,
-                                                 "seconds_mean": round(float(np.mean(secs)), 3)}
-            results.append(entry)
-    elapsed = time.perf_counter() - t_start
-
-    md = markdown(results, noises)
-    md += (f"\n{len(grid)} settings x {len(studies)} studies ({size}x{size}, {n_slices} slices, {args.residue} "
-           f"residue) in {elapsed:.0f} s\n")
+    doc = run(args.profile, build_grid(args.profile != "full"), motion_check=not args.no_motion_check,
+              log=lambda m: print(m, file=sys.stderr, flush=True))
+    md = markdown(doc)
     print(md)
     if args.md:
-        args.md.parent.mkdir(parents=True, exist_ok=True)
-        args.md.write_text(md_header() + md)
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(md_header([a for a in argv if not a.startswith("--threads")], doc) + md)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "config": {"size": size, "n_slices": n_slices, "seeds": list(seeds), "noise_hu": list(noises),
-                       "quick": args.quick, "residue": args.residue, "threads": args.threads,
-                       "cbf_rel_min": CBF_REL_MIN, "defaults": DEFAULTS, "tissues": TISSUES},
-            "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                            "machine": platform.machine()},
-            "elapsed_s": round(elapsed, 1),
-            "results": results,
-        }
-        args.out.write_text(json.dumps(doc, indent=1, allow_nan=True))
-        print(f"wrote {args.out}", file=sys.stderr)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
     return 0
 
 

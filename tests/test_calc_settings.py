@@ -1,0 +1,35 @@
+"""``experiments.calc_settings``: the cross-family benchmark of the calculation approach (smoke run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.calc_settings import FAMILIES, Impulses, Setting, markdown, metrics, run
+
+
+def test_metrics_and_impulses():
+    t = {"cbf": [np.array([50.0, 20.0, 0.0, 10.0])], "cbv": [np.ones(4)], "tmax": [np.array([1.0, 2.0, 0.0, 8.0])]}
+    e = {"cbf": [np.array([40.0, 0.0, 0.0, 12.0])], "cbv": [np.ones(4)], "tmax": [np.array([1.0, 7.0, 0.0, 8.0])],
+         "in_mask": [np.array([True, True, False, True])]}
+    m = metrics(e, t, failed=0)
+    assert m["mae_cbf"] == 8.0 and m["dice_tmax6"] == round(2 / 3, 4)
+    assert m["zero_pct"] == round(100 / 3, 3)  # of the 3 perfused pixels, one reads CBF 0
+    no_lesion = metrics(e, {**t, "tmax": [np.zeros(4)]}, failed=0)
+    assert no_lesion["dice_tmax6"] is None
+    frames = np.zeros((2, 10, 8, 8), np.float32)
+    out, _ = Impulses(rate=0.05)(frames, np.zeros((2, 10)), np.random.default_rng(0))
+    hit = out != 0
+    assert 0.02 < hit.mean() < 0.09 and np.abs(out[hit]).min() >= 300
+
+
+@pytest.mark.slow  # ~5 s: 2 families x 7 conditions x 3 methods on 32² studies
+def test_micro_benchmark_runs_and_chooses():
+    doc = run("micro", [Setting(), Setting(tmax_method="calibrated")], motion_check=False, log=lambda m: None)
+    assert set(doc["results"]) == set(FAMILIES)
+    for fam in FAMILIES:
+        for cond, by_method in doc["results"][fam].items():
+            assert "plain" in by_method and len(by_method) == 3, (fam, cond)
+    assert doc["chosen_label"] in doc["labels"]
+    md = markdown(doc)
+    assert "Chosen by cross-validation" in md and "| ribbon | motion |" in md
