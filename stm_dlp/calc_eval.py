@@ -52,7 +52,7 @@ class CalcBaseline:
         mask = None if study.mask is None else np.array(study.mask, bool)  # a writable copy for torch
         maps, info = calculate_maps(np.array(study.frames, np.float32), np.array(study.times_s, np.float32),
                                     mask, method=self.method, aif=self.aif, device=self.device,
-                                    **dict(self.params or {}))
+                                    **{"affine": study.affine, **dict(self.params or {})})  # mm options
         out = {p: np.asarray(maps[p], np.float32) for p in PARAMS}
         out["mtt"] = (np.asarray(maps["mtt"], np.float32) if "mtt" in maps
                       else mtt_from_cbv_cbf(out["cbv"], out["cbf"]))
