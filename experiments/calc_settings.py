@@ -78,12 +78,14 @@ class Setting:
     tmax_method: str = "half_rise"
     oi_target: float = 0.095
     noise_ref_hu: float | None = 8.0
+    tmax_median_px: int = 0
     motion: bool = False
 
     @property
     def label(self) -> str:
         nr = "off" if self.noise_ref_hu is None else f"{self.noise_ref_hu:g}"
-        return (f"σ {self.spatial_sigma_mm:g} mm, {self.tmax_method}, OI {self.oi_target:g}, noise-widen {nr}"
+        med = f", TMAX median {2 * self.tmax_median_px + 1}²" if self.tmax_median_px else ""
+        return (f"σ {self.spatial_sigma_mm:g} mm, {self.tmax_method}, OI {self.oi_target:g}, noise-widen {nr}{med}"
                 + (", motion" if self.motion else ""))
 
     def options(self) -> dict[str, Any]:
@@ -94,7 +96,9 @@ def build_grid(quick: bool) -> list[Setting]:
     """The settings compared (``quick``: three)."""
     if quick:
         return [Setting(), Setting(tmax_method="calibrated"), Setting(spatial_sigma_mm=1.5)]
-    grid = [Setting(spatial_sigma_mm=s, tmax_method=t) for s in (1.5, 2.6, 4.0) for t in ("half_rise", "calibrated")]
+    grid = [Setting(spatial_sigma_mm=s, tmax_method=t) for s in (1.5, 2.6, 4.0, 5.5, 7.0)
+            for t in ("half_rise", "calibrated")]
+    grid += [Setting(spatial_sigma_mm=s, tmax_method="calibrated", tmax_median_px=1) for s in (4.0, 5.5)]
     grid += [Setting(oi_target=0.15), Setting(tmax_method="calibrated", oi_target=0.15), Setting(noise_ref_hu=None)]
     return grid
 

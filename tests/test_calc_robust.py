@@ -31,12 +31,14 @@ def test_arrival_early_late_noise_and_spikes(first):
     for seed in range(6):
         for noise in (15.0, 30.0):  # single curves at 15-30 HU (a reference curve averages many)
             c = _curve(50, first, noise=noise, seed=seed)
+            # the baseline misses at most one pre-bolus frame and holds at most the first bolus frame
+            # (the bolus starts half a frame before it: ~5 % of the peak)
             a = detect_arrival(c)
-            assert first <= a <= first + 1, (noise, seed, a)
+            assert first - 1 <= a <= first + 1, (noise, seed, a)
             spiky = c.clone()
             for i, v in ((1, 600.0), (first - 1, 500.0), (min(first + 12, 49), -400.0)):
                 spiky[i] += v
-            assert first <= detect_arrival(spiky) <= first + 1  # one-frame impulses do not trigger it
+            assert first - 1 <= detect_arrival(spiky) <= first + 1  # one-frame impulses do not trigger it
 
 
 def _truth_baseline(st) -> int:

@@ -104,7 +104,8 @@ def _enhancement_score(c: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return sustained_peak(c, dim) - first
 
 
-def arrival_details(curve: torch.Tensor, k_sigma: float = 3.0, min_rise_frac: float = 0.05) -> dict:
+def arrival_details(curve: torch.Tensor, k_sigma: float = 3.0, min_rise_frac: float = 0.05,
+                    times_s: torch.Tensor | None = None) -> dict:
     """The sustained-rise rule of :func:`detect_arrival` on ``curve`` ``(T,)``: a dict with ``index``
     (first bolus frame), ``baseline_hu``, ``level_hu``, ``noise_hu``, ``amplitude_hu`` and ``peak_index``."""
     c = torch.nan_to_num(curve.detach().to(torch.float64).cpu())
@@ -132,6 +133,23 @@ def arrival_details(curve: torch.Tensor, k_sigma: float = 3.0, min_rise_frac: fl
     foot = b + max(k_sigma * sigma, 0.01 * amp)
     while j > 0 and foot < float(c[j - 1]) < float(c[j]):
         j -= 1
+    # a slow (sigmoid) rise, as of a population AIF, is still under the level for seconds after it
+    # began: the rising edge through its 20 % and 50 % points, extrapolated back to the baseline,
+    # gives the foot, and frames from the foot on are not baseline either
+    t = (torch.arange(n_t, dtype=torch.float64) if times_s is None
+         else torch.as_tensor(times_s, dtype=torch.float64).detach().cpu().reshape(-1))
+
+    def crossing(frac: float) -> float | None:
+        lv = b + frac * amp
+        for i in range(max(j, 1), p + 1):
+            if float(s[i]) >= lv > float(s[i - 1]):
+                return float(t[i - 1] + (lv - s[i - 1]) / (s[i] - s[i - 1]) * (t[i] - t[i - 1]))
+        return None
+
+    t20, t50 = crossing(0.2), crossing(0.5)
+    if amp > 0 and t20 is not None and t50 is not None and t50 > t20:
+        t_foot = t20 - (t50 - t20) * (0.2 / 0.3)
+        j = min(j, int((t < t_foot - 1e-9).sum()))
     return {"index": int(min(max(j, 1), n_t - 1)), "baseline_hu": b, "level_hu": level, "noise_hu": sigma,
             "amplitude_hu": amp, "peak_index": p}
 
@@ -160,14 +178,14 @@ def detect_arrival(
     Args:
         curve: ``(T,)`` HU (or enhancement) of a curve that sees the bolus early and clearly (e.g. the
             mean of the most enhancing pixels, or an AIF).
-        times_s: ``(T,)`` frame times (s); unused (frames are ordered), kept for API symmetry.
+        times_s: ``(T,)`` frame times (s) for the foot of a slow rise (default: frame indices).
         k_sigma: level in units of the noise.
         min_rise_frac: level as a fraction of the peak enhancement (floor for clean curves).
 
     Returns:
         ``i`` in ``[1, T-1]``: frames ``0 .. i-1`` are pre-bolus.
     """
-    return int(arrival_details(curve, k_sigma, min_rise_frac)["index"])
+    return int(arrival_details(curve, k_sigma, min_rise_frac, times_s)["index"])
 
 
 @dataclass
@@ -218,10 +236,11 @@ def study_arrival(
 ) -> BolusArrival:
     """Bolus arrival of a whole study and the pre-bolus frames of each slice.
 
-    The reference curve is the mean of the study's most enhancing pixels (arteries and the sinus:
-    the bolus arrives there first and clearly), ranked by :func:`_enhancement_score` and averaged
-    with :func:`trimmed_mean` — impulse noise and motion spikes in a few frames neither rank a pixel
-    high nor move the mean. Pixels are taken from the
+    The reference curve is the mean of the earliest-rising quarter of the study's most enhancing pixels
+    (arteries, and the sinus, which enhances more than partial-volumed arteries but seconds later;
+    only curves with at least half the 90th-percentile enhancement compete on earliness),
+    ranked by :func:`_enhancement_score` and averaged with :func:`trimmed_mean` — impulse noise and
+    motion spikes in a few frames neither rank a pixel high nor move the mean. Pixels are taken from the
     whole study (slices without a large artery do not get a late, venous arrival of their own);
     the arrival is detected on it with :func:`detect_arrival`, and each slice's baseline is every
     frame acquired before the first frame of the rise.
@@ -254,7 +273,25 @@ def study_arrival(
                         torch.full((), float("-inf"), dtype=x.dtype, device=x.device)).reshape(-1)
     n_cand = int(region.sum())
     n_ref = int(min(n_cand, max(min_pixels, round(top_frac * n_cand))))
-    top = torch.topk(score, n_ref).indices
+    # the pool: twice the reference's size by enhancement; the reference: its earliest-rising half —
+    # the sinus and large veins enhance more than partial-volumed arteries but arrive seconds later
+    pool = torch.topk(score, int(min(n_cand, 2 * n_ref))).indices
+    pc = x[pool // (h * w), :, pool % (h * w)].to(torch.float64)  # (P, T)
+    pm = median3(pc)
+    p_base = pc[:, : min(3, n_t)].median(-1).values
+    p_peak = sustained_peak(pc)
+    amp = (p_peak - p_base).clamp_min(1e-6)
+    rising = (pm - p_base[:, None]) >= 0.3 * amp[:, None]
+    first = torch.where(rising, torch.arange(n_t, device=pc.device), n_t - 1).amin(-1)
+    t_rise = tt[pool // (h * w), first.clamp(max=n_t - 1)]
+    # only clear boluses compete on earliness (a dim curve — tissue, or streak artefacts that vary
+    # from frame to frame — crosses 30 % of its "peak" early by chance): at least half the pool's
+    # 90th-percentile enhancement
+    t_rise = torch.where(amp >= 0.5 * amp.quantile(0.9), t_rise, torch.full_like(t_rise, float("inf")))
+    order = torch.argsort(t_rise, stable=True)
+    n_keep = max(min(n_ref // 2, int(torch.isfinite(t_rise).sum())), min(min_pixels // 2, pool.numel()), 1)
+    top = pool[order[:n_keep]]
+    n_ref = int(top.numel())
     slice_of = top // (h * w)
     same_times = bool(torch.all(tt == tt[:1]))
     if same_times:
@@ -271,7 +308,7 @@ def study_arrival(
             sel = slice_of == s
             on_grid[sel] = x[s, :, top[sel] % (h * w)].T.to(torch.float64) @ interp_matrix(tt[s], ref_t).T
         ref = trimmed_mean(on_grid, 0, 0.2)
-    det = arrival_details(ref, k_sigma, min_rise_frac)
+    det = arrival_details(ref, k_sigma, min_rise_frac, ref_t)
     j = det["index"]
     t_first = float(ref_t[j])
     t_last_pre = float(ref_t[j - 1])

@@ -72,7 +72,7 @@ from stm_dlp.perfusion.concentration import (
     uniform_grid,
 )
 from stm_dlp.perfusion.deconv import OI_TARGET_CT, OSVD_THRESHOLDS, Deconvolver, DeconvParams
-from stm_dlp.perfusion.mask import baseline_image, dilate, mask_from_baseline, median_filter
+from stm_dlp.perfusion.mask import baseline_image, dilate, fill_holes, mask_from_baseline, median_filter
 from stm_dlp.perfusion.physics import TISSUE_SCALE
 from stm_dlp.types import mtt_from_cbv_cbf
 
@@ -152,6 +152,9 @@ class CalcParams:
         despike_sigma: tissue-curve frames further than this many noise levels from their running
             median of 3 are replaced by it (impulse noise, motion spikes); 0 = off. Tissue curves
             are smooth on the frame scale, so at 6 noise levels nothing else is touched.
+        tmax_median_px: radius (px) of a median filter of the TMAX map over the perfused brain
+            (CSF and vessels out; 0 = off): single-pixel TMAX outliers of low-flow tissue go, lesion
+            edges stay.
         motion: register every frame in-plane to the mean pre-contrast frame first
             (:func:`stm_dlp.perfusion.motion.correct_motion`).
         chunk_pixels: pixels deconvolved at once (0: 32768 on CPU, 2^20 on GPU).
@@ -181,6 +184,7 @@ class CalcParams:
     csf_smooth_mm: float = 1.2
     despike_sigma: float = 6.0
     motion: bool = False
+    tmax_median_px: int = 0
     chunk_pixels: int = 0
 
     def __post_init__(self) -> None:
@@ -380,7 +384,7 @@ def find_baseline(inp: Inputs, aif: Any = "auto") -> tuple[BolusArrival, torch.T
     if user is not None:
         # a user AIF is the earliest curve there is: detect on it, keep the auto reference's report
         curve, times = user
-        det = arrival_details(curve)
+        det = arrival_details(curve, times_s=times)
         # frames before the first sample above the level: a user curve is often given on a fine grid
         # (linearly interpolated frames), where the rise starts right at the last pre-bolus frame
         t_first = float(times[det["index"]])
@@ -404,7 +408,8 @@ def find_baseline(inp: Inputs, aif: Any = "auto") -> tuple[BolusArrival, torch.T
 
 def brain_and_region(base_med: torch.Tensor, mask: Any, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Step 2: ``(brain, region, mask_source)``: the brain mask (given or automatic) and the AIF/VOF
-    search region (the mask grown by :data:`SEARCH_GROW_FRAC`, no bone, no air)."""
+    search region (the mask grown by :data:`SEARCH_GROW_FRAC`, no bone, no air, and inside the skull
+    where the skull is closed)."""
     s_count, _, h, w = inp.shape
     if mask is None:
         brain = mask_from_baseline(base_med)
@@ -415,7 +420,13 @@ def brain_and_region(base_med: torch.Tensor, mask: Any, inp: Inputs) -> tuple[to
             raise ValueError(f"mask must have shape {(s_count, h, w)}, got {tuple(brain.shape)}")
         source = "given"
     grow = max(2, int(round(SEARCH_GROW_FRAC * min(h, w))))
-    region = (dilate(brain, grow) & (base_med > MIN_VESSEL_BASE_HU) & (base_med < MAX_VESSEL_BASE_HU)) | brain
+    region = dilate(brain, grow) & (base_med > MIN_VESSEL_BASE_HU) & (base_med < MAX_VESSEL_BASE_HU)
+    # inside the skull where it is closed: the scalp beyond it holds no artery of the brain, and next
+    # to a moving skull it spikes like one
+    bone = median_filter(base_med, 1) >= MAX_VESSEL_BASE_HU
+    inside = fill_holes(bone) & ~bone
+    closed = inside.sum((1, 2)) >= 0.5 * brain.sum((1, 2))
+    region = torch.where(closed[:, None, None], region & inside, region) | brain
     return brain, region, source
 
 
@@ -520,8 +531,16 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
         coords = torch.stack([slice_of[top], flat // w, flat % w], dim=1)
         return conc, tt[slice_of[top]], coords
 
-    def allowed(coords: torch.Tensor) -> torch.Tensor:
-        return ~near_bone[coords[:, 0], coords[:, 1], coords[:, 2]]
+    nb_of_slice = torch.tensor(arrival.n_baseline, device=dev)
+    t_idx = torch.arange(n_t, device=dev)
+
+    def allowed(coords: torch.Tensor, conc: torch.Tensor) -> torch.Tensor:
+        """Not next to bone, and quiet before the bolus: an artery is flat until the arrival, a pixel
+        that bone moves into (motion, or a registration a fraction of a pixel off) spikes at any time."""
+        pre = t_idx[None] < nb_of_slice[coords[:, 0]][:, None]
+        pre_max = torch.where(pre, conc.abs(), torch.zeros((), dtype=conc.dtype, device=dev)).amax(-1)
+        quiet = pre_max <= torch.clamp(0.2 * sustained_peak(conc), min=6.0 * noise_hu)
+        return ~near_bone[coords[:, 0], coords[:, 1], coords[:, 2]] & quiet
 
     tried: list[str] = []
     conc, times, coords = pool(AIF_POOL_FRAC, AIF_POOL_MIN)
@@ -530,7 +549,7 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
     # with noise, more pixels are averaged (~4 HU noise on the AIF; at most 4 x n_aif)
     n_aif = int(min(max(p.n_aif, math.ceil((noise_hu / 4.0) ** 2)), 4 * p.n_aif))
     sel = select_aif(conc, times, coords, grid, n_aif=n_aif, n_vof=p.n_vof, pv_correction=p.pv_correction,
-                     pool_frac=1.0, aif_allowed=allowed(coords))
+                     pool_frac=1.0, aif_allowed=allowed(coords, conc))
     problem = _aif_problem(sel, p.dt_s, noise_hu)
     if problem is None:
         return sel
@@ -545,7 +564,7 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
         sel = select_aif(conc[keep], times[keep], coords[keep], grid, n_aif=n_aif, n_vof=p.n_vof,
                          pv_correction=p.pv_correction, pool_frac=1.0, pool_min=1, min_peak_frac=0.3,
                          max_late_s=float("inf"), max_roughness=float("inf"), min_support=0.0,
-                         aif_allowed=allowed(coords[keep]))
+                         aif_allowed=allowed(coords[keep], conc[keep]))
         problem = _aif_problem(sel, p.dt_s, noise_hu)
         if problem is None:
             sel.fallback = {"used": "relaxed", "tried": tried}
@@ -821,6 +840,8 @@ def finish_maps(raw: dict[str, torch.Tensor], brain: torch.Tensor, csf: torch.Te
     cbv = torch.where(csf, zero, cbv)
     flow = brain & ~csf & (cbf >= p.cbf_floor)
     tmax = torch.where(flow, tmax, zero)
+    if p.tmax_median_px > 0:
+        tmax = torch.where(flow, median_filter(tmax, p.tmax_median_px, flow), zero)
     mtt = torch.where(flow, mtt_from_cbv_cbf(cbv, cbf), zero)
     return {
         "cbv": cbv.float().cpu().numpy(),

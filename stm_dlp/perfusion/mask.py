@@ -18,7 +18,8 @@ approach, prediction, the model's losses and metrics on DICOM/NIfTI studies):
 5. **holes filled** (:func:`fill_holes`): ventricles, vessels and calcifications are inside the
    brain.
 6. **cortex restored**: one step of geodesic growth into pixels whose un-denoised pre-contrast HU is
-   in the window — the pixels the median took off at concave corners of the skull. There is **no
+   above the window's floor and below :data:`REGROW_MAX_HU` — the pixels the median took off at
+   concave corners of the skull, and cortex that the scanner's blur mixes with the skull. There is **no
    erosion**: the partial-volume rim next to the skull is cortex (gray matter, CBF ~55) and its
    maps are wanted; eroding it loses 6-7 % of the brain on a 128² slice.
 
@@ -39,6 +40,9 @@ BRAIN_HU_RANGE: tuple[float, float] = (-20.0, 100.0)
 #: Pre-contrast HU at and above which a (denoised) pixel is bone (skull 700-1500 HU, cancellous
 #: bone ~300, partial-volume skull edges 150+).
 BONE_HU: float = 150.0
+#: The regrowth of step 6 accepts pixels up to this pre-contrast HU: cortex blurred with the skull
+#: next to it (scanner PSF, "skull blooming") reads 100-250 HU; the skull itself 700+.
+REGROW_MAX_HU: float = 300.0
 #: A slice's brain must cover at least this fraction of the image (smaller: no brain on this slice,
 #: e.g. the vertex or the skull base; the slice's mask is empty).
 MIN_BRAIN_FRAC: float = 0.002
@@ -237,7 +241,9 @@ def mask_from_baseline(
     cand = torch.where(enclosed[:, None, None], soft & inside, soft)
     min_px = max(4, int(round(min_brain_frac * h * w)))
     brain = fill_holes(largest_component(cand, min_pixels=min_px))
-    raw_soft = (base > lo) & (base < hi) & ~bone
+    # the cortex next to the skull may be brighter than soft tissue: the median filter and the
+    # scanner's blur (skull blooming) mix bone into it; up to REGROW_MAX_HU it is still cortex
+    raw_soft = (base > lo) & (base < REGROW_MAX_HU)
     for _ in range(max(0, regrow_px)):
         brain = brain | (dilate(brain, 1) & raw_soft)
     return fill_holes(brain)

@@ -41,6 +41,8 @@ FEATURE_HU: tuple[float, float] = (-200.0, 1200.0)
 #: Frames moved less than this are left untouched (no resampling of noise for nothing).
 MIN_SHIFT_PX: float = 0.05
 MIN_ROTATION_DEG: float = 0.05
+#: Resampling of the corrected frames (``grid_sample`` mode).
+FRAME_INTERPOLATION: str = "bilinear"
 #: Largest motion searched, as a fraction of the image size and in degrees.
 MAX_SHIFT_FRAC: float = 0.25
 MAX_ROTATION_DEG: float = 20.0
@@ -68,7 +70,7 @@ def _grid(angle_rad: torch.Tensor, shift: torch.Tensor, h: int, w: int, dtype: t
 
 
 def warp(img: torch.Tensor, angle_rad: torch.Tensor, shift: torch.Tensor, fill: torch.Tensor | None = None,
-         grid: torch.Tensor | None = None) -> torch.Tensor:
+         grid: torch.Tensor | None = None, mode: str = "bilinear") -> torch.Tensor:
     """Sample images ``(N, H, W)`` at ``q = R(angle) p + shift`` (pixel coordinates about the centre).
 
     ``shift`` is ``(N, 2)`` = ``(dy, dx)`` px; ``angle_rad`` ``(N,)``. Bilinear; outside the image the
@@ -78,7 +80,7 @@ def warp(img: torch.Tensor, angle_rad: torch.Tensor, shift: torch.Tensor, fill: 
     if grid is None:
         grid = _grid(angle_rad.to(img.dtype), shift.to(img.dtype), h, w, img.dtype)
     base = img.amin(dim=(1, 2)) if fill is None else fill
-    out = F.grid_sample((img - base[:, None, None])[:, None], grid, mode="bilinear", padding_mode="zeros",
+    out = F.grid_sample((img - base[:, None, None])[:, None], grid, mode=mode, padding_mode="zeros",
                         align_corners=False)[:, 0]
     return out + base[:, None, None]
 
@@ -320,7 +322,8 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
         apply = ~r["failed"] & ((shift.abs().amax(-1) > MIN_SHIFT_PX) | (angle.abs() > math.radians(MIN_ROTATION_DEG)))
         idx = torch.nonzero(apply).flatten()
         if idx.numel():
-            moved_frames = warp(frames[s, idx].to(torch.float32), angle[idx].float(), shift[idx].float())
+            moved_frames = warp(frames[s, idx].to(torch.float32), angle[idx].float(), shift[idx].float(),
+                                mode=FRAME_INTERPOLATION)
             out[s, idx] = moved_frames.to(frames.dtype)
             moved += int(idx.numel())
         bad = torch.nonzero(r["failed"]).flatten()
