@@ -60,6 +60,7 @@ TABLE_LAYOUTS: dict[str, list[tuple[str, str]]] = {
         ("STM-DLP CNN", "stm_dlp_cnn"),
         ("STM-DLP MLP-Mixer", "stm_dlp_mlp_mixer"),
         ("STM-DLP LSTM", "stm_dlp_lstm"),
+        ("STM-DLP + arterial context", "stm_dlp_arterial"),
     ],
     "table2": [
         ("Temporal First", "temporal_first"),
@@ -70,6 +71,7 @@ TABLE_LAYOUTS: dict[str, list[tuple[str, str]]] = {
         ("MPP with 1-layer Feature Exchange", "mpp1"),
         ("MPP with 2-layer Feature Exchange", "stm_dlp_lstm"),
         ("MPP with 3-layer Feature Exchange", "mpp3"),
+        ("STM-DLP + arterial context", "stm_dlp_arterial"),
     ],
 }
 TITLES = {

@@ -180,7 +180,13 @@ def _check_lit(lit: Any, p: _Problems) -> None:
     from stm_dlp.lit import LOSSES, PerfusionLitModule
 
     d = _defaults(PerfusionLitModule)
-    p.one_of("lit.loss", _get(lit, "loss", d["loss"]), LOSSES)
+    loss = _get(lit, "loss", d["loss"])
+    if isinstance(loss, str) or loss is None:
+        p.one_of("lit.loss", loss, LOSSES)
+    else:
+        kinds = list(loss)
+        if len(kinds) != 3 or any(k not in LOSSES for k in kinds):
+            p.add(f"lit.loss={kinds!r} is not valid; expected one of {_fmt(LOSSES)} or 3 of them (CBV, CBF, TMAX)")
     p.number("lit.lr", _get(lit, "lr", d["lr"]), 0.0, math.inf, True, True)
     weights = _get(lit, "task_weights")
     if weights is not None:

@@ -23,21 +23,29 @@ from stm_dlp.types import ALL_PARAMS, PARAMS, CTPBatch, maps_by_name, physical_m
 LOSSES = ("charbonnier", "mse", "l1")
 
 
-def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str = "charbonnier",
+def _pixel_error(diff: torch.Tensor, kind: str, eps: float) -> torch.Tensor:
+    if kind == "charbonnier":
+        return torch.sqrt(diff * diff + eps * eps)
+    if kind == "mse":
+        return diff * diff
+    if kind == "l1":
+        return diff.abs()
+    raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
+
+
+def masked_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, kind: str | Sequence[str] = "charbonnier",
                 eps: float = 1e-3, labelled: torch.Tensor | None = None) -> torch.Tensor:
     """Per-task loss inside the mask. ``pred``/``target`` (B, P, H, W), ``mask`` (B, H, W) → (P,).
 
+    ``kind`` is one loss for every task or one per task (CBV, CBF, TMAX order), e.g. Charbonnier for CBV
+    and CBF and MSE for TMAX, whose rare large values (the lesion) an L1-like loss treats as outliers.
     ``labelled`` (B, P) bool leaves out the slices whose label for a task is missing (that task's loss
     is 0 when no slice of the batch has it)."""
     diff = pred - target
-    if kind == "charbonnier":
-        err = torch.sqrt(diff * diff + eps * eps)
-    elif kind == "mse":
-        err = diff * diff
-    elif kind == "l1":
-        err = diff.abs()
-    else:
-        raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")
+    kinds = [kind] * diff.shape[1] if isinstance(kind, str) else list(kind)
+    if len(kinds) != diff.shape[1]:
+        raise ValueError(f"one loss per task needs {diff.shape[1]} names, got {kinds}")
+    err = torch.stack([_pixel_error(diff[:, i], k, eps) for i, k in enumerate(kinds)], dim=1)
     m = mask[:, None].to(err.dtype)
     if labelled is not None:
         m = m * labelled[:, :, None, None].to(err.dtype)
@@ -71,7 +79,7 @@ class PerfusionLitModule(L.LightningModule):
         target_scale: ``(3,)`` per-parameter scale of the normalised targets.
         model_config: plain-dict Hydra config of ``model`` (``_target_`` + args), stored in the
             checkpoint so ``stm_dlp.predict`` can rebuild the network without this run's config.
-        loss: ``charbonnier`` (paper) | ``mse`` (UniToBrain) | ``l1``.
+        loss: ``charbonnier`` (paper) | ``mse`` (UniToBrain) | ``l1``, or one per task (CBV, CBF, TMAX).
         task_weights: weights of the CBV, CBF, TMAX losses (paper: equal).
         lr, betas, weight_decay: Adam (paper: 5e-4, (0.9, 0.999), 0).
         step_size, gamma: StepLR (paper: ×0.995 every 10 epochs).
@@ -80,14 +88,16 @@ class PerfusionLitModule(L.LightningModule):
     """
 
     def __init__(self, model: nn.Module, target_scale: Sequence[float] | torch.Tensor | None = None,
-                 model_config: dict[str, Any] | None = None, loss: str = "charbonnier",
+                 model_config: dict[str, Any] | None = None, loss: str | Sequence[str] = "charbonnier",
                  charbonnier_eps: float = 1e-3, task_weights: Sequence[float] = (1.0, 1.0, 1.0),
                  lr: float = 5e-4, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0,
                  step_size: int = 10, gamma: float = 0.995, n_log_images: int = 2,
                  target_spacing_mm: float | None = None):
         super().__init__()
-        if loss not in LOSSES:
-            raise ValueError(f"lit.loss must be one of {LOSSES}, got {loss!r}")
+        losses = [loss] if isinstance(loss, str) else list(loss)
+        if any(k not in LOSSES for k in losses) or len(losses) not in (1, len(PARAMS)):
+            raise ValueError(f"lit.loss must be one of {LOSSES} or a list of {len(PARAMS)} of them (CBV, CBF, TMAX), "
+                             f"got {loss!r}")
         if len(task_weights) != len(PARAMS):
             raise ValueError(f"lit.task_weights needs {len(PARAMS)} values (CBV, CBF, TMAX), got {task_weights}")
         self.save_hyperparameters(ignore=["model", "target_scale"])

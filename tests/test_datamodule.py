@@ -226,3 +226,17 @@ def test_lesion_crops_hold_hypoperfused_tissue():
     assert all(hits) and np.mean(base) < 1.0
     with pytest.raises(ValueError, match="lesion_crop_fraction"):
         SliceDataset([study], crop_size=8, lesion_crop_fraction=1.5)
+
+
+def test_one_loss_per_task():
+    from stm_dlp.lit import PerfusionLitModule, masked_loss
+
+    pred = torch.zeros(1, 3, 2, 2)
+    target = torch.full((1, 3, 2, 2), 3.0)
+    mask = torch.ones(1, 2, 2, dtype=torch.bool)
+    loss = masked_loss(pred, target, mask, ["l1", "l1", "mse"])
+    torch.testing.assert_close(loss, torch.tensor([3.0, 3.0, 9.0]))
+    with pytest.raises(ValueError, match="one loss per task"):
+        masked_loss(pred, target, mask, ["l1", "mse"])
+    with pytest.raises(ValueError, match="lit.loss"):
+        PerfusionLitModule(torch.nn.Identity(), loss=["l1", "huber", "mse"])

@@ -39,11 +39,12 @@ def _sweep_variants(cfg) -> list[str]:
 
 # ----------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("experiment, variants", [
-    ("table1", ["unitobrain", "stm_dlp_cnn", "stm_dlp_mlp_mixer", "stm_dlp_lstm"]),
-    ("table2", ["temporal_first", "stm_dlp_lstm", "sf_time_spatial", "sf_time_both", "joint", "mpp1", "mpp3"]),
-    ("frames", ["stm_dlp_lstm", "calc"]),
-    ("robustness", ["stm_dlp_lstm", "calc"]),
-    ("frames_trained", ["stm_dlp_lstm", "calc"]),
+    ("table1", ["unitobrain", "stm_dlp_cnn", "stm_dlp_mlp_mixer", "stm_dlp_lstm", "stm_dlp_arterial"]),
+    ("table2", ["temporal_first", "stm_dlp_lstm", "sf_time_spatial", "sf_time_both", "joint", "mpp1", "mpp3",
+                "stm_dlp_arterial"]),
+    ("frames", ["stm_dlp_lstm", "stm_dlp_arterial", "calc"]),
+    ("robustness", ["stm_dlp_lstm", "stm_dlp_arterial", "calc"]),
+    ("frames_trained", ["stm_dlp_lstm", "stm_dlp_arterial", "calc"]),
 ])
 def test_experiment_sweeps_compose(experiment, variants):
     cfg = _compose([f"experiment={experiment}"])
@@ -74,6 +75,16 @@ def test_variants_set_the_paper_rows():
         for k, v in fields.items():
             assert cfg.model[k] == v, (variant, k)
     assert _compose(["+experiment/variant=unitobrain"]).lit.loss == "mse"  # UniToBrain's own recipe
+    # the paper's rows stay the paper's model whatever the project's defaults become (each starts from
+    # variant/_paper.yaml, composed after the defaults); the new row adds context
+    variant_dir = ROOT / "conf" / "experiment" / "variant"
+    for variant in ("stm_dlp_lstm", "stm_dlp_cnn", "stm_dlp_mlp_mixer", "temporal_first", "sf_time_spatial",
+                    "sf_time_both", "joint", "mpp1", "mpp3"):
+        assert "_paper" in yaml.safe_load((variant_dir / f"{variant}.yaml").read_text())["defaults"], variant
+        cfg = _compose([f"+experiment/variant={variant}"])
+        assert cfg.model.arterial_context is False and cfg.lit.loss == "charbonnier", variant
+        assert cfg.data.lesion_crop_fraction == 0.0, variant
+    assert _compose(["+experiment/variant=stm_dlp_arterial"]).model.arterial_context is True
 
 
 def test_frames_and_robustness_conditions():

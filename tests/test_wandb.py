@@ -60,7 +60,8 @@ def test_wandb_offline_multirun_one_run_per_job(tmp_path):
     env.pop("WANDB_API_KEY", None)
     res = subprocess.run(
         [sys.executable, "-m", "stm_dlp.run", "-m", "experiment=robustness", "trainer=smoke", "logger=wandb",
-         "eval_conditions=[{eval_corruption:noise}]", f"hydra.sweep.dir={sweep}"],
+         "+experiment/variant=stm_dlp_lstm,calc", "eval_conditions=[{eval_corruption:noise}]",
+         f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())

@@ -251,7 +251,8 @@ def read_any_study(path: str | Path, *, pseudonym_key: bytes | None = None,
             :func:`~stm_dlp.data.dicom.read_dicom_study`); NIfTI cases are always strict.
 
     Returns:
-        A validated :class:`Study`; ``meta["layout"]`` says which layout was read.
+        A validated :class:`Study`; ``meta["layout"]`` says which layout was read. A study whose layout
+        carries no brain mask gets the automatic one (:func:`with_brain_mask`).
     """
     p = Path(path)
     layout = study_layout(p)
@@ -274,8 +275,20 @@ def read_any_study(path: str | Path, *, pseudonym_key: bytes | None = None,
                              f"subject ({p}/raw_data/sub-…) or use the folder as a dataset root")
         study = read_dicom_study(p, pseudonym_key=pseudonym_key, on_bad_frame=on_bad_frame)
     study.meta["layout"] = layout
-    return study
+    return with_brain_mask(study)
+
+
+def with_brain_mask(study: Study) -> Study:
+    """``study`` with the automatic CT brain mask (:func:`stm_dlp.perfusion.mask.brain_mask`) where it has
+    none (``meta["mask_source"]`` says which): the one mask predict, calc, training losses and metrics use."""
+    if study.mask is not None:
+        return dataclasses.replace(study, meta={**study.meta, "mask_source": study.meta.get("mask_source", "given")})
+    from stm_dlp.perfusion.mask import brain_mask
+
+    frames = np.nan_to_num(np.asarray(study.frames, np.float32), nan=-1000.0)  # unreadable frames: air, not brain
+    mask = np.asarray(brain_mask(frames, np.asarray(study.times_s, np.float32)), bool)
+    return dataclasses.replace(study, mask=mask, meta={**study.meta, "mask_source": "automatic"})
 
 
 __all__ = ["LAYOUTS", "list_patients", "read_any_study", "read_label_maps", "read_labelled_study",
-           "study_fingerprint", "study_layout", "study_sources"]
+           "study_fingerprint", "study_layout", "study_sources", "with_brain_mask"]
