@@ -137,7 +137,7 @@ def test_pixel_spacing_converts_mm_options(tiny_study):
     _, info = calculate_maps(st.frames, st.times_s, st.mask, affine=st.affine)
     mm = info["pixel_mm"]
     assert mm[0] == pytest.approx(220.0 / st.shape_hw[0]) and info["params"]["spatial_sigma_px_used"][0] == \
-        pytest.approx(2.6 / mm[0], rel=1e-3)
+        pytest.approx(5.5 / mm[0], rel=1e-3)
     _, info = calculate_maps(st.frames, st.times_s, st.mask, spatial_sigma_px=0.7, pixel_mm=1.0)
     assert info["params"]["spatial_sigma_px_used"] == [0.7, 0.7]  # px given: it wins
     with pytest.raises(TypeError, match="unknown calculation option"):

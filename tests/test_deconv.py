@@ -41,8 +41,8 @@ from stm_dlp.perfusion.deconv import (
 from stm_dlp.perfusion.maps import calculate_maps
 from stm_dlp.perfusion.physics import TISSUE_SCALE, arterial_input_function
 
-#: The Kudo-style grids hold one (CBV, MTT, delay) per 1-2 px tile: no in-plane smoothing.
-CLEAN = dict(spatial_sigma_px=0.0)
+#: The Kudo-style grids hold one (CBV, MTT, delay) per 1-2 px tile: no in-plane smoothing, no TMAX median.
+CLEAN = dict(spatial_sigma_px=0.0, tmax_median_px=0)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,7 @@ def test_validation_grid_accuracy(grids, residue, method, threshold, tmax_bias_m
     assert -0.25 <= cbf <= 0.10, f"CBF mean relative error {cbf:+.3f}"
     assert 0.0 <= tmax < tmax_bias_max, f"argmax TMAX bias {tmax:+.2f} s"
     maps_h, _ = calculate_maps(st.frames, st.times_s, st.mask, method=method, aif=aif, threshold=threshold,
-                               **CLEAN)  # default TMAX estimator: half_rise
+                               tmax_method="half_rise", **CLEAN)
     assert abs(_errors(st, maps_h)[2]) < 1.0
     assert info["aif"]["source"] == "curve"
 
@@ -425,9 +425,9 @@ def test_default_smoothing_tames_noise(noisy_head):
     (cbv_d, tmax_d), (cbv_r, tmax_r) = mae(default), mae(raw)
     assert cbv_d < 0.6 * cbv_r and tmax_d < 0.5 * tmax_r, (mae(default), mae(raw))
     assert tmax_d < 1.5
-    # no pixel spacing given: the mm default on the fallback pixel (1.72 mm, the 128² phantom) = 1.5 px
-    assert info["params"]["spatial_sigma_px_used"][0] == pytest.approx(1.5, abs=0.02)
-    assert info["params"]["tmax_method"] == "half_rise"
+    # no pixel spacing given: the mm default on the fallback pixel (1.72 mm, the 128² phantom) = 3.2 px
+    assert info["params"]["spatial_sigma_px_used"][0] == pytest.approx(5.5 / (220 / 128), abs=0.02)
+    assert info["params"]["tmax_method"] == "calibrated"
     assert info["median_frame_interval_s"] == pytest.approx(float(np.median(np.diff(st.times_s, axis=1))), abs=0.05)
 
 
@@ -438,8 +438,9 @@ def test_csf_is_excluded_not_given_a_noise_tmax(noisy_head):
     st = noisy_head
     csf = (st.meta["labels"] == CSF) & st.mask
     assert csf.sum() > 20
-    maps, info = calculate_maps(st.frames, st.times_s, st.mask)
-    kept, _ = calculate_maps(st.frames, st.times_s, st.mask, csf_max_hu=None)
+    light = dict(spatial_sigma_px=1.5, tmax_median_px=0)  # light smoothing: the CSF's own noise shows
+    maps, info = calculate_maps(st.frames, st.times_s, st.mask, **light)
+    kept, _ = calculate_maps(st.frames, st.times_s, st.mask, csf_max_hu=None, **light)
     assert info["n_csf_pixels"] >= 0.8 * csf.sum()  # the rest: CSF pixels next to tissue (smoothed test)
     zeroed = csf & (maps["cbv"] == 0) & (maps["cbf"] == 0) & (maps["mtt"] == 0) & (maps["tmax"] == 0)
     assert zeroed.sum() >= 0.8 * csf.sum()

@@ -86,6 +86,19 @@ def test_still_study_is_left_alone_and_bad_frames_are_reported(still):
     np.testing.assert_array_equal(kept[1, 22].numpy(), frames[1, 22])
 
 
+def test_no_skull_or_tiny_images_are_left_alone():
+    """A synthetic grid (no bone to lock onto) and a tiny image are not registered, and say so."""
+    from stm_dlp.data.phantom import validation_grid
+
+    grid = validation_grid(tile=2)
+    out, rep = correct_motion(torch.from_numpy(grid.frames), 3)
+    assert rep["skipped_slices"] == list(range(grid.frames.shape[0]))
+    assert torch.equal(out, torch.from_numpy(grid.frames))
+    tiny = torch.full((1, 6, 8, 8), 1000.0)
+    _, rep = correct_motion(tiny, 2)
+    assert rep["skipped_slices"] == [0] and rep["moved_frames"] == 0
+
+
 def test_warp_matches_the_corruption_convention():
     img = torch.zeros(1, 32, 32)
     img[0, 10:14, 8:20] = 100.0
@@ -110,9 +123,9 @@ def test_calculate_maps_with_motion_correction(still):
     angles[8:] = np.deg2rad(rng.uniform(-3, 3, t - 8))
     frames = _move(still, shifts, angles)
     mask = still.mask
-    ref, _ = calculate_maps(still.frames, still.times_s, mask)
-    raw, _ = calculate_maps(frames, still.times_s, mask)
-    fixed, info = calculate_maps(frames, still.times_s, mask, motion=True)
+    ref, _ = calculate_maps(still.frames, still.times_s, mask, motion=False)
+    raw, _ = calculate_maps(frames, still.times_s, mask, motion=False)
+    fixed, info = calculate_maps(frames, still.times_s, mask)  # motion correction is on by default
     assert info["motion"]["enabled"] and info["motion"]["moved_frames"] > 0
 
     def mae(m):

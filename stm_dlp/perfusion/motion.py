@@ -41,6 +41,13 @@ FEATURE_HU: tuple[float, float] = (-200.0, 1200.0)
 #: Frames moved less than this are left untouched (no resampling of noise for nothing).
 MIN_SHIFT_PX: float = 0.05
 MIN_ROTATION_DEG: float = 0.05
+#: A slice is registered only when at least this fraction of its reference is bone (>= MIN_BONE_HU):
+#: the skull is what the registration locks onto; without it (synthetic grids, a brain-only crop)
+#: the slice is left alone and reported in ``skipped_slices``.
+MIN_BONE_HU: float = 300.0
+MIN_BONE_FRAC: float = 0.005
+#: ... and when it is at least this large (px): smaller images are not registered.
+MIN_SIZE_PX: int = 24
 #: Resampling of the corrected frames (``grid_sample`` mode).
 FRAME_INTERPOLATION: str = "bilinear"
 #: Largest motion searched, as a fraction of the image size and in degrees.
@@ -200,8 +207,9 @@ def _gauss_newton(feat: torch.Tensor, ref: torch.Tensor, angle: torch.Tensor, sh
         wj = jac * wgt.reshape(n, -1, 1)
         hess = wj.transpose(1, 2) @ jac
         grad = wj.transpose(1, 2) @ r.reshape(n, -1, 1)
-        hess = hess + 1e-6 * torch.diagonal(hess, dim1=1, dim2=2).mean(-1)[:, None, None] * eye
-        step = -torch.linalg.solve(hess, grad)[..., 0]
+        # Levenberg-style damping: a frame without structure (flat, all air) gives a zero step, not an error
+        damp = 1e-6 * torch.diagonal(hess, dim1=1, dim2=2).mean(-1) + 1e-9
+        step = -torch.linalg.solve(hess + damp[:, None, None] * eye, grad)[..., 0]
         # a Gauss-Newton step far from the optimum can overshoot: at most 2 px and 2 degrees at a time
         step = torch.cat([step[:, :1].clamp(-0.035, 0.035), step[:, 1:].clamp(-2.0, 2.0)], 1)
         angle = angle + step[:, 0]
@@ -282,7 +290,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
         ``report`` (JSON-able): ``shift_px`` ``[S][T][dy, dx]`` and ``rotation_deg`` ``[S][T]`` of
         the motion found (convention of :func:`stm_dlp.data.corrupt.rigid_warp`), ``ncc``
         ``[S][T]``, ``failed_frames`` ``[[slice, frame], ...]``, ``moved_frames`` (count corrected),
-        ``max_shift_px``, ``max_rotation_deg``.
+        ``max_shift_px``, ``max_rotation_deg``, ``skipped_slices`` (no bone to register on).
     """
     s_count, n_t, h, w = frames.shape
     if n_baseline is None:
@@ -293,8 +301,17 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
     shifts, rots, nccs, failed_list = [], [], [], []
     moved = 0
     passes = []
+    skipped: list[int] = []
     for s in range(s_count):
         feat0 = _features(frames[s].to(torch.float32))
+        if min(h, w) < MIN_SIZE_PX or float((feat0[0] >= MIN_BONE_HU).to(torch.float32).mean()) < MIN_BONE_FRAC:
+            # nothing rigid to register on (no skull: a synthetic grid, a brain-only crop; or a tiny
+            # image): the slice is left alone and reported
+            skipped.append(s)
+            shifts.append([[0.0, 0.0] for _ in range(n_t)])
+            rots.append([0.0] * n_t)
+            nccs.append([1.0] * n_t)
+            continue
         if nb is None:
             # the pre-bolus frames are not known yet (a moving head fools the arrival detection): register
             # to the first frame, find the arrival on the registered frames, and register again to the
@@ -350,7 +367,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
               "max_shift_px": round(max(all_shift, default=0.0), 3),
               "max_rotation_deg": round(max(all_rot, default=0.0), 3),
               "reference": "median of each slice's pre-bolus frames",
-              "failed_handling": failed}
+              "failed_handling": failed, "skipped_slices": skipped}
     if passes:
         report["n_baseline"] = passes
     return out, report
