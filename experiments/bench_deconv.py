@@ -6,7 +6,8 @@
   profiles: 16 slices x 256² x 50 frames, clinical two-phase framing, ``--noise`` HU).
 * Times our oSVD end to end (HU frames -> baseline, enhancement, resampling, deconvolution, maps;
   :func:`stm_dlp.perfusion.maps.calculate_maps`) on the CPU, and on the GPU when there is one: with
-  our defaults (in-plane smoothing σ 1.5 px, half-rise TMAX) and ``_unsmoothed`` (like for like with
+  our defaults (in-plane smoothing 5.5 mm, calibrated TMAX with its median, motion correction) and
+  ``_unsmoothed`` (like for like with
   the peer, which gets the same unsmoothed enhancement curves and uses its argmax TMAX).
 * Times the peer's oSVD (``osipy.dsc.parameters.compute_perfusion_maps`` with ``OSVDFitter``, the
   path its documentation gives users) on the same arrays: the same enhancement curves (our baseline,
@@ -117,10 +118,11 @@ def _run_ours(study, aif: np.ndarray, device: str, repeats: int, **kw: Any) -> t
     """Best-of-``repeats`` wall time; ``info['cpu_seconds']`` gets the matching process CPU time."""
     best, best_cpu, maps, info = None, None, None, None
     if device.startswith("cuda"):  # warm-up: CUDA context, kernels, allocator
-        calculate_maps(study.frames, study.times_s, study.mask, aif=aif, device=device, **kw)
+        calculate_maps(study.frames, study.times_s, study.mask, aif=aif, device=device, affine=study.affine, **kw)
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        maps, info = calculate_maps(study.frames, study.times_s, study.mask, aif=aif, device=device, **kw)
+        maps, info = calculate_maps(study.frames, study.times_s, study.mask, aif=aif, device=device,
+                                    affine=study.affine, **kw)
         el, cpu = time.perf_counter() - t0, time.process_time() - c0
         best = el if best is None else min(best, el)
         best_cpu = cpu if best_cpu is None else min(best_cpu, cpu)
@@ -191,7 +193,9 @@ def bench(profile: str = "cpu", osipy_python: str | None = DEFAULT_OSIPY, noise_
     for dev in devices:
         # our defaults (in-plane smoothing, half-rise TMAX), then like for like with the peer, which
         # sees the same unsmoothed enhancement curves
-        for suffix, kw in (("", {}), ("_unsmoothed", {"spatial_sigma_px": 0.0})):
+        # like for like: no in-plane smoothing, no TMAX median, no motion correction (the peer has none)
+        plain = {"spatial_sigma_px": 0.0, "tmax_median_px": 0, "motion": False}
+        for suffix, kw in (("", {}), ("_unsmoothed", plain)):
             maps, secs, info = _run_ours(study, aif, dev, prof["repeats"], method="osvd", oi_target=OI_TARGET, **kw)
             runs[f"ours_osvd_{dev}{suffix}"] = {
                 "seconds": secs, "cpu_seconds": info["cpu_seconds"], "mae": _mae(maps, study.maps, mask),
@@ -200,7 +204,7 @@ def bench(profile: str = "cpu", osipy_python: str | None = DEFAULT_OSIPY, noise_
                 "tmax_method": info["params"]["tmax_method"]}
     grid = _delay_grid()
     g_maps, _, _ = _run_ours(grid, grid.meta["aif_hu"][0], "cpu", 1, method="osvd", oi_target=OI_TARGET,
-                             spatial_sigma_px=0.0)  # one (MTT, delay) per pixel: nothing to smooth
+                             spatial_sigma_px=0.0, tmax_median_px=0)  # one (MTT, delay) per pixel
     result["delay"] = {"delays_s": list(grid.meta["delay_values"]), "ours_osvd": _delay_ratio(g_maps["cbf"])}
 
     peer = osipy_python or ""
