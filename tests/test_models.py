@@ -350,3 +350,20 @@ def test_arterial_arrival_and_clock() -> None:
     torch.testing.assert_close(ch[0, :, 0], curve[0] / 100.0)
     short = arterial_channels(curve, torch.tensor([4]), times)  # the peak past lengths is not seen
     assert float(short[0, 3, 0]) == pytest.approx(1.0) and float(short[0, 4:].abs().sum()) == 0.0
+
+
+def test_arterial_reference_ignores_impulse_noise() -> None:
+    """One-frame HU spikes (impulse noise, 0.5 % of the pixels of every frame, ±200–1000 HU) must not pass for
+    the arterial peak: the degraded context stays the arterial curve."""
+    import numpy as np
+
+    from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+    from stm_dlp.perfusion.arterial import arterial_reference
+
+    study = simulate_patient(PhantomConfig(height=48, width=48, n_slices=1, noise_hu=3.0), seed=4)
+    rng = np.random.default_rng(0)
+    frames = study.frames[0].copy()
+    hit = rng.uniform(size=frames.shape) < 0.005
+    frames[hit] += rng.choice([-1.0, 1.0], hit.sum()) * rng.uniform(200, 1000, hit.sum())
+    ref = arterial_reference(torch.from_numpy(frames), torch.from_numpy(study.times_s[0]))
+    assert np.corrcoef(ref.curve_hu.numpy(), study.meta["aif_hu"][0])[0, 1] > 0.98

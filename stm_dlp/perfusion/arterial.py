@@ -39,11 +39,21 @@ class ArterialReference:
 
 
 def _smooth3(x: torch.Tensor) -> torch.Tensor:
-    """A [1, 2, 1] / 4 filter along the first axis (edges replicated): one noisy frame cannot make a peak."""
+    """A 3-frame median then a [1, 2, 1] / 4 filter along the first axis (edges replicated): a one-frame
+    spike (impulse noise, a motion jump) is removed, not halved, so it cannot pass for an artery's peak."""
+    if x.shape[0] < 3:
+        return x
+    med = _median3(x)
+    padded = torch.cat([med[:1], med, med[-1:]], dim=0)
+    return 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+
+
+def _median3(x: torch.Tensor) -> torch.Tensor:
+    """3-frame running median along the first axis (edges replicated)."""
     if x.shape[0] < 3:
         return x
     padded = torch.cat([x[:1], x, x[-1:]], dim=0)
-    return 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+    return torch.stack([padded[:-2], padded[1:-1], padded[2:]]).median(0).values
 
 
 @torch.no_grad()
@@ -80,7 +90,9 @@ def arterial_reference(frames_hu: torch.Tensor, times_s: torch.Tensor, mask: tor
     k_early = max(1, min(k, int(round(early_share * k))))
     order = torch.argsort(ttp[cand].to(torch.float32) + peak[cand] * 1e-6, descending=False)  # ties: highest first
     chosen = cand[order[:k_early]]
-    curve = (x - base)[:, chosen].mean(1)
+    # the median over the chosen pixels, frame by frame: a spike in one of them does not reach the curve
+    # (partial-volume copies of one AIF share its shape, so its timing is kept exactly)
+    curve = (x - base)[:, chosen].median(1).values
     i_peak = int(torch.argmax(curve))
     return ArterialReference(curve_hu=curve.to(torch.float32), peak_hu=float(curve[i_peak]), n_pixels=int(k_early),
                              time_to_peak_s=float(times_s[i_peak] - times_s[0]))
