@@ -269,8 +269,10 @@ def study_arrival(
             region = region & ~near_bone
         if int(region.sum()) < min_pixels:
             region = torch.ones_like(region)
-    score = torch.where(region.reshape(s_count, -1), _enhancement_score(x, 1),
-                        torch.full((), float("-inf"), dtype=x.dtype, device=x.device)).reshape(-1)
+    # slice by slice: the score's temporaries of one slice stay in cache, the whole study's would not
+    score = torch.cat([torch.where(region[s].reshape(-1), _enhancement_score(x[s], 0),
+                                   torch.full((), float("-inf"), dtype=x.dtype, device=x.device))
+                       for s in range(s_count)])
     n_cand = int(region.sum())
     n_ref = int(min(n_cand, max(min_pixels, round(top_frac * n_cand))))
     # the pool: twice the reference's size by enhancement; the reference: its earliest-rising half —

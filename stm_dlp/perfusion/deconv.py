@@ -442,13 +442,16 @@ class Deconvolver:
             acc = torch.zeros((n_s, kt.shape[1]), dtype=kf.dtype, device=kf.device)
             acc2 = torch.zeros((n_s - 2, kt.shape[1]), dtype=kf.dtype, device=kf.device)
             passed = torch.zeros(kt.shape[1], dtype=torch.bool, device=kf.device)
+            ok = None
             for m in range(m_count - 1, -1, -1):
                 lo, hi = bands[m]
                 if hi > lo:
                     acc.addmm_(bas_t[:, lo:hi], kt[lo:hi])
                     acc2.addmm_(bas_d2_t[:, lo:hi], kt[lo:hi])
-                # OI = Σ|d2| / (N fmax) < target; a non-positive fmax fails
-                ok = acc2.abs().sum(0) < lim * acc.amax(0)
+                if hi > lo or ok is None:
+                    # OI = Σ|d2| / (N fmax) < target; a non-positive fmax fails
+                    ok = acc2.abs().sum(0) < lim * acc.amax(0)
+                # (no component added: the same residue as the candidate above, the same verdict)
                 best[idx[ok]] = m
                 # decided: failed after having passed (the run of passing thresholds has ended)
                 undecided = ok | ~passed
@@ -458,7 +461,7 @@ class Deconvolver:
                     break
                 if n_left < 0.5 * undecided.numel():  # compact to the undecided pixels
                     kt, idx, acc, acc2 = kt[:, undecided], idx[undecided], acc[:, undecided], acc2[:, undecided]
-                    passed = passed[undecided]
+                    passed, ok = passed[undecided], ok[undecided]
         return best
 
     def residue(self, conc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

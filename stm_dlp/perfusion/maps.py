@@ -314,7 +314,7 @@ def prepare_inputs(frames: Any, times_s: Any, p: CalcParams) -> Inputs:
         raise ValueError(f"a deconvolution needs at least 4 frames, got {n_t}")
     if not bool(torch.all(torch.diff(tt, dim=1) > 0)):
         raise ValueError("frame times must be strictly increasing within each slice")
-    if not bool(torch.isfinite(fr).all()):
+    if not math.isfinite(float(fr.sum())):  # one pass; NaN / inf (or an absurd overflow) make the sum non-finite
         fr = torch.nan_to_num(fr, nan=0.0, posinf=0.0, neginf=0.0)
     t0 = float(tt.min())
     return Inputs(frames=fr, times=(tt - t0).contiguous(), t0=t0, device=dev, dtype=dtype)
@@ -432,7 +432,7 @@ def brain_and_region(base_med: torch.Tensor, mask: Any, inp: Inputs) -> tuple[to
     region = dilate(brain, grow) & (base_med > MIN_VESSEL_BASE_HU) & (base_med < MAX_VESSEL_BASE_HU)
     # inside the skull where it is closed: the scalp beyond it holds no artery of the brain, and next
     # to a moving skull it spikes like one
-    bone = median_filter(base_med, 1) >= MAX_VESSEL_BASE_HU
+    bone = base_med >= MAX_VESSEL_BASE_HU  # a temporal median already: no impulse makes bone
     inside = fill_holes(bone) & ~bone
     closed = inside.sum((1, 2)) >= 0.5 * brain.sum((1, 2))
     region = torch.where(closed[:, None, None], region & inside, region) | brain

@@ -57,6 +57,9 @@ MAX_ROTATION_DEG: float = 20.0
 #: ``max(8 MAD, FAIL_NCC_DROP)`` below the slice's median NCC (bone-dominated features: registered
 #: frames agree to ~0.003, a frame a few degrees off loses ~0.015).
 FAIL_NCC_DROP: float = 0.005
+#: A first, coarse look that finds every frame within this of the first frame leaves the slice alone.
+STILL_SHIFT_PX: float = 0.3
+STILL_ROTATION_DEG: float = 0.2
 #: Gauss–Newton iterations of the refinement.
 GN_ITERATIONS: int = 12
 #: Registration is estimated on images at most this large (average-pooled), then refined at full size.
@@ -228,16 +231,19 @@ def _ncc(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (da * db).sum(dim=(1, 2)) / ((da**2).sum(dim=(1, 2)) * (db**2).sum(dim=(1, 2))).sqrt().clamp_min(1e-12)
 
 
-def register_slice(frames: torch.Tensor, reference: torch.Tensor) -> dict[str, torch.Tensor]:
+def register_slice(frames: torch.Tensor, reference: torch.Tensor, feat: torch.Tensor | None = None,
+                   fine: bool = True) -> dict[str, torch.Tensor]:
     """Rigid registration of one slice's frames ``(T, H, W)`` HU to a reference feature image ``(H, W)``
     (:func:`_features` of a pre-contrast frame).
 
-    Returns ``angle`` ``(T,)`` rad and ``shift`` ``(T, 2)`` px of the *correction* (sample at
-    ``R(angle) p + shift``), ``ncc`` ``(T,)`` after registration and ``failed`` ``(T,)`` bool.
+    Estimated on images of at most :data:`WORK_SIZE` (average-pooled; ~0.1 px there), coarse to fine;
+    ``fine=False`` stops after the coarse level (a quick look for motion). ``feat`` are the frames'
+    features when already computed. Returns ``angle`` ``(T,)`` rad and ``shift`` ``(T, 2)`` px
+    (full resolution) of the *correction* (sample at ``R(angle) p + shift``), ``ncc`` ``(T,)`` after
+    registration and ``failed`` ``(T,)`` bool.
     """
     n_t, h, w = frames.shape
-    x = frames.to(torch.float32)
-    feat = _features(x)
+    feat = _features(frames.to(torch.float32)) if feat is None else feat
     scale = max(1, int(math.ceil(max(h, w) / WORK_SIZE)))
     small = F.avg_pool2d(feat[:, None], scale)[:, 0] if scale > 1 else feat
     ref_full = reference.to(torch.float32)
@@ -254,14 +260,15 @@ def register_slice(frames: torch.Tensor, reference: torch.Tensor) -> dict[str, t
     coarse, ref_c = F.avg_pool2d(small[:, None], 2)[:, 0], F.avg_pool2d(ref_s[None, None], 2)[0, 0]
     angle, shift = _gauss_newton(_smooth(coarse, 1.0), _smooth(ref_c[None], 1.0)[0], angle, shift / 2,
                                  GN_ITERATIONS)
-    angle, shift = _gauss_newton(_smooth(small, 1.0), _smooth(ref_s[None], 1.0)[0], angle, shift * 2,
-                                 GN_ITERATIONS)
+    shift = shift * 2
+    ref_sm = _smooth(ref_s[None], 1.0)[0]
+    small_sm = _smooth(small, 1.0)
+    if fine:
+        angle, shift = _gauss_newton(small_sm, ref_sm, angle, shift, GN_ITERATIONS)
+    reg = warp(small_sm, angle, shift)
+    valid = warp(torch.ones_like(small), angle, shift, torch.zeros(n_t, dtype=small.dtype)) > 0.999
+    ncc = _ncc(reg, ref_sm.expand_as(reg), valid)
     shift = shift * scale
-    if scale > 1:  # a few full-resolution steps
-        angle, shift = _gauss_newton(_smooth(feat, 1.0), _smooth(ref_full[None], 1.0)[0], angle, shift, 3)
-    reg = warp(_smooth(feat, 1.0), angle, shift)
-    valid = warp(torch.ones_like(feat), angle, shift, torch.zeros(n_t, dtype=feat.dtype)) > 0.999
-    ncc = _ncc(reg, _smooth(ref_full[None], 1.0)[0].expand_as(reg), valid)
     med = ncc.median()
     mad = (ncc - med).abs().median()
     limit_px = MAX_SHIFT_FRAC * min(h, w)
@@ -290,7 +297,8 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
         ``report`` (JSON-able): ``shift_px`` ``[S][T][dy, dx]`` and ``rotation_deg`` ``[S][T]`` of
         the motion found (convention of :func:`stm_dlp.data.corrupt.rigid_warp`), ``ncc``
         ``[S][T]``, ``failed_frames`` ``[[slice, frame], ...]``, ``moved_frames`` (count corrected),
-        ``max_shift_px``, ``max_rotation_deg``, ``skipped_slices`` (no bone to register on).
+        ``max_shift_px``, ``max_rotation_deg``, ``skipped_slices`` (no bone to register on),
+        ``still_slices`` (a first coarse look found no motion: left alone).
     """
     s_count, n_t, h, w = frames.shape
     if n_baseline is None:
@@ -302,6 +310,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
     moved = 0
     passes = []
     skipped: list[int] = []
+    still: list[int] = []
     for s in range(s_count):
         feat0 = _features(frames[s].to(torch.float32))
         if min(h, w) < MIN_SIZE_PX or float((feat0[0] >= MIN_BONE_HU).to(torch.float32).mean()) < MIN_BONE_FRAC:
@@ -316,7 +325,15 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
             # the pre-bolus frames are not known yet (a moving head fools the arrival detection): register
             # to the first frame, find the arrival on the registered frames, and register again to the
             # median of the registered pre-bolus frames
-            r0 = register_slice(frames[s], feat0[0])
+            r0 = register_slice(frames[s], feat0[0], feat0, fine=False)
+            if float(r0["shift"].abs().max()) < STILL_SHIFT_PX and float(r0["angle"].abs().max()) < math.radians(
+                    STILL_ROTATION_DEG):
+                # a quick look finds no motion: the slice is left as it is (most studies: no cost but this)
+                still.append(s)
+                shifts.append([[0.0, 0.0] for _ in range(n_t)])
+                rots.append([0.0] * n_t)
+                nccs.append([round(float(v), 4) for v in r0["ncc"].cpu()])
+                continue
             reg0 = warp(frames[s].to(torch.float32), r0["angle"], r0["shift"])
             from stm_dlp.perfusion.concentration import study_arrival
 
@@ -329,7 +346,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
         else:
             k = int(min(max(nb[s], 1), n_t))
             ref = feat0[:k].median(0).values if k > 2 else feat0[:k].mean(0)
-        r = register_slice(frames[s], ref)
+        r = register_slice(frames[s], ref, feat0)
         angle, shift = r["angle"], r["shift"]
         # report the motion (frame = reference turned by alpha and shifted by s): alpha = -angle,
         # s = R(alpha) shift
@@ -367,7 +384,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
               "max_shift_px": round(max(all_shift, default=0.0), 3),
               "max_rotation_deg": round(max(all_rot, default=0.0), 3),
               "reference": "median of each slice's pre-bolus frames",
-              "failed_handling": failed, "skipped_slices": skipped}
+              "failed_handling": failed, "skipped_slices": skipped, "still_slices": still}
     if passes:
         report["n_baseline"] = passes
     return out, report
