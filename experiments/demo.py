@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--out", default="docs/demo")
-    ap.add_argument("--slice", type=int, default=1)
+    ap.add_argument("--slice", type=int, default=-1, help="slice to show (-1: the one with the largest lesion)")
     args = ap.parse_args(argv)
     run = Path(args.run_dir)
     cfg = OmegaConf.load(run / "config.yaml")
@@ -36,11 +36,19 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = metrics.get("best_checkpoint") or str(run / "checkpoints" / "last.ckpt")
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup("test")
-    study = dm.test_set.studies[0]
-    s = min(args.slice, study.n_slices - 1)
+    # the held-out patient with the most hypoperfused tissue (a lesion-free one would show no TMAX > 6 s),
+    # and with --slice -1 its slice with the most
+    def lesion_px(st, k=None):
+        sel = (st.maps[:, 2] > 6) & st.mask
+        return int(sel.sum()) if k is None else int(sel[k].sum())
+
+    study = max(dm.test_set.studies, key=lesion_px)
+    s = (max(range(study.n_slices), key=lambda k: lesion_px(study, k)) if args.slice < 0
+         else min(args.slice, study.n_slices - 1))
     model, scale, _ = load_model(ckpt)
     pred, _ = predict_study(model, scale, study)
-    calc, _ = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s), np.asarray(study.mask))
+    calc, _ = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s), np.asarray(study.mask),
+                             affine=study.affine)
     truth = maps_by_name(study.maps)
     mask = np.asarray(study.mask)[s]
     rows = {"truth": {p: truth[p][s] for p in ALL_PARAMS},

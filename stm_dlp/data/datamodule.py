@@ -266,7 +266,7 @@ class CTPDataModule(L.LightningDataModule):
         def build() -> Study:
             maps, _info = calculate_maps(np.asarray(study.frames), np.asarray(study.times_s),
                                          None if study.mask is None else np.asarray(study.mask),
-                                         **self.calc_kwargs)
+                                         affine=study.affine, **self.calc_kwargs)  # smoothing in mm
             labels = np.stack([maps[p] for p in PARAMS], axis=1).astype(np.float32)
             mask = np.asarray(study.mask) if study.mask is not None else maps.get("mask")
             return replace(study, maps=labels, mask=mask, meta={k: v for k, v in study.meta.items()
@@ -274,7 +274,8 @@ class CTPDataModule(L.LightningDataModule):
 
         parts = {"kind": "calc_labels", "study": study.source, "pid": study.patient_id,
                  "frames_shape": list(study.frames.shape), "calc": self.calc_kwargs,
-                 "frames_sum": float(np.asarray(study.frames, np.float64).sum())}
+                 "frames_sum": float(np.asarray(study.frames, np.float64).sum()),
+                 "affine": np.asarray(study.affine, np.float64).round(6).tolist()}
         return self.cache.get(parts, build)
 
     def prepare_data(self) -> None:
