@@ -30,7 +30,8 @@ from experiments.bench.report import render
 
 REPO = Path(__file__).resolve().parents[1]
 STORED = REPO / "tests" / "data" / "bench_smoke" / "results.json"
-METHODS = ("oSVD (calculation)", "STM-DLP CNN", "STM-DLP MLP-Mixer", "STM-DLP LSTM", "UniToBrain")
+METHODS = ("oSVD (calculation)", "STM-DLP CNN", "STM-DLP MLP-Mixer", "STM-DLP LSTM",
+           "STM-DLP LSTM, paper configuration", "UniToBrain")
 
 
 def check_report(md: str) -> None:
@@ -80,7 +81,8 @@ def check_results(results: dict[str, Any]) -> None:
     assert not results["errors"]
     assert results["meta"]["profile"] == "smoke"
     acc = results["accuracy"]
-    assert set(acc["models"]) == {"calc", "stm_dlp_cnn", "stm_dlp_mlp_mixer", "stm_dlp_lstm", "unitobrain"}
+    assert set(acc["models"]) == {"calc", "stm_dlp_cnn", "stm_dlp_mlp_mixer", "stm_dlp_lstm", "stm_dlp_lstm_paper",
+                                  "unitobrain"}
     for entry in acc["models"].values():
         assert set(entry["metrics"]) == set(acc["conditions"])
         for m in entry["metrics"].values():  # every evaluation carries the readout summary
@@ -160,7 +162,7 @@ def test_clinical_targets_follow_the_numbers(stored: dict[str, Any]) -> None:
     assert _target(clinical_targets(res), "CPU inference")["met"] is None  # the smoke study is not 16×256²×50
     infer["spec"].update(size=256, frames=50, study_slices=16)
     for seconds, met in ((14.0, True), (16.0, False)):
-        infer["model_s_per_study"] = seconds
+        infer["default_path_s_per_study"] = seconds
         assert _target(clinical_targets(res), "CPU inference")["met"] is met
 
     del res["accuracy"]["cross_family"]

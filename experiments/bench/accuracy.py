@@ -37,11 +37,13 @@ from stm_dlp.types import ALL_PARAMS, Study, maps_by_name
 REPO = Path(__file__).resolve().parents[2]
 CALC = "osvd"
 
-#: Models trained on regular data: name → (label, overrides).
+#: Models trained on regular data: name → (label, overrides). The STM-DLP rows use the project's defaults
+#: (arterial context, lesion-centred crops); "paper" is the paper's configuration (variant stm_dlp_lstm).
 MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     "stm_dlp_cnn": ("STM-DLP CNN", ("model=stm_dlp", "encoder=cnn")),
     "stm_dlp_mlp_mixer": ("STM-DLP MLP-Mixer", ("model=stm_dlp", "encoder=mlp_mixer")),
     "stm_dlp_lstm": ("STM-DLP LSTM", ("model=stm_dlp", "encoder=lstm")),
+    "stm_dlp_lstm_paper": ("STM-DLP LSTM, paper configuration", ("+experiment/variant=stm_dlp_lstm",)),
     "unitobrain": ("UniToBrain", ("model=unitobrain",)),
 }
 LABEL_NOISE = "stm_dlp_lstm_calc_labels"
@@ -506,7 +508,8 @@ def clinical_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     infer = [r for r in (results.get("speed") or {}).get("infer", []) if r.get("spec", {}).get("device") == "cpu"]
     spec = infer[0]["spec"] if infer else {}
     full = (spec.get("study_slices"), spec.get("size"), spec.get("frames")) == (16, 256, 50)
-    secs = _finite(infer[0].get("model_s_per_study")) if infer and "error" not in infer[0] else None
+    secs = (_finite(infer[0].get("default_path_s_per_study", infer[0].get("model_s_per_study")))
+            if infer and "error" not in infer[0] else None)  # stm_dlp.predict's path: at the checkpoint's spacing
     note = "" if full else ("speed section not run" if not infer else
                             f"this profile's study is {spec.get('study_slices')}×{spec.get('size')}²×"
                             f"{spec.get('frames')}, not the target's: not judged")

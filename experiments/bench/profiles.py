@@ -90,6 +90,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu", trainer="cpu", n_patients=10, height=32, n_slices=2, frames_min=40, frames_max=50,
         batch_size=4, crop_size=16, max_epochs=40, max_time_s=150, check_val_every_n_epoch=2,
+        extra_train_overrides=("data.target_spacing_mm=null",),  # the 32² toy cohort stays 32² (not 73² at 3 mm)
         speed_sizes=(128, 256), speed_frames=16, speed_steps=1, speed_warmup=1,
         infer_slices=2, infer_size=256, infer_frames=50, lstm_compare_n=512, lstm_compare_t=50,
         loader_workers=(0, 1), loader_passes=1, train_rate_steps=3,

@@ -290,21 +290,25 @@ def _speed(sp: dict[str, Any]) -> list[str]:
     for r in sp["infer"]:
         s = r["spec"]
         if "error" in r:
-            rows.append([s["device"], "error: " + r["error"][:80]] + [None] * 6)
+            rows.append([s["device"], "error: " + r["error"][:80]] + [None] * 7)
             continue
         peak = _peak_for(peaks, s["device"], "fp32")
         factor = s["study_slices"] / s["slices"]
         note = "" if s["slices"] == s["study_slices"] else f" (ran {s['slices']} slices, ×{factor:g})"
         rows.append([s["device"], f"{s['study_slices']}×{s['size']}²×{s['frames']}{note}", r["model_s_per_study"],
+                     r.get("default_path_s_per_study"),
                      r.get("osvd_s_per_study", r.get("osvd_error")), r.get("peak_cuda_mb", r["peak_rss_mb"]),
                      r["flops_per_slice"] / 1e9, r["achieved_gflops"],
                      100.0 * r["achieved_gflops"] / peak if peak else None])
     out += ["### Inference: seconds per study", "",
-            "STM-DLP LSTM (untrained weights: timing does not depend on them) through `stm_dlp.predict.predict_study`, "
-            "and the calculation approach (oSVD, automatic AIF, `calculate_maps`) on the same study "
+            "STM-DLP LSTM with the default configuration (arterial context; untrained weights: timing does not "
+            "depend on them) through `stm_dlp.predict.predict_study` on the study's own grid, and through "
+            "`predict_on_scan_grid` as `stm_dlp.predict` runs a default checkpoint (resampled to its "
+            "`target_spacing_mm`, 3 mm at scale=laptop, and the maps brought back to the scan's grid); the "
+            "calculation approach (oSVD, automatic AIF, `calculate_maps`) on the same study "
             "(bench_deconv below times oSVD alone on its own study).", "",
-            _table(["device", "study", "STM-DLP LSTM s/study", "oSVD s/study", "peak MB", "GFLOP/slice", "GFLOP/s",
-                    "% of peak"], rows), ""]
+            _table(["device", "study", "STM-DLP LSTM s/study, own grid", "s/study at the checkpoint's spacing",
+                    "oSVD s/study", "peak MB", "GFLOP/slice", "GFLOP/s", "% of peak"], rows), ""]
     rows = []
     for r in sp["lstm_paths"]:
         s = r["spec"]

@@ -104,12 +104,13 @@ def build_model(name: str, scale: str) -> torch.nn.Module:
 def phantom_batch(batch: int, size: int, frames: int, seed: int = 0):
     """A padded batch of ``batch`` phantom slices of ``size``² and ``frames`` frames (one simulated
     slice repeated: timing does not depend on content)."""
+    from stm_dlp.data.context import attach_arterial
     from stm_dlp.data.phantom import PhantomConfig, simulate_patient
     from stm_dlp.types import collate_slices
 
     study = simulate_patient(PhantomConfig(height=size, width=size, n_slices=1, frames_min=frames,
                                            frames_max=frames), seed, "bench")
-    return collate_slices([study.slice_sample(0)] * batch), study
+    return collate_slices([attach_arterial(study.slice_sample(0))] * batch), study
 
 
 def lstm_flops(model: torch.nn.Module, n_pixels: int, t: int, train: bool) -> float:
@@ -240,6 +241,18 @@ def measure_infer(spec: dict[str, Any]) -> dict[str, Any]:
     out = {"model_s": dt, "model_s_per_study": dt * spec["study_slices"] / s, "flops_per_slice": flops,
            "achieved_gflops": flops * s / dt / 1e9, "peak_rss_mb": _maxrss_mb(),
            "peak_rss_over_start_mb": max(0.0, _maxrss_mb() - rss0)}
+    # what `stm_dlp.predict` does with a default checkpoint: resample to its pixel size, predict, restore
+    from omegaconf import OmegaConf
+
+    from stm_dlp.predict import predict_on_scan_grid
+
+    spacing = OmegaConf.load(REPO / "conf" / "scale" / f"{spec['scale']}.yaml").get("target_spacing_mm")
+    _sync(device)
+    t0 = time.perf_counter()
+    predict_on_scan_grid(model, scale, study, spacing, spec.get("batch", 4), device)
+    _sync(device)
+    out.update(default_path_s_per_study=(time.perf_counter() - t0) * spec["study_slices"] / s,
+               default_path_spacing_mm=spacing)
     if device.startswith("cuda"):
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     # oSVD on the whole study (cheap enough; a per-study AIF search would be overcounted by extrapolation)
