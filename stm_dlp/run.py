@@ -27,6 +27,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
 from stm_dlp.calc_eval import CalcBaseline, evaluate_calculation
@@ -57,6 +58,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                              target_spacing_mm=cfg.data.get("target_spacing_mm"),
                              **OmegaConf.to_container(cfg.lit, resolve=True))
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar it is told not to show
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ProgressBar)]
     with run_loggers(cfg) as loggers:
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                               default_root_dir=str(out_dir))
