@@ -53,7 +53,7 @@ from stm_dlp.data.phantom import PhantomConfig, simulate_patient, validation_gri
 from stm_dlp.perfusion.concentration import detect_arrival
 from stm_dlp.perfusion.maps import calculate_maps
 from stm_dlp.perfusion.physics import KAPPA_H, RHO_BRAIN_G_ML
-from stm_dlp.types import mtt_from_cbv_cbf
+from stm_dlp.types import maps_by_name
 
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(slices=2, size=64, frames=30, repeats=1),
@@ -105,8 +105,7 @@ def _enhancement(frames: np.ndarray, times: np.ndarray, aif: np.ndarray) -> np.n
 
 
 def _mae(maps: dict[str, np.ndarray], truth: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    t = {"cbv": truth[:, 0], "cbf": truth[:, 1], "tmax": truth[:, 2]}
-    t["mtt"] = mtt_from_cbv_cbf(t["cbv"], t["cbf"])
+    t = maps_by_name(truth)
     out = {}
     for p in ("cbv", "cbf", "mtt", "tmax"):
         est = np.nan_to_num(np.asarray(maps[p], np.float64), nan=0.0, posinf=0.0, neginf=0.0)

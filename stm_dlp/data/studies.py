@@ -195,8 +195,8 @@ def _is_patient(path: Path) -> bool:
 
 def list_patients(root: str | Path) -> list[Path]:
     """The patients under dataset ``root`` in any layout, sorted by name: sub-folders that are a patient
-    (``ctp/``, ``ctp.nii.gz``, an ISLES 2018 case, a UniToBrain case), or the subjects of an ISLES'24
-    release.
+    (``ctp/``, ``ctp.nii.gz``, an ISLES 2018 case, a UniToBrain case), the subjects of an ISLES'24
+    release, or sub-folders that each hold one patient's DICOM directly (one study each).
 
     Hidden folders (e.g. a half-written ``.sub-0001.xxx.tmp``) are skipped. ``root`` itself is
     returned when it is a single patient/case folder.
@@ -209,7 +209,41 @@ def list_patients(root: str | Path) -> list[Path]:
     found = sorted((p for p in root.iterdir() if _is_patient(p)), key=lambda p: p.name)
     if not found and _is_patient(root):
         return [root]
+    if not found:
+        found = _dicom_patient_folders(root)
     return found
+
+
+def _first_dicom(folder: Path) -> Path | None:
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not f.name.startswith("."):
+            with open(f, "rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM":
+                return f
+    return None
+
+
+def _dicom_patient_folders(root: Path) -> list[Path]:
+    """Sub-folders of ``root`` that each hold one patient's DICOM directly (any names and nesting): a cohort
+    only when they belong to different studies (StudyInstanceUID) — sub-folders of one study (a series per
+    time point, a series per folder) are that one study, read from ``root``."""
+    import pydicom
+
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(subdirs) < 2 or any(f.is_file() and not f.name.startswith(".") for f in root.iterdir()):
+        return []
+    studies: dict[Path, str] = {}
+    for d in subdirs:
+        first = _first_dicom(d)
+        if first is None:
+            return []
+        try:
+            ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        except Exception:  # noqa: BLE001 - not DICOM after all: not a DICOM cohort
+            return []
+        studies[d] = str(getattr(ds, "StudyInstanceUID", ""))
+    return subdirs if len(set(studies.values())) == len(subdirs) else []
 
 
 def study_sources(path: str | Path) -> list[Path]:
