@@ -4,6 +4,7 @@ sub-folders of one study are not."""
 from __future__ import annotations
 
 from conftest import tiny_phantom
+
 from stm_dlp.data.phantom import simulate_patient
 from stm_dlp.data.studies import list_patients
 from stm_dlp.io.dicom_writer import write_study_dicom
