@@ -27,7 +27,6 @@ Run ``python -m stm_dlp.synth help`` for every key.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,7 @@ import numpy as np
 from stm_dlp.cli import REQUIRED, parse_kv, run_cli
 from stm_dlp.data.dicom import pseudonymise
 from stm_dlp.data.phantom import PhantomConfig, cohort_member, simulate_patient
-from stm_dlp.io.atomic import atomic_write_text
+from stm_dlp.io.atomic import atomic_write_text, replace_dir
 from stm_dlp.io.dicom_writer import TIME_STYLES, shuttle_study, write_study_dicom, write_study_enhanced
 from stm_dlp.io.nifti import write_maps_nifti
 from stm_dlp.types import Study, maps_by_name
@@ -143,15 +142,7 @@ def write_patient(patient_dir: str | Path, study: Study, *, time_style: str, pat
         maps["mask"] = np.asarray(study.mask, bool)
         write_maps_nifti(tmp / "maps", maps, study.affine)
         atomic_write_text(tmp / "truth.json", json.dumps(truth or {}, indent=2, default=_json_default) + "\n")
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,3 +88,19 @@ def atomic_save_npz(path: str | Path, compressed: bool = True, **arrays: np.ndar
     buf = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Put the fully written folder ``tmp`` in place at ``final`` (same file system): an existing ``final``
+    is moved aside first and removed after, so a reader sees the old folder or the new one, never half."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final

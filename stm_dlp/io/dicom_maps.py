@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
+from stm_dlp.io.atomic import replace_dir
 from stm_dlp.io.dicom_writer import CT_IMAGE_STORAGE, DEFAULT_UID_ROOT, _ds, _split, geometry_from_affine
 from stm_dlp.io.png import DEFAULT_WINDOWS, DISPLAY_ORDER
 from stm_dlp.types import UNITS
@@ -261,15 +261,7 @@ def write_maps_dicom(out_dir: str | Path, maps: Mapping[str, np.ndarray], affine
                 pydicom.dcmwrite(path, ds, enforce_file_format=True)
                 files.append(path)
             written["colour"] = files
-        if final.exists():
-            old = out / f".{DICOM_DIR}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

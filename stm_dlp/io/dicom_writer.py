@@ -95,6 +95,22 @@ def _split(when: dt.datetime) -> tuple[str, str]:
     return when.strftime("%Y%m%d"), _tm(sod)
 
 
+def _identity(ds: Any, series_description: str, patient_name: str, patient_id: str, birth_date: str,
+              accession_number: str) -> None:
+    """The patient, study-context and equipment tags every series the phantom writers produce carries."""
+    ds.Modality = "CT"
+    ds.Manufacturer = "STM-DLP"
+    ds.ManufacturerModelName = "digital phantom"
+    ds.ReferringPhysicianName = ""
+    ds.AccessionNumber = accession_number
+    ds.SeriesDescription = series_description
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth_date
+    ds.PatientSex = "O"
+    ds.BodyPartExamined = "HEAD"
+
+
 def write_study_dicom(
     study: Study,
     out_dir: str | Path,
@@ -209,17 +225,7 @@ def write_study_dicom(
             ds.AcquisitionDateTime = da + tm
         else:  # midnight: time of day only
             ds.AcquisitionTime = _split(when)[1]
-        ds.AccessionNumber = accession_number
-        ds.Modality = "CT"
-        ds.Manufacturer = "STM-DLP"
-        ds.ManufacturerModelName = "digital phantom"
-        ds.ReferringPhysicianName = ""
-        ds.SeriesDescription = series_description
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = patient_birth_date
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "HEAD"
+        _identity(ds, series_description, patient_name, patient_id, patient_birth_date, accession_number)
         ds.KVP = "80"
         ds.SliceThickness = _ds(geo["slice_thickness"])
         ds.StudyInstanceUID = study_uid
@@ -350,17 +356,7 @@ def write_study_enhanced(
         ds.ContentDate, ds.ContentTime = start_da, start_tm
         first_when = start + dt.timedelta(seconds=float(min(times[s, t] for s, t in members) - t0))
         ds.AcquisitionDateTime = "".join(_split(first_when))
-        ds.Modality = "CT"
-        ds.Manufacturer = "STM-DLP"
-        ds.ManufacturerModelName = "digital phantom"
-        ds.ReferringPhysicianName = ""
-        ds.AccessionNumber = ""
-        ds.SeriesDescription = series_description
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "HEAD"
+        _identity(ds, series_description, patient_name, patient_id, "", "")
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = uid("series", g) if series_per_file else uid("series")
         ds.StudyID = "1"
