@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------------------ (a) kill + resume
-RUN_ARGS = ["trainer=smoke", "trainer.max_epochs=3", "trainer.limit_train_batches=6", "+trainer.deterministic=true",
+RUN_ARGS = ["trainer=smoke", "trainer.max_epochs=3", "trainer.limit_train_batches=6", "trainer.deterministic=true",
             "logger=csv", "seed=3"]
 
 
