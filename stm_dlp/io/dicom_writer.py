@@ -95,6 +95,17 @@ def _split(when: dt.datetime) -> tuple[str, str]:
     return when.strftime("%Y%m%d"), _tm(sod)
 
 
+def _uid_maker(uid_root: str, seed: int | None, patient_id: str, *salt: str) -> Any:
+    """``uid(*parts)``: a fresh random UID, or with a ``seed`` one derived from the seed, the patient, the
+    writer's ``salt`` and ``parts`` (reproducible files, distinct UIDs per writer)."""
+    def uid(*parts: Any) -> str:
+        if seed is None:
+            return str(generate_uid(prefix=uid_root))
+        return str(generate_uid(prefix=uid_root, entropy_srcs=[str(seed), patient_id, *salt, *map(str, parts)]))
+
+    return uid
+
+
 def _identity(ds: Any, series_description: str, patient_name: str, patient_id: str, birth_date: str,
               accession_number: str) -> None:
     """The patient, study-context and equipment tags every series the phantom writers produce carries."""
@@ -163,10 +174,7 @@ def write_study_dicom(
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)
 
-    def uid(*parts: Any) -> str:
-        if seed is None:
-            return str(generate_uid(prefix=uid_root))
-        return str(generate_uid(prefix=uid_root, entropy_srcs=[str(seed), patient_id, *map(str, parts)]))
+    uid = _uid_maker(uid_root, seed, patient_id)
 
     study_uid, series_uid, for_uid = uid("study"), uid("series"), uid("frame-of-reference")
     geo = geometry_from_affine(study.affine, n_s)
@@ -318,10 +326,7 @@ def write_study_enhanced(
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)
 
-    def uid(*parts: Any) -> str:
-        if seed is None:
-            return str(generate_uid(prefix=uid_root))
-        return str(generate_uid(prefix=uid_root, entropy_srcs=[str(seed), patient_id, "enhanced", *map(str, parts)]))
+    uid = _uid_maker(uid_root, seed, patient_id, "enhanced")
 
     study_uid, for_uid = uid("study"), uid("frame-of-reference")
     geo = geometry_from_affine(study.affine, n_s)
