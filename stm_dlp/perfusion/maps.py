@@ -72,7 +72,17 @@ from stm_dlp.perfusion.concentration import (
     uniform_grid,
 )
 from stm_dlp.perfusion.deconv import OI_TARGET_CT, OSVD_THRESHOLDS, Deconvolver, DeconvParams
-from stm_dlp.perfusion.mask import baseline_image, dilate, fill_holes, mask_from_baseline, median_filter
+from stm_dlp.perfusion.mask import (
+    CSF_MAX_FRAC,
+    CSF_MAX_SMOOTH_PX,  # noqa: F401  (re-exported: documented CSF constants)
+    CSF_NOISE_TARGET_HU,  # noqa: F401
+    baseline_image,
+    csf_mask,
+    dilate,
+    fill_holes,
+    mask_from_baseline,
+    median_filter,
+)
 from stm_dlp.perfusion.physics import TISSUE_SCALE
 from stm_dlp.types import mtt_from_cbv_cbf
 
@@ -92,14 +102,6 @@ SEARCH_GROW_FRAC: float = 0.04
 #: :data:`VESSEL_NOISE_K` noise levels above the brain's median peak (see :func:`exclusions`).
 VESSEL_PEAK_FRAC: float = 0.3
 VESSEL_NOISE_K: float = 6.0
-#: More than this fraction of the brain mask below ``csf_max_hu`` means the data are not head-CT HU
-#: (ventricles and sulci are ~5-15 % of a slice): refuse rather than return empty maps.
-CSF_MAX_FRAC: float = 0.5
-#: The CSF test smooths the baseline until its noise is at most this (HU): CSF (0-15 HU) and white
-#: matter (25-30 HU) are then > 3 noise levels from the 15 HU threshold.
-CSF_NOISE_TARGET_HU: float = 2.0
-#: ... but never more than this (px): beyond it, the ventricles blur into the parenchyma.
-CSF_MAX_SMOOTH_PX: float = 3.0
 #: Pixels within this many pixels of bone (pre-bolus HU >= MAX_VESSEL_BASE_HU) are no AIF candidates,
 #: and their tissue curves are cleaned of bone leaking in (:func:`clean_bone_leak`).
 BONE_MARGIN_PX: int = 2
@@ -682,15 +684,13 @@ def exclusions(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Cur
                pixel_mm: tuple[float, float] | None) -> Exclusions:
     """Step 5a: CSF and vessels inside the brain mask, both noise-aware.
 
-    * CSF: the baseline, smoothed inside the brain (normalised convolution) with σ = ``csf_smooth_mm``
-      — more when the baseline is noisy, until its noise is :data:`CSF_NOISE_TARGET_HU` (at most
-      :data:`CSF_MAX_SMOOTH_PX`) — below ``csf_max_hu``.
+    * CSF: :func:`~stm_dlp.perfusion.mask.csf_mask` (the one CSF test, shared with the model's maps) with
+      at least ``csf_smooth_mm`` of smoothing, below ``csf_max_hu``.
     * Vessels: the sustained peak (:func:`~stm_dlp.perfusion.concentration.sustained_peak`) above
       ``max(VESSEL_PEAK_FRAC * AIF peak, brain median of the same + VESSEL_NOISE_K * noise)`` —
       noisy or spiking frames cannot make a tissue pixel a vessel.
     """
     s_count, n_t, h, w = inp.shape
-    dtype = inp.dtype
     n_brain_total = int(brain.sum())
     nb_min = max(1, min(arrival.n_baseline))
     base_noise = noise_hu / math.sqrt(nb_min)
@@ -698,29 +698,13 @@ def exclusions(inp: Inputs, base: torch.Tensor, brain: torch.Tensor, curves: Cur
                               "baseline_noise_hu": round(base_noise, 3)}
     if p.csf_max_hu is not None:
         mm = pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM)
-        sigma_min = p.csf_smooth_mm / float(np.mean(mm))
-        # white noise after a 2-D Gaussian of σ px has std σ_n / (2 √π σ)
-        sigma_noise = base_noise / (2.0 * math.sqrt(math.pi) * CSF_NOISE_TARGET_HU)
-        sigma = float(min(max(sigma_min, sigma_noise), CSF_MAX_SMOOTH_PX))
-        base_ref = gaussian_smooth_space(base, sigma, brain.to(dtype))
-        csf = brain & (base_ref < p.csf_max_hu)
-        radius = 0
-        if base_noise > 2.0 * CSF_NOISE_TARGET_HU:
-            # noisy: the smoothing that tames the noise also blurs the ventricles into the tissue
-            # around them; an edge-preserving median inside the brain must agree (a 3/5/7 px window
-            # cuts the noise ~2.4/4/5.6 times)
-            radius = 1 if base_noise <= 5.0 else (2 if base_noise <= 10.0 else 3)
-            csf &= median_filter(base, radius, brain) < p.csf_max_hu
-        n_csf = int(csf.sum())
-        if n_csf > CSF_MAX_FRAC * max(n_brain_total, 1):
+        csf, report["csf"] = csf_mask(base, brain, base_noise, p.csf_smooth_mm / float(np.mean(mm)), p.csf_max_hu)
+        if report["csf"]["pixels"] > CSF_MAX_FRAC * max(n_brain_total, 1):
             raise ValueError(
-                f"{100 * n_csf / n_brain_total:.0f} % of the brain mask is below {p.csf_max_hu:g} HU before the "
-                f"bolus (median {float(base[brain].median()):.1f}): the frames do not look like Hounsfield units of "
-                "a head CT (check the rescale slope/intercept), or pass csf_max_hu=None to keep low-density pixels")
-        how = f"baseline smoothed σ {sigma:.2f} px" + (f" and {2 * radius + 1}² median" if radius else "")
-        report["csf"] = {"pixels": n_csf, "reason": f"pre-bolus HU < {p.csf_max_hu:g} ({how})",
-                         "threshold_hu": p.csf_max_hu, "smooth_px": round(sigma, 3),
-                         "median_px": 2 * radius + 1 if radius else 0}
+                f"{100 * report['csf']['pixels'] / n_brain_total:.0f} % of the brain mask is below {p.csf_max_hu:g} "
+                f"HU before the bolus (median {float(base[brain].median()):.1f}): the frames do not look like "
+                "Hounsfield units of a head CT (check the rescale slope/intercept), or pass csf_max_hu=None to keep "
+                "low-density pixels")
     else:
         csf = torch.zeros_like(brain)
         report["csf"] = {"pixels": 0, "reason": "csf_max_hu=None: CSF kept"}

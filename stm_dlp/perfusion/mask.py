@@ -29,6 +29,7 @@ Every function takes and returns ``(..., H, W)`` tensors (numpy arrays are accep
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -247,3 +248,93 @@ def mask_from_baseline(
     for _ in range(max(0, regrow_px)):
         brain = brain | (dilate(brain, 1) & raw_soft)
     return fill_holes(brain)
+
+
+# ---------------------------------------------------------------------------------------------- CSF
+#: Pre-contrast HU below which a brain pixel is CSF (ventricles, sulci: 0-15 HU; white matter 25-30).
+CSF_MAX_HU: float = 15.0
+#: The CSF test smooths the baseline until its noise is at most this (HU): CSF (0-15 HU) and white
+#: matter (25-30 HU) are then > 3 noise levels from the 15 HU threshold.
+CSF_NOISE_TARGET_HU: float = 2.0
+#: ... but never more than this (px): beyond it, the ventricles blur into the parenchyma.
+CSF_MAX_SMOOTH_PX: float = 3.0
+#: More than this fraction of the brain below the threshold: the frames are not head-CT HU (ventricles
+#: and sulci are ~5-15 % of a slice); :func:`slice_csf` then excludes nothing.
+CSF_MAX_FRAC: float = 0.5
+
+
+def csf_mask(base: torch.Tensor, brain: torch.Tensor, baseline_noise_hu: float, min_sigma_px: float,
+             max_hu: float = CSF_MAX_HU) -> tuple[torch.Tensor, dict]:
+    """CSF inside the brain: the pre-contrast image, denoised, below ``max_hu``.
+
+    The baseline is smoothed inside the brain (normalised convolution, so the skull does not leak in)
+    with σ = ``min_sigma_px`` — more when it is noisy, until its noise is :data:`CSF_NOISE_TARGET_HU`
+    (at most :data:`CSF_MAX_SMOOTH_PX`). With a noisy baseline the smoothing also blurs the ventricles
+    into the tissue around them, so an edge-preserving median inside the brain (3/5/7 px window, cutting
+    the noise ~2.4/4/5.6 times) must agree.
+
+    Args:
+        base: ``(S, H, W)`` pre-contrast image (HU).
+        brain: ``(S, H, W)`` bool brain mask.
+        baseline_noise_hu: noise of ``base`` (HU): per-frame noise / √(pre-bolus frames).
+        min_sigma_px: least smoothing (px), e.g. 1.2 mm in pixels.
+        max_hu: the CSF threshold (HU).
+
+    Returns:
+        ``(csf, report)``: bool ``(S, H, W)`` and ``{pixels, reason, threshold_hu, smooth_px, median_px}``.
+    """
+    from stm_dlp.perfusion.concentration import gaussian_smooth_space
+
+    # white noise after a 2-D Gaussian of σ px has std σ_n / (2 √π σ)
+    sigma_noise = baseline_noise_hu / (2.0 * math.sqrt(math.pi) * CSF_NOISE_TARGET_HU)
+    sigma = float(min(max(min_sigma_px, sigma_noise), CSF_MAX_SMOOTH_PX))
+    base_ref = gaussian_smooth_space(base, sigma, brain.to(base.dtype))
+    csf = brain & (base_ref < max_hu)
+    radius = 0
+    if baseline_noise_hu > 2.0 * CSF_NOISE_TARGET_HU:
+        radius = 1 if baseline_noise_hu <= 5.0 else (2 if baseline_noise_hu <= 10.0 else 3)
+        csf &= median_filter(base, radius, brain) < max_hu
+    how = f"baseline smoothed σ {sigma:.2f} px" + (f" and {2 * radius + 1}² median" if radius else "")
+    report = {"pixels": int(csf.sum()), "reason": f"pre-bolus HU < {max_hu:g} ({how})", "threshold_hu": max_hu,
+              "smooth_px": round(sigma, 3), "median_px": 2 * radius + 1 if radius else 0}
+    return csf, report
+
+
+#: Brain pixels sampled per slice for :func:`slice_csf`'s noise estimate.
+_NOISE_PIXELS: int = 2048
+
+
+def slice_csf(frames: torch.Tensor, times_s: torch.Tensor, lengths: torch.Tensor, brain: torch.Tensor,
+              max_hu: float = CSF_MAX_HU, min_sigma_px: float = 0.5) -> torch.Tensor:
+    """CSF of every slice of a batch (:func:`csf_mask` on each slice's own pre-bolus frames) — the
+    exclusion the calculation approach makes, for a model's maps.
+
+    Args:
+        frames: ``(B, T, H, W)`` HU, frames past ``lengths[b]`` padding.
+        times_s: ``(B, T)`` s.
+        lengths: ``(B,)`` valid frames.
+        brain: ``(B, H, W)`` bool.
+        max_hu, min_sigma_px: see :func:`csf_mask`.
+
+    Returns:
+        bool ``(B, H, W)``; all False on a slice whose brain is mostly below ``max_hu`` (not head-CT HU)
+        or has fewer than 4 frames.
+    """
+    from stm_dlp.perfusion.concentration import curve_noise, study_arrival
+
+    out = torch.zeros_like(brain, dtype=torch.bool)
+    for b in range(frames.shape[0]):
+        n_t = int(lengths[b])
+        region = brain[b]
+        if n_t < 4 or not bool(region.any()):
+            continue
+        fr = frames[b, :n_t].float()[None]
+        n_base = study_arrival(fr, times_s[b, :n_t][None]).n_baseline
+        base = baseline_image(fr, n_base)
+        pix = fr[0].permute(1, 2, 0)[region]
+        pix = pix[:: max(1, pix.shape[0] // _NOISE_PIXELS)].double()
+        noise = float(curve_noise(pix).median()) / math.sqrt(max(1, int(n_base[0])))
+        csf, _ = csf_mask(base, region[None], noise, min_sigma_px, max_hu)
+        if int(csf.sum()) <= CSF_MAX_FRAC * int(region.sum()):
+            out[b] = csf[0]
+    return out
