@@ -21,7 +21,6 @@ fails the whole study instead.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -34,7 +33,7 @@ import torch
 from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED, parse_bool
-from stm_dlp.data.context import attach_arterial
+from stm_dlp.data.context import attach_arterial, exclude_csf
 from stm_dlp.data.resample import pixel_spacing_mm, resample_study, restore_maps
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
@@ -71,8 +70,12 @@ def load_model(ckpt: str | Path, device: torch.device | str = "cpu") -> tuple[to
 
 @torch.inference_mode()
 def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Study, batch_size: int = 4,
-                  device: torch.device | str = "cpu", mode: str = "best_effort") -> tuple[dict, list[dict]]:
-    """Maps ``{cbv, cbf, tmax, mtt}`` each ``(S, H, W)`` float32, and a list of failed slices."""
+                  device: torch.device | str = "cpu", mode: str = "best_effort",
+                  apply_mask: bool = True) -> tuple[dict, list[dict]]:
+    """Maps ``{cbv, cbf, tmax, mtt}`` each ``(S, H, W)`` float32, and a list of failed slices.
+
+    The maps are 0 on CSF inside ``study.mask`` (:func:`~stm_dlp.data.context.exclude_csf`) and, with
+    ``apply_mask``, outside ``study.mask``."""
     if mode not in ("best_effort", "strict"):
         raise ValueError(f"mode must be best_effort or strict, got {mode!r}")
     s_count, (h, w) = study.n_slices, study.shape_hw
@@ -100,9 +103,10 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
         batch = collate_slices([attach_arterial(study.slice_sample(s)) for s in idx]).to(device)
         maps = physical_maps(model(batch.frames, batch.times_s, batch.lengths, arterial_hu=batch.arterial_hu).float(),
                              target_scale)
+        maps = exclude_csf(maps, batch)
         for p in ALL_PARAMS:
             out[p][idx] = maps[p].cpu().numpy()
-    if study.mask is not None:
+    if apply_mask and study.mask is not None:
         for p in ALL_PARAMS:
             out[p] *= np.asarray(study.mask)
     return out, failed
@@ -118,9 +122,10 @@ def predict_on_scan_grid(model: torch.nn.Module, target_scale: torch.Tensor, stu
     masked with the scan's own brain mask."""
     if target_spacing_mm is None:
         return predict_study(model, target_scale, study, batch_size, device, mode)
-    # unmasked on the model's grid: masking before restoring would bleed zeros into the brain's edge
-    work = resample_study(dataclasses.replace(study, mask=None), float(target_spacing_mm))
-    maps, failed = predict_study(model, target_scale, work, batch_size, device, mode)
+    # unmasked on the model's grid (masking before restoring would bleed zeros into the brain's edge);
+    # the resampled mask only bounds the CSF exclusion there
+    work = resample_study(study, float(target_spacing_mm))
+    maps, failed = predict_study(model, target_scale, work, batch_size, device, mode, apply_mask=False)
     maps = restore_maps(maps, work)
     if study.mask is not None:
         for p in maps:

@@ -37,18 +37,24 @@ class StudyError(ValueError):
     """A study or label file cannot be used. The message names the file and the problem."""
 
 
-def mtt_from_cbv_cbf(cbv: Any, cbf: Any, eps: float = 1e-3) -> Any:
-    """MTT (s) = CBV (ml/100g) / CBF (ml/100g/min) * 60; 0 where CBF is (near) zero.
+#: CBF (ml/100g/min) below which there is no measurable flow: MTT is 0 there (:func:`mtt_from_cbv_cbf`), as
+#: in the calculation approach (``CalcParams.cbf_floor``) and the readout (``tissue_min_cbf``). Without a
+#: floor a prediction of 0.01 ml/100g/min with 0.3 ml/100g of CBV reads as an MTT of half an hour.
+NO_FLOW_CBF: float = 0.5
+
+
+def mtt_from_cbv_cbf(cbv: Any, cbf: Any, eps: float = NO_FLOW_CBF) -> Any:
+    """MTT (s) = CBV (ml/100g) / CBF (ml/100g/min) * 60; 0 where CBF is below ``eps`` (no flow).
 
     Works on numpy arrays and torch tensors of any (matching) shape.
     """
     if isinstance(cbf, torch.Tensor):
-        safe = torch.where(cbf > eps, cbf, torch.ones_like(cbf))
-        return torch.where(cbf > eps, cbv / safe * 60.0, torch.zeros_like(cbf))
+        safe = torch.where(cbf >= eps, cbf, torch.ones_like(cbf))
+        return torch.where(cbf >= eps, cbv / safe * 60.0, torch.zeros_like(cbf))
     cbf = np.asarray(cbf)
     cbv = np.asarray(cbv)
-    safe = np.where(cbf > eps, cbf, 1.0)
-    return np.where(cbf > eps, cbv / safe * 60.0, 0.0).astype(np.float32)
+    safe = np.where(cbf >= eps, cbf, 1.0)
+    return np.where(cbf >= eps, cbv / safe * 60.0, 0.0).astype(np.float32)
 
 
 def voxel_volume_ml(affine: Any) -> float:

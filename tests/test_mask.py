@@ -149,3 +149,35 @@ def test_binary_helpers():
     dot = torch.zeros(1, 7, 7, dtype=torch.bool)
     dot[0, 3, 3] = True
     assert int(dilate(dot, 1).sum()) == 9 and torch.equal(erode(dilate(dot, 1), 1), dot)
+
+
+# ---------------------------------------------------------------------------------------------- CSF
+@pytest.mark.parametrize("noise_hu", [0.0, 8.0])
+def test_slice_csf_finds_the_ventricle_and_nothing_else(noise_hu):
+    """The one CSF test (shared by the calc and the model's maps): the 8 HU ventricle is CSF, the 28-38 HU
+    parenchyma next to it is not — also with 8 HU noise per frame."""
+    from stm_dlp.perfusion.mask import slice_csf
+
+    frames, times, brain = _skull_head(size=48, n_frames=14, noise_hu=noise_hu, seed=1)
+    size = frames.shape[-1]
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    vent = (np.abs(y) < 3) & (np.abs(x) < 1.6)
+    fr, tt = torch.from_numpy(frames), torch.from_numpy(times)
+    lengths = torch.full((fr.shape[0],), fr.shape[1])
+    csf = slice_csf(fr, tt, lengths, torch.from_numpy(brain)).numpy()
+    core = vent & (np.abs(y) < 2) & (np.abs(x) < 1)
+    assert csf[:, core].all()
+    far = brain[0] & (np.hypot(y, x) > 6)
+    assert not csf[:, far].any()
+    assert csf.sum() <= 2 * vent.sum() * frames.shape[0]
+
+
+def test_slice_csf_leaves_non_hu_data_alone():
+    """Frames that are not head-CT HU (e.g. normalised to 0-1) have 'CSF' everywhere: nothing is excluded
+    rather than the whole brain; padding frames past ``lengths`` are ignored."""
+    from stm_dlp.perfusion.mask import slice_csf
+
+    frames, times, brain = _skull_head()
+    fr = torch.from_numpy(frames / 1000.0)
+    lengths = torch.tensor([frames.shape[1], 3])
+    assert not slice_csf(fr, torch.from_numpy(times), lengths, torch.from_numpy(brain)).any()

@@ -399,3 +399,16 @@ def test_study_readouts_collect_slices_and_summarise(phantom_patient):
     errors = [out["per_patient"][p]["hypoperfusion_ml_error"] for p in ("lesion", "healthy")]
     assert summary["hypoperfusion_ml_error"]["bias"] == pytest.approx(np.mean(errors))
     assert len(acc) == 2
+
+
+def test_mtt_is_zero_without_measurable_flow():
+    """MTT = CBV / CBF · 60 only where CBF reaches the no-flow floor (0.5 ml/100g/min, the calc's and the
+    readout's): a near-zero CBF next to CSF must not read as an MTT of minutes (numpy and torch alike)."""
+    import torch
+
+    from stm_dlp.types import NO_FLOW_CBF, mtt_from_cbv_cbf
+
+    cbv, cbf = np.array([4.0, 0.3, 0.3]), np.array([50.0, 0.02, NO_FLOW_CBF])
+    np.testing.assert_allclose(mtt_from_cbv_cbf(cbv, cbf), [4.8, 0.0, 0.3 / NO_FLOW_CBF * 60], rtol=1e-6)
+    torch.testing.assert_close(mtt_from_cbv_cbf(torch.tensor(cbv), torch.tensor(cbf)),
+                               torch.tensor([4.8, 0.0, 0.3 / NO_FLOW_CBF * 60], dtype=torch.float64))

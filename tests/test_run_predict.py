@@ -89,3 +89,30 @@ def test_predict_writes_maps_with_the_scan_geometry(trained: Path, tmp_path: Pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "stm_dlp" and summary["failed_slices"] == []
     assert "PHANTOM" not in json.dumps(summary)
+
+
+def test_predicted_maps_are_zero_on_csf_as_the_calc_does() -> None:
+    """A model's maps leave CSF out (pre-bolus HU < 15 inside the brain, the calc's own test): every map is
+    0 in the phantom's ventricles, while the parenchyma keeps its values — also (up to the partial volume of
+    the resampling) on the scan grid when the model runs at another pixel size."""
+    from stm_dlp.data.phantom import PhantomConfig
+    from stm_dlp.models.stm_dlp import STMDLP
+    from stm_dlp.predict import predict_on_scan_grid, predict_study
+
+    study = simulate_patient(PhantomConfig(height=48, width=48, n_slices=1, noise_hu=3.0), seed=2)
+    torch.manual_seed(0)
+    model = STMDLP(encoder="cnn", spatial_channels=4, unet_depth=1, temporal_hidden=8, arterial_context=True).eval()
+    scale = torch.tensor([4.0, 60.0, 5.0])
+    base = study.frames[:, :2].mean(1)
+    brain = study.mask.astype(bool)
+    csf = brain & (study.maps[:, 1] == 0) & (base < 10)   # true CSF, well below the threshold
+    tissue = brain & (base > 22)
+    assert csf.sum() >= 5 and tissue.sum() > 100
+    on_grid, _ = predict_study(model, scale, study)
+    # at 3 mm (the scan has 4.6 mm pixels) the ventricle's edge is partial volume after the round trip
+    resampled, _ = predict_on_scan_grid(model, scale, study, 3.0)
+    for maps, zero_share in ((on_grid, 0.9), (resampled, 0.5)):
+        for p in ALL_PARAMS:
+            assert (maps[p][csf] == 0).mean() >= zero_share, p
+        assert maps["cbf"][csf].mean() < 0.3 * maps["cbf"][tissue].mean()
+        assert (maps["cbf"][tissue] > 0).mean() > 0.95

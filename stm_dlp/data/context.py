@@ -1,4 +1,5 @@
-"""Study-level context a model gets besides a slice's own pixels: the arterial reference curve.
+"""Study-level context a model gets besides a slice's own pixels: the arterial reference curve; and the
+CSF its maps leave out (:func:`exclude_csf`).
 
 :func:`attach_arterial` computes it on the *whole* slice (after augmentation, before any crop) with
 :func:`stm_dlp.perfusion.arterial.arterial_reference`, so a training crop that holds no artery still
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 from stm_dlp.perfusion.arterial import arterial_reference
-from stm_dlp.types import SliceSample
+from stm_dlp.perfusion.mask import slice_csf
+from stm_dlp.types import CTPBatch, SliceSample
 
 
 def attach_arterial(sample: SliceSample) -> SliceSample:
@@ -22,3 +24,15 @@ def attach_arterial(sample: SliceSample) -> SliceSample:
     frames = torch.from_numpy(np.ascontiguousarray(sample.frames, np.float32))
     ref = arterial_reference(frames, torch.from_numpy(np.ascontiguousarray(sample.times_s, np.float32)))
     return dataclasses.replace(sample, arterial_hu=ref.curve_hu.numpy())
+
+
+def exclude_csf(maps: dict[str, torch.Tensor], batch: CTPBatch) -> dict[str, torch.Tensor]:
+    """``maps`` (``{param: (B, H, W)}``, physical units) with every parameter 0 on the CSF of each slice
+    (:func:`stm_dlp.perfusion.mask.slice_csf`: pre-bolus HU < 15 inside ``batch.mask``), as the
+    calculation approach does. A network's output is smooth across the ventricle's edge, so without this
+    CSF reads as a little flow with a large CBV/CBF ratio: an MTT of tens of seconds and, below 30 % of
+    the reference CBF, ischaemic core."""
+    csf = slice_csf(batch.frames, batch.times_s, batch.lengths, batch.mask)
+    if not bool(csf.any()):
+        return maps
+    return {p: torch.where(csf, torch.zeros_like(v), v) for p, v in maps.items()}

@@ -68,7 +68,7 @@ from typing import Any
 
 import numpy as np
 
-from stm_dlp.types import PARAMS, mtt_from_cbv_cbf, voxel_volume_ml  # noqa: F401 - part of this API
+from stm_dlp.types import NO_FLOW_CBF, PARAMS, mtt_from_cbv_cbf, voxel_volume_ml  # noqa: F401 - part of this API
 
 REFERENCE_METHODS = ("contralateral", "global")
 CONNECTIVITIES = ("3d", "2d")
@@ -103,7 +103,7 @@ class ReadoutThresholds:
     min_cluster_ml: float = 0.1
     connectivity: str = "3d"
     reference: str = "contralateral"
-    tissue_min_cbf: float = 0.5
+    tissue_min_cbf: float = NO_FLOW_CBF
     core_within_hypoperfusion: bool = False
 
     def __post_init__(self) -> None:
