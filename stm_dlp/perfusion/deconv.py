@@ -66,11 +66,15 @@ OSVD_THRESHOLDS: tuple[float, ...] = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05
 #: minute after the AIF has no measurable flow (clinical TMAX maps end at 10-20 s).
 MAX_POSITIVE_LAG_S: float = 60.0
 #: TMAX estimators (:attr:`DeconvParams.tmax_method`).
-TMAX_METHODS: tuple[str, ...] = ("half_rise", "argmax", "calibrated")
+TMAX_METHODS: tuple[str, ...] = ("half_rise", "argmax", "calibrated", "calibrated_dispersion")
 #: The calibration residues (:meth:`Deconvolver.calibration`): exponential, these mean transit times (s) ...
 CALIBRATION_MTT_S: tuple[float, ...] = (1.0, 2.0, 3.0, 4.5, 6.0, 9.0, 13.0, 20.0)
 #: ... delayed by this much (s) after the AIF.
 CALIBRATION_DELAY_S: float = 3.0
+#: ``tmax_method="calibrated_dispersion"`` also calibrates on those residues dispersed by a normalised
+#: exponential kernel (Calamante et al., MRM 2000;44:466) of these means (s): 0 (none) to the ~5 s of
+#: an ischaemic core fed through collaterals. Their true TMAX is the argmax of the dispersed residue.
+CALIBRATION_DISPERSION_S: tuple[float, ...] = (0.0, 0.75, 1.5, 2.5, 4.0, 6.0)
 #: Circulant engines report lags down to this many seconds before the AIF (tissue "earlier" than the
 #: AIF, e.g. when the AIF was picked downstream); the rest of the window holds positive lags.
 MAX_NEGATIVE_LAG_S: float = 15.0
@@ -134,6 +138,7 @@ class DeconvParams:
     tmax_method: str = "half_rise"
     tmax_peak_frac: float = 0.9
     osvd_search: str = "cumulative"
+    tmax_oi_target: float | None = None
 
     def __post_init__(self) -> None:
         self.method = self.method.lower()
@@ -199,7 +204,7 @@ def _peak_stats(kt: torch.Tensor, n_neg: int, dt_s: float, method: str, peak_fra
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(kmax, tmax_s)`` of residues ``kt`` ``(P, J)`` in time order (sample ``i`` is lag ``(i - n_neg) dt``)."""
     n = kt.shape[-1]
-    if method == "calibrated":  # the argmax; the caller subtracts the calibrated lag
+    if method in ("calibrated", "calibrated_dispersion"):  # the argmax; the caller subtracts the calibrated lag
         method = "argmax"
     if method == "half_rise":
         kmax, iglob = kt.max(-1)
@@ -364,8 +369,9 @@ class Deconvolver:
             return kf[:, :n] @ basis[:n] + kf[:, fk: fk + n] @ basis[fk: fk + n]
         return (kf * self._masks[m]) @ basis
 
-    def _choose(self, kf: torch.Tensor) -> torch.Tensor:
-        """Per-pixel candidate index ``(P,)`` (the oSVD search; 0 for single-filter engines)."""
+    def _choose(self, kf: torch.Tensor, target: float | None = None) -> torch.Tensor:
+        """Per-pixel candidate index ``(P,)`` (the oSVD search for OI ``target``, default
+        ``params.oi_target``; 0 for single-filter engines)."""
         n_pix = kf.shape[0]
         m_count = len(self.candidates)
         if self.params.method != "osvd" or m_count == 1:
@@ -373,7 +379,7 @@ class Deconvolver:
         stride = self.params.oi_stride
         basis = self._get("oi", lambda: self._inv_basis(
             torch.arange(0, self.n_window, stride, device=self.device)))
-        target = self.params.oi_target
+        target = self.params.oi_target if target is None else float(target)
         if self.params.osvd_search == "cumulative":
             return self._choose_cumulative(kf, basis, target)
         if self.params.osvd_search == "linear":
@@ -514,6 +520,12 @@ class Deconvolver:
         basis = self._get("out", lambda: self._inv_basis(self._out_idx()))
         kt = self._apply(kf, m, basis)
         kmax, tmax = _peak_stats(kt, self.n_negative, self.dt_s, p.tmax_method, p.tmax_peak_frac)
+        m_t, kmax_t = m, kmax
+        if p.method == "osvd" and p.tmax_oi_target is not None and p.tmax_oi_target != p.oi_target:
+            # TMAX from its own, less regularised truncation (see DeconvParams.tmax_oi_target)
+            m_t = self._choose(kf, p.tmax_oi_target)
+            kt = self._apply(kf, m_t, basis)
+            kmax_t, tmax = _peak_stats(kt, self.n_negative, self.dt_s, p.tmax_method, p.tmax_peak_frac)
         # Σ_n k[n] over the window is the DC coefficient K_0 (kept unless the AIF is odd enough that
         # |A(0)| falls below the pixel's threshold).
         if self._dc_pos >= 0:
@@ -523,23 +535,32 @@ class Deconvolver:
         cand = torch.tensor(self.candidates, dtype=self.dtype, device=x.device)
         kint = dc * self.dt_s
         if p.tmax_method == "calibrated":
-            tmax = tmax - self._calibrated_lag(m, kint, kmax, resample, frame_times)
+            tmax = tmax - self._calibrated_lag(m_t, kint, kmax_t, resample, frame_times)
+        elif p.tmax_method == "calibrated_dispersion":
+            _, t_half = _peak_stats(kt, self.n_negative, self.dt_s, "half_rise", p.tmax_peak_frac)
+            tmax = tmax - self._dispersion_lag(m_t, kint, kmax_t, (tmax - t_half).clamp_min(0.0), resample,
+                                               frame_times)
         return {"kmax": kmax, "tmax_s": tmax, "kint": kint, "threshold": cand[m]}
 
-    def calibration(self, resample: torch.Tensor | None = None, frame_times: torch.Tensor | None = None
-                    ) -> dict[str, torch.Tensor]:
+    def calibration(self, resample: torch.Tensor | None = None, frame_times: torch.Tensor | None = None,
+                    dispersion_s: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
         """What this deconvolution does to known residues, per candidate threshold (cached per framing).
 
         Exponential residues ``k = exp(-(t - d) / MTT)`` (``MTT`` in :data:`CALIBRATION_MTT_S`, ``d`` =
-        :data:`CALIBRATION_DELAY_S`) are convolved with the AIF on a grid four times finer (the
-        forward model of :func:`causal_matrix`), sampled like the data — at ``frame_times`` and
-        interpolated onto the grid by ``resample`` ``(L, T)`` when both are given, else on the grid
-        — and deconvolved at every candidate threshold. Returns ``(M, n)`` tensors: ``mtt_obs`` (the
-        apparent MTT ``∫k / max k`` of the estimate, increasing along n) and ``lag`` (estimated argmax
-        minus the delay, s).
+        :data:`CALIBRATION_DELAY_S`) — with ``dispersion_s``, each also dispersed by a normalised
+        exponential kernel of every mean given (0 = none) — are convolved with the AIF on a grid four
+        times finer (the forward model of :func:`causal_matrix`), sampled like the data — at
+        ``frame_times`` and interpolated onto the grid by ``resample`` ``(L, T)`` when both are given,
+        else on the grid — and deconvolved at every candidate threshold. Returns tensors of shape
+        ``(M, n)`` (without ``dispersion_s``) or ``(B, M, n)`` (one block per dispersion): ``mtt_obs``
+        (the apparent MTT ``∫k / max k`` of the estimate, increasing along n), ``lag`` (estimated
+        argmax minus the true one — the delay plus the dispersed residue's own peak time — s) and
+        ``rise`` (estimated argmax minus estimated half-rise time, s: ~the filter's rise for a jump,
+        longer for a dispersed residue).
         """
         framed = resample is not None and frame_times is not None
-        key = ("calibration", tuple(round(float(v), 6) for v in frame_times.cpu()) if framed else None)
+        betas = (0.0,) if dispersion_s is None else tuple(float(b) for b in dispersion_s)
+        key = ("calibration", tuple(round(float(v), 6) for v in frame_times.cpu()) if framed else None, betas)
 
         def build() -> dict[str, torch.Tensor]:
             fine = 4
@@ -549,28 +570,44 @@ class Deconvolver:
             t = t_f[::fine]
             mtt = torch.tensor(CALIBRATION_MTT_S, dtype=torch.float64, device=self.device)
             d = CALIBRATION_DELAY_S
-            k_f = torch.where(t_f[None] >= d, torch.exp(-(t_f[None] - d) / mtt[:, None]), torch.zeros(()))
+            n_d = int(round(d / dt_f))
+            r_f = torch.exp(-t_f[None] / mtt[:, None])  # (n_mtt, n_f), jump at 0
             aif_f = torch.from_numpy(np.interp(t_f.cpu().numpy(), t.cpu().numpy(),
                                                self._aif64.cpu().numpy())).to(self.device)
-            conc_f = (causal_matrix(aif_f * dt_f) @ k_f.T).T  # (n_mtt, n_f)
-            if not framed:
-                conc = conc_f[:, ::fine].to(self.dtype)
-                kf = self._spectrum(conc, None)
-            else:
-                ft = frame_times.to(torch.float64).cpu().numpy()
-                conc = torch.from_numpy(np.stack([np.interp(ft, t_f.cpu().numpy(), c)
-                                                  for c in conc_f.cpu().numpy()])).to(self.device, self.dtype)
-                kf = self._spectrum(conc, resample)
+            a_mat = causal_matrix(aif_f * dt_f)
             basis = self._get("out", lambda: self._inv_basis(self._out_idx()))
-            area = (k_f.sum(-1) * dt_f).to(self.dtype)
-            rows = {"mtt_obs": [], "lag": []}
-            for m in range(len(self.candidates)):
-                kt = self._apply(kf, m, basis)
-                kmax, tmax = _peak_stats(kt, self.n_negative, self.dt_s, "argmax", self.params.tmax_peak_frac)
-                kmax = kmax.clamp_min(1e-6)
-                rows["mtt_obs"].append(area / kmax)
-                rows["lag"].append(tmax - d)
-            return {k: torch.stack(v) for k, v in rows.items()}
+            rows: dict[str, list[torch.Tensor]] = {"mtt_obs": [], "lag": [], "rise": []}
+            for beta in betas:
+                if beta > 0:  # normalised on the grid: dispersion keeps the area (MTT)
+                    h = torch.exp(-t_f / beta)
+                    h = h / (h.sum() * dt_f)
+                    g = (causal_matrix(h * dt_f) @ r_f.T).T
+                else:
+                    g = r_f
+                peak_s = g.argmax(-1).to(torch.float64) * dt_f  # the dispersed residue's own TMAX
+                k_f = torch.zeros_like(g)
+                k_f[:, n_d:] = g[:, : n_f - n_d]
+                conc_f = (a_mat @ k_f.T).T  # (n_mtt, n_f)
+                if not framed:
+                    kf = self._spectrum(conc_f[:, ::fine].to(self.dtype), None)
+                else:
+                    ft = frame_times.to(torch.float64).cpu().numpy()
+                    conc = torch.from_numpy(np.stack([np.interp(ft, t_f.cpu().numpy(), c)
+                                                      for c in conc_f.cpu().numpy()])).to(self.device, self.dtype)
+                    kf = self._spectrum(conc, resample)
+                area = (k_f.sum(-1) * dt_f).to(self.dtype)
+                per_m: dict[str, list[torch.Tensor]] = {"mtt_obs": [], "lag": [], "rise": []}
+                for m in range(len(self.candidates)):
+                    kt = self._apply(kf, m, basis)
+                    kmax, tmax = _peak_stats(kt, self.n_negative, self.dt_s, "argmax", self.params.tmax_peak_frac)
+                    _, thalf = _peak_stats(kt, self.n_negative, self.dt_s, "half_rise", self.params.tmax_peak_frac)
+                    per_m["mtt_obs"].append(area / kmax.clamp_min(1e-6))
+                    per_m["lag"].append(tmax - d - peak_s.to(self.dtype))
+                    per_m["rise"].append((tmax - thalf).clamp_min(0.0))
+                for k, v in per_m.items():
+                    rows[k].append(torch.stack(v))
+            out = {k: torch.stack(v) for k, v in rows.items()}  # (B, M, n)
+            return {k: v[0] for k, v in out.items()} if dispersion_s is None else out
 
         return self._get(key, build)
 
@@ -590,6 +627,35 @@ class Deconvolver:
             return yy.gather(1, j - 1)[:, 0] * (1 - wgt) + yy.gather(1, j)[:, 0] * wgt
 
         return interp(cal["lag"])
+
+    def _dispersion_lag(self, m: torch.Tensor, kint: torch.Tensor, kmax: torch.Tensor, rise: torch.Tensor,
+                        resample: torch.Tensor | None = None, frame_times: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """Per-pixel argmax lag for ``tmax_method="calibrated_dispersion"``: in each dispersion block of
+        :meth:`calibration` (:data:`CALIBRATION_DISPERSION_S`), the lag and rise time at the pixel's
+        threshold ``m`` and apparent MTT (as :meth:`_calibrated_lag`); then the lag between the two
+        blocks whose rise times bracket the pixel's ``rise`` ``(P,)`` (s). A residue that jumps at
+        its delay rises like the filter and gets the undispersed lag; a dispersed one rises slower
+        and its smooth peak is hardly shifted, so it gets less."""
+        cal = self.calibration(resample, frame_times, CALIBRATION_DISPERSION_S)
+        n_b = cal["lag"].shape[0]
+        lags, rises = [], []
+        for b in range(n_b):
+            xs = cal["mtt_obs"][b][m]  # (P, n) increasing
+            obs = torch.where(kmax > 0, kint / kmax.clamp_min(1e-12), xs[:, 0]).clamp(xs[:, 0], xs[:, -1])
+            j = torch.searchsorted(xs.contiguous(), obs[:, None].contiguous()).clamp(1, xs.shape[1] - 1)
+            x0, x1 = xs.gather(1, j - 1)[:, 0], xs.gather(1, j)[:, 0]
+            wgt = ((obs - x0) / (x1 - x0).clamp_min(1e-9)).clamp(0.0, 1.0)
+            for name, acc in (("lag", lags), ("rise", rises)):
+                yy = cal[name][b][m]
+                acc.append(yy.gather(1, j - 1)[:, 0] * (1 - wgt) + yy.gather(1, j)[:, 0] * wgt)
+        lag = torch.stack(lags, 1)  # (P, B)
+        rs = torch.stack(rises, 1).cummax(1).values  # rise grows with the dispersion; made monotonic
+        obs = rise.to(rs.dtype).clamp(rs[:, 0], rs[:, -1])
+        j = torch.searchsorted(rs.contiguous(), obs[:, None].contiguous()).clamp(1, n_b - 1)
+        r0, r1 = rs.gather(1, j - 1)[:, 0], rs.gather(1, j)[:, 0]
+        wgt = ((obs - r0) / (r1 - r0).clamp_min(1e-9)).clamp(0.0, 1.0)
+        return lag.gather(1, j - 1)[:, 0] * (1 - wgt) + lag.gather(1, j)[:, 0] * wgt
 
     def summarise(self, k: torch.Tensor) -> dict[str, torch.Tensor]:
         """Peak, peak time and integral of full-window residues ``k`` ``(P, n_window)`` (:meth:`residue`)."""

@@ -196,6 +196,8 @@ class CalcParams:
     despike_sigma: float = 6.0
     motion: bool = True
     tmax_median_px: int = 1
+    tmax_oi_target: float | None = None
+    tmax_sigma_mm: float | None = None
     chunk_pixels: int = 0
 
     def __post_init__(self) -> None:
@@ -226,13 +228,21 @@ class CalcParams:
         mm = pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM)
         return self.spatial_sigma_mm / mm[0] * widen, self.spatial_sigma_mm / mm[1] * widen
 
+    def tmax_params(self) -> CalcParams | None:
+        """The parameters of the TMAX pass's smoothing (``tmax_sigma_mm``), or ``None`` when TMAX
+        comes from the same smoothing as CBF and CBV."""
+        same = self.spatial_sigma_px is None and self.tmax_sigma_mm == self.spatial_sigma_mm
+        if self.tmax_sigma_mm is None or same:
+            return None
+        return replace(self, spatial_sigma_mm=float(self.tmax_sigma_mm), spatial_sigma_px=None, tmax_sigma_mm=None)
+
     def deconv_params(self, frame_dt_s: float) -> DeconvParams:
         """The :class:`DeconvParams` for an acquisition whose median frame interval is ``frame_dt_s``."""
         return DeconvParams(method=self.method, threshold=self.threshold, oi_target=self.oi_target,
                             thresholds=self.thresholds, oi_stride=max(1, int(round(frame_dt_s / self.dt_s))),
                             tikhonov_lambda=self.tikhonov_lambda, aif_weights=self.aif_weights,
                             max_freq_hz=(0.5 / frame_dt_s) if self.band_limit else None,
-                            tmax_method=self.tmax_method)
+                            tmax_method=self.tmax_method, tmax_oi_target=self.tmax_oi_target)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -925,11 +935,15 @@ def calculate_maps(
     exc.report["impulse_fraction"] = round(impulse_fraction(inp.frames, noise, p.despike_sigma or 6.0), 6)
     exc.report["despiked"] = bool(p.despike_sigma > 0 and exc.report["impulse_fraction"] > IMPULSE_MIN_FRAC)
     tissue = smooth_tissue(inp, base, brain, curves, exc, p, noise, mm)
+    p_tmax = p.tmax_params()
+    tissue_tmax = None if p_tmax is None else smooth_tissue(inp, base, brain, curves, exc, p_tmax, noise, mm)
     t_smooth = time.perf_counter()
 
     dparams = p.deconv_params(frame_dt)
     dec = Deconvolver(aif_grid, p.dt_s, dparams)
     raw = deconvolve_tissue(inp, curves, tissue, aif_grid, grid, dec, p, progress)
+    if tissue_tmax is not None:  # TMAX from its own, lighter smoothing (CalcParams.tmax_sigma_mm)
+        raw["tmax"] = deconvolve_tissue(inp, curves, tissue_tmax, aif_grid, grid, dec, p)["tmax"]
     t_dec = time.perf_counter()
 
     maps = finish_maps(raw, brain, exc.csf, p)
