@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from stm_dlp.data.context import study_csf
 from stm_dlp.metrics import PerPatientMAE, StudyReadouts, metric_set, param_label_mask
 from stm_dlp.types import ALL_PARAMS, PARAMS, Study, maps_by_name, mtt_from_cbv_cbf
 
@@ -101,7 +102,9 @@ def evaluate_studies(baseline: CalcBaseline, studies: Sequence[Study],
                     updated.add(p)
         per_patient.update(study.patient_id, pred_t, truth, mask, labelled)
         if labelled["cbf"] and labelled["tmax"]:
-            readouts.update(study.patient_id, 0, pred_t, truth, mask, study.voxel_ml)
+            # the readout on the brain without CSF, as the model's test step takes it
+            tissue = mask & ~torch.from_numpy(study_csf(study))
+            readouts.update(study.patient_id, 0, pred_t, truth, tissue, study.voxel_ml)
         if progress is not None:
             progress(k + 1, len(studies))
     results: dict[str, Any] = {}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from stm_dlp.data.context import exclude_csf
+from stm_dlp.data.context import batch_csf, exclude_csf
 from stm_dlp.metrics import PerPatientMAE, StudyReadouts, metric_set, param_label_mask
 from stm_dlp.types import ALL_PARAMS, NO_FLOW_CBF, PARAMS, CTPBatch, maps_by_name, physical_maps
 
@@ -165,8 +165,11 @@ class PerfusionLitModule(L.LightningModule):
             self.log(f"train/loss_{p}", v, batch_size=bs, on_step=False, on_epoch=True)
         return loss
 
-    def _update_metrics(self, metrics: nn.ModuleDict, pred: torch.Tensor, batch: CTPBatch) -> dict:
-        phys = exclude_csf(physical_maps(pred.float(), self.target_scale), batch)
+    def _update_metrics(self, metrics: nn.ModuleDict, pred: torch.Tensor,
+                        batch: CTPBatch) -> tuple[dict, torch.Tensor]:
+        """Physical maps (0 on CSF) into ``metrics``; returns them and the brain without CSF ``(B, H, W)``."""
+        csf = batch_csf(batch)
+        phys = exclude_csf(physical_maps(pred.float(), self.target_scale), csf)
         truth = maps_by_name(batch.maps)
         labelled = param_label_mask(batch.label_mask)
         for p in ALL_PARAMS:
@@ -174,10 +177,12 @@ class PerfusionLitModule(L.LightningModule):
             if m.any():
                 metrics[p].update(phys[p][m], truth[p][m])
                 self._updated.add(p)
-        return phys
+        return phys, batch.mask & ~csf
 
-    def _update_readouts(self, stage: str, phys: dict[str, torch.Tensor], batch: CTPBatch) -> None:
-        """Collect whole-slice predictions for the clinical readout (needs CBF and TMAX labels)."""
+    def _update_readouts(self, stage: str, phys: dict[str, torch.Tensor], batch: CTPBatch,
+                         tissue: torch.Tensor) -> None:
+        """Collect whole-slice predictions for the clinical readout (needs CBF and TMAX labels) inside
+        ``tissue`` (the brain without CSF, for prediction and labels alike)."""
         if batch.voxel_ml is None:
             return
         labelled = batch.label_mask
@@ -185,7 +190,7 @@ class PerfusionLitModule(L.LightningModule):
         for b, pid in enumerate(batch.patient_ids):
             if bool(labelled[b, PARAMS.index("cbf")]) and bool(labelled[b, PARAMS.index("tmax")]):
                 self._readouts[stage].update(pid, int(batch.slice_index[b]), {p: v[b] for p, v in phys.items()},
-                                             {p: v[b] for p, v in truth.items()}, batch.mask[b],
+                                             {p: v[b] for p, v in truth.items()}, tissue[b],
                                              float(batch.voxel_ml[b]))
 
     def _readout_results(self, stage: str) -> dict[str, Any] | None:
@@ -204,8 +209,8 @@ class PerfusionLitModule(L.LightningModule):
         pred = self(batch)
         loss, _ = self._loss(pred, batch)
         self.log("val/loss", loss, prog_bar=True, batch_size=batch.batch_size, sync_dist=True)
-        phys = self._update_metrics(self.val_metrics, pred, batch)
-        self._update_readouts("val", phys, batch)
+        phys, tissue = self._update_metrics(self.val_metrics, pred, batch)
+        self._update_readouts("val", phys, batch, tissue)
         if batch_idx == 0:
             self._log_images(phys, batch)
 
@@ -229,8 +234,8 @@ class PerfusionLitModule(L.LightningModule):
 
     def test_step(self, batch: CTPBatch, batch_idx: int) -> None:
         pred = self(batch)
-        phys = self._update_metrics(self.test_metrics, pred, batch)
-        self._update_readouts("test", phys, batch)
+        phys, tissue = self._update_metrics(self.test_metrics, pred, batch)
+        self._update_readouts("test", phys, batch, tissue)
         truth = maps_by_name(batch.maps)
         labelled = param_label_mask(batch.label_mask)
         for b, pid in enumerate(batch.patient_ids):

@@ -33,7 +33,7 @@ import torch
 from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED, parse_bool
-from stm_dlp.data.context import attach_arterial, exclude_csf
+from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf
 from stm_dlp.data.resample import pixel_spacing_mm, resample_study, restore_maps
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
@@ -103,7 +103,7 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
         batch = collate_slices([attach_arterial(study.slice_sample(s)) for s in idx]).to(device)
         maps = physical_maps(model(batch.frames, batch.times_s, batch.lengths, arterial_hu=batch.arterial_hu).float(),
                              target_scale)
-        maps = exclude_csf(maps, batch)
+        maps = exclude_csf(maps, batch_csf(batch))
         for p in ALL_PARAMS:
             out[p][idx] = maps[p].cpu().numpy()
     if apply_mask and study.mask is not None:

@@ -15,7 +15,7 @@ import torch
 
 from stm_dlp.perfusion.arterial import arterial_reference
 from stm_dlp.perfusion.mask import slice_csf
-from stm_dlp.types import CTPBatch, SliceSample
+from stm_dlp.types import CTPBatch, SliceSample, Study
 
 
 def attach_arterial(sample: SliceSample) -> SliceSample:
@@ -26,13 +26,28 @@ def attach_arterial(sample: SliceSample) -> SliceSample:
     return dataclasses.replace(sample, arterial_hu=ref.curve_hu.numpy())
 
 
-def exclude_csf(maps: dict[str, torch.Tensor], batch: CTPBatch) -> dict[str, torch.Tensor]:
-    """``maps`` (``{param: (B, H, W)}``, physical units) with every parameter 0 on the CSF of each slice
-    (:func:`stm_dlp.perfusion.mask.slice_csf`: pre-bolus HU < 15 inside ``batch.mask``), as the
-    calculation approach does. A network's output is smooth across the ventricle's edge, so without this
-    CSF reads as a little flow with a large CBV/CBF ratio: an MTT of tens of seconds and, below 30 % of
-    the reference CBF, ischaemic core."""
-    csf = slice_csf(batch.frames, batch.times_s, batch.lengths, batch.mask)
+def batch_csf(batch: CTPBatch) -> torch.Tensor:
+    """CSF ``(B, H, W)`` bool of each slice of ``batch``, inside ``batch.mask``
+    (:func:`stm_dlp.perfusion.mask.slice_csf`: pre-bolus HU < 15, the calculation approach's own test)."""
+    return slice_csf(batch.frames, batch.times_s, batch.lengths, batch.mask)
+
+
+def study_csf(study: Study) -> np.ndarray:
+    """CSF ``(S, H, W)`` bool of every slice of ``study``, inside its mask (everywhere when it has none)."""
+    frames = torch.from_numpy(np.ascontiguousarray(study.frames, np.float32))
+    times = torch.from_numpy(np.ascontiguousarray(study.times_s, np.float32))
+    mask = (torch.ones(frames.shape[0], *frames.shape[2:], dtype=torch.bool) if study.mask is None
+            else torch.from_numpy(np.asarray(study.mask, bool)))
+    lengths = torch.full((frames.shape[0],), frames.shape[1])
+    return slice_csf(torch.nan_to_num(frames), times, lengths, mask).numpy()
+
+
+def exclude_csf(maps: dict[str, torch.Tensor], csf: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``maps`` (``{param: (B, H, W)}``, physical units) with every parameter 0 on ``csf`` (:func:`batch_csf`),
+    as the calculation approach does. A network's output is smooth across the ventricle's edge, so without
+    this CSF reads as a little flow with a large CBV/CBF ratio: an MTT of tens of seconds and, below 30 % of
+    the reference CBF, ischaemic core. The clinical readout is then taken on the brain without CSF
+    (prediction and labels alike), as perfusion software does."""
     if not bool(csf.any()):
         return maps
     return {p: torch.where(csf, torch.zeros_like(v), v) for p, v in maps.items()}
