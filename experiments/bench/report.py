@@ -166,7 +166,9 @@ def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path, settings: dict[s
     out += [_table(["target", "measured", "limit", "result", "note"], _target_rows(targets)), ""]
     ln = acc["label_noise"]
     out += ["### Label noise: trained on oSVD-derived labels, evaluated against truth", ""]
-    if "error" in ln:
+    if "not_run" in ln:
+        out += [f"Not run: {ln['not_run']} (`python -m experiments.bench --profile smoke` or `gpu` runs it).", ""]
+    elif "error" in ln:
         tail = [line for line in ln["error"].strip().splitlines() if line.strip()][-3:]
         out += ["The run with `data.label_source=calc` failed in this run:", "", "```", *tail, "```", ""]
     else:
