@@ -297,6 +297,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
         ``report`` (JSON-able): ``shift_px`` ``[S][T][dy, dx]`` and ``rotation_deg`` ``[S][T]`` of
         the motion found (convention of :func:`stm_dlp.data.corrupt.rigid_warp`), ``ncc``
         ``[S][T]``, ``failed_frames`` ``[[slice, frame], ...]``, ``moved_frames`` (count corrected),
+        ``resampled_frames`` ``[[slice, frame], ...]`` (the frames corrected, i.e. resampled),
         ``max_shift_px``, ``max_rotation_deg``, ``skipped_slices`` (no bone to register on),
         ``still_slices`` (a first coarse look found no motion: left alone).
     """
@@ -308,6 +309,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
     out = frames.clone()
     shifts, rots, nccs, failed_list = [], [], [], []
     moved = 0
+    resampled: list[list[int]] = []
     passes = []
     skipped: list[int] = []
     still: list[int] = []
@@ -355,6 +357,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
         mot = torch.stack([sa * shift[:, 1] + ca * shift[:, 0], ca * shift[:, 1] - sa * shift[:, 0]], -1)
         apply = ~r["failed"] & ((shift.abs().amax(-1) > MIN_SHIFT_PX) | (angle.abs() > math.radians(MIN_ROTATION_DEG)))
         idx = torch.nonzero(apply).flatten()
+        resampled += [[s, int(t)] for t in idx.tolist()]
         if idx.numel():
             moved_frames = warp(frames[s, idx].to(torch.float32), angle[idx].float(), shift[idx].float(),
                                 mode=FRAME_INTERPOLATION)
@@ -380,7 +383,7 @@ def correct_motion(frames: torch.Tensor, n_baseline: int | Sequence[int] | None 
     all_shift = [abs(v) for sl in shifts for row in sl for v in row]
     all_rot = [abs(v) for sl in rots for v in sl]
     report = {"shift_px": shifts, "rotation_deg": rots, "ncc": nccs, "failed_frames": failed_list,
-              "moved_frames": moved,
+              "moved_frames": moved, "resampled_frames": resampled,
               "max_shift_px": round(max(all_shift, default=0.0), 3),
               "max_rotation_deg": round(max(all_rot, default=0.0), 3),
               "reference": "median of each slice's pre-bolus frames",
