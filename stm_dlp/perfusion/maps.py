@@ -114,6 +114,9 @@ AIF_POOL_MIN: int = 40
 FALLBACK_PIXEL_MM: float = 220.0 / 128.0
 #: Largest widening of the in-plane smoothing for noisy studies (:attr:`CalcParams.noise_ref_hu`).
 MAX_NOISE_WIDENING: float = 2.0
+#: AIF/VOF candidates next to bone get the frames motion correction resampled interpolated in time
+#: only while at least this fraction of their slice's frames was left as acquired (see choose_aif).
+ACQUIRED_MIN_FRAC: float = 0.5
 #: Pixels sampled to estimate the study's per-frame noise (deterministic stride).
 NOISE_SAMPLE: int = 4096
 
@@ -557,10 +560,12 @@ def choose_aif(aif: Any, inp: Inputs, curves: Curves, grid: torch.Tensor, arriva
             # candidates next to bone (the VOF: the sinus lies against the skull) in frames that motion
             # correction resampled carry the skull edge's blur, which a peak- and area-ranked VOF takes
             # for venous enhancement (PV scale 1.03 -> 2.6 on the classic motion studies): those
-            # frames are interpolated in time from the frames left as acquired
+            # frames are interpolated in time from the frames left as acquired — when those are the
+            # majority (a head that moved for good has most frames resampled alike: no spikes, and
+            # too few frames left to interpolate a bolus from)
             nb_rows = near_bone[coords[:, 0], coords[:, 1], coords[:, 2]]
             valid = ~inp.resampled[coords[:, 0]]
-            fix = nb_rows & ~valid.all(-1) & valid.any(-1)
+            fix = nb_rows & (valid.to(torch.float32).mean(-1) >= ACQUIRED_MIN_FRAC) & ~valid.all(-1)
             if bool(fix.any()):
                 conc[fix] = _interpolate_invalid(conc[fix], valid[fix])
         return conc, tt[slice_of[top]], coords
