@@ -79,14 +79,21 @@ class Setting:
     oi_target: float = 0.095
     noise_ref_hu: float | None = 8.0
     tmax_median_px: int = 0
+    tmax_oi_target: float | None = None
+    tmax_sigma_mm: float | None = None
     motion: bool = False
 
     @property
     def label(self) -> str:
         nr = "off" if self.noise_ref_hu is None else f"{self.noise_ref_hu:g}"
         med = f", TMAX median {2 * self.tmax_median_px + 1}²" if self.tmax_median_px else ""
+        tpass = ""
+        if self.tmax_oi_target is not None:
+            tpass += f", TMAX OI {self.tmax_oi_target:g}"
+        if self.tmax_sigma_mm is not None:
+            tpass += f", TMAX σ {self.tmax_sigma_mm:g} mm"
         return (f"σ {self.spatial_sigma_mm:g} mm, {self.tmax_method}, OI {self.oi_target:g}, noise-widen {nr}{med}"
-                + (", motion" if self.motion else ""))
+                + tpass + (", motion" if self.motion else ""))
 
     def options(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,12 +102,24 @@ class Setting:
 def build_grid(quick: bool) -> list[Setting]:
     """The settings compared (``quick``: three)."""
     if quick:
-        return [Setting(), Setting(tmax_method="calibrated"), Setting(spatial_sigma_mm=1.5)]
-    grid = [Setting(spatial_sigma_mm=s, tmax_method=t) for s in (1.5, 2.6, 4.0, 5.5, 7.0)
-            for t in ("half_rise", "calibrated")]
+        return [Setting(), Setting(tmax_method="calibrated"), Setting(spatial_sigma_mm=1.5), _tmax_pass()]
+    # the one-pass settings of the previous choice (TMAX from the CBF smoothing and truncation) ...
+    grid = [Setting(), Setting(spatial_sigma_mm=5.5, tmax_method="half_rise"),
+            Setting(spatial_sigma_mm=7.0, tmax_method="calibrated")]
     grid += [Setting(spatial_sigma_mm=s, tmax_method="calibrated", tmax_median_px=1) for s in (4.0, 5.5)]
-    grid += [Setting(oi_target=0.15), Setting(tmax_method="calibrated", oi_target=0.15), Setting(noise_ref_hu=None)]
+    # ... and TMAX from its own pass: lighter smoothing, less regularised truncation, wider median
+    grid += [_tmax_pass(), _tmax_pass(tmax_median_px=3), _tmax_pass(tmax_sigma_mm=2.6), _tmax_pass(tmax_sigma_mm=4.0),
+             _tmax_pass(tmax_oi_target=0.05), _tmax_pass(tmax_method="calibrated"), _tmax_pass(tmax_method="argmax"),
+             _tmax_pass(tmax_method="half_rise"), _tmax_pass(spatial_sigma_mm=4.0)]
     return grid
+
+
+def _tmax_pass(**kw: Any) -> Setting:
+    """A setting whose TMAX comes from its own pass (``tmax_sigma_mm``, ``tmax_oi_target``); without
+    ``kw``, :class:`CalcParams`' defaults."""
+    base = dict(spatial_sigma_mm=5.5, tmax_method="calibrated_dispersion", tmax_median_px=4, tmax_oi_target=0.03,
+                tmax_sigma_mm=1.5)
+    return Setting(**{**base, **kw})
 
 
 @dataclass

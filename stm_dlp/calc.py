@@ -63,7 +63,7 @@ SPEC = {
     "aif": (str, "auto", "auto, or a .json / .csv file with AIF pixels or an AIF curve"),
     "threshold": (float, _DEFAULT["threshold"], "sSVD/bcSVD relative SVD threshold"),
     "oi_target": (float, _DEFAULT["oi_target"], "oSVD oscillation-index target (CT 0.095, MR 0.035)"),
-    "tmax": (str, _DEFAULT["tmax_method"], "TMAX estimator: half_rise (unbiased) or argmax (literal)"),
+    "tmax": (str, _DEFAULT["tmax_method"], "TMAX estimator: calibrated_dispersion, calibrated, half_rise or argmax"),
     "cbv": (str, _DEFAULT["cbv_method"], "CBV from the area ratio (area) or the residue integral (residue)"),
     "temporal_sigma_s": (float, _DEFAULT["temporal_sigma_s"], "Gaussian temporal smoothing in seconds (0 = off)"),
     "spatial_sigma_mm": (float, _DEFAULT["spatial_sigma_mm"], "in-plane smoothing (mm), vessels out (0 = off)"),

@@ -421,13 +421,14 @@ def test_default_smoothing_tames_noise(noisy_head):
                 float(np.abs(maps["tmax"] - st.maps[:, 2])[perf].mean()))
 
     default, info = calculate_maps(st.frames, st.times_s, st.mask)
-    raw, _ = calculate_maps(st.frames, st.times_s, st.mask, spatial_sigma_px=0.0)
+    # raw pixels: no smoothing, no TMAX median, TMAX from the CBF truncation
+    raw, _ = calculate_maps(st.frames, st.times_s, st.mask, spatial_sigma_px=0.0, tmax_median_px=0, tmax_oi_target=None)
     (cbv_d, tmax_d), (cbv_r, tmax_r) = mae(default), mae(raw)
     assert cbv_d < 0.6 * cbv_r and tmax_d < 0.5 * tmax_r, (mae(default), mae(raw))
     assert tmax_d < 1.5
     # no pixel spacing given: the mm default on the fallback pixel (1.72 mm, the 128² phantom) = 3.2 px
     assert info["params"]["spatial_sigma_px_used"][0] == pytest.approx(5.5 / (220 / 128), abs=0.02)
-    assert info["params"]["tmax_method"] == "calibrated"
+    assert info["params"]["tmax_method"] == "calibrated_dispersion"
     assert info["median_frame_interval_s"] == pytest.approx(float(np.median(np.diff(st.times_s, axis=1))), abs=0.05)
 
 
@@ -438,7 +439,8 @@ def test_csf_is_excluded_not_given_a_noise_tmax(noisy_head):
     st = noisy_head
     csf = (st.meta["labels"] == CSF) & st.mask
     assert csf.sum() > 20
-    light = dict(spatial_sigma_px=1.5, tmax_median_px=0)  # light smoothing: the CSF's own noise shows
+    # light smoothing, no TMAX median, the CBF truncation for TMAX: the CSF's own noise shows
+    light = dict(spatial_sigma_px=1.5, tmax_median_px=0, tmax_oi_target=None)
     maps, info = calculate_maps(st.frames, st.times_s, st.mask, **light)
     kept, _ = calculate_maps(st.frames, st.times_s, st.mask, csf_max_hu=None, **light)
     assert info["n_csf_pixels"] >= 0.8 * csf.sum()  # the rest: CSF pixels next to tissue (smoothed test)

@@ -76,8 +76,11 @@ CALIBRATION_DELAY_S: float = 3.0
 #: an ischaemic core fed through collaterals. Their true TMAX is the argmax of the dispersed residue.
 CALIBRATION_DISPERSION_S: tuple[float, ...] = (0.0, 0.75, 1.5, 2.5, 4.0, 6.0)
 #: Circulant engines report lags down to this many seconds before the AIF (tissue "earlier" than the
-#: AIF, e.g. when the AIF was picked downstream); the rest of the window holds positive lags.
-MAX_NEGATIVE_LAG_S: float = 15.0
+#: AIF, e.g. when the AIF was picked a branch downstream: 1-3 s); the rest of the window holds positive
+#: lags. Not more: the end of the circulant window holds the wrap of a curve cut off before its tail
+#: returned (long-delay lesions, truncated scans), which with 15 s put the peak of 10-20 % of the
+#: ribbon phantom's core pixels at a negative lag (TMAX 0; Dice(TMAX > 6 s) 0.78 -> 0.80 truncated).
+MAX_NEGATIVE_LAG_S: float = 4.0
 
 
 @dataclass
@@ -121,6 +124,17 @@ class DeconvParams:
             jump at the delay (classic phantom) but early for dispersed ones that rise over a second
             or two (ribbon phantom: -2.3 s); the calibrated argmax sits between (+0.3 s / -0.6..-1 s;
             ``python -m experiments.calc_settings`` compares them across both families).
+            ``"calibrated_dispersion"``: the same, but the calibration also holds those residues
+            dispersed (normalised exponential kernels of mean :data:`CALIBRATION_DISPERSION_S`, true
+            TMAX = the dispersed residue's argmax), and the pixel's rise time (argmax minus
+            half-rise of its estimate) picks the dispersion: the exponential-only calibration takes
+            a jump's lag off a dispersed residue whose smooth peak the band limit hardly shifts
+            (MTT 12 s, dispersion 3 s: -1.9 s; here -0.6 s; a jump stays exact).
+        tmax_oi_target: oSVD only: TMAX from the truncation chosen for this OI target instead of
+            ``oi_target`` (``None``: the same). A lower target raises the threshold (a smoother residue):
+            on noisy low-flow tissue the ripples of the CBF pass's residue pass for its peak, while
+            its peak height (CBF) would read low at the smoother truncation — so CBF, CBV and the
+            threshold reported stay those of ``oi_target``.
         tmax_peak_frac: plateau tolerance of ``"argmax"``: with 0.9 a plateau-shaped residue (box,
             gamma) reports the start of the plateau, as the truth ``TMAX = delay`` defines it,
             instead of whichever Gibbs ripple happens to be highest; 1.0 is the plain argmax.
@@ -522,7 +536,7 @@ class Deconvolver:
         kmax, tmax = _peak_stats(kt, self.n_negative, self.dt_s, p.tmax_method, p.tmax_peak_frac)
         m_t, kmax_t = m, kmax
         if p.method == "osvd" and p.tmax_oi_target is not None and p.tmax_oi_target != p.oi_target:
-            # TMAX from its own, less regularised truncation (see DeconvParams.tmax_oi_target)
+            # TMAX from its own, smoother truncation (see DeconvParams.tmax_oi_target)
             m_t = self._choose(kf, p.tmax_oi_target)
             kt = self._apply(kf, m_t, basis)
             kmax_t, tmax = _peak_stats(kt, self.n_negative, self.dt_s, p.tmax_method, p.tmax_peak_frac)

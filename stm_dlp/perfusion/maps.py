@@ -39,8 +39,10 @@ each a function of this module:
      (``cbv_method="area"``, default: it does not depend on the regularisation) or ``∫k`` scaled the
      same way (``cbv_method="residue"``);
    * **MTT** = CBV / CBF * 60 s (central volume theorem; :func:`stm_dlp.types.mtt_from_cbv_cbf`);
-   * **TMAX** (s) = the peak time of ``k``: by default the half-rise time of its leading edge, an
-     unbiased estimate of ``argmax k`` (see :class:`~stm_dlp.perfusion.deconv.DeconvParams`).
+   * **TMAX** (s) = the peak time of ``k``: by default its argmax minus the lag that this
+     deconvolution gives known (undispersed and dispersed) residues, from a pass of its own —
+     tissue curves smoothed less (``tmax_sigma_mm``), a smoother truncation (``tmax_oi_target``) —
+     and a 9 x 9 median (see :class:`CalcParams`, :class:`~stm_dlp.perfusion.deconv.DeconvParams`).
 
 Pixels outside the mask, and CSF inside it, are 0; no NaN or inf ever leaves this module; negative
 CBF/CBV/TMAX are clipped to 0.
@@ -141,9 +143,11 @@ class CalcParams:
         aif_weights: ``rect`` or ``simpson`` (see :func:`~stm_dlp.perfusion.deconv.weighted_aif`).
         band_limit: circulant engines keep only frequencies up to the acquisition's Nyquist
             frequency ``1 / (2 * median frame interval)``.
-        tmax_method: ``calibrated`` (default), ``half_rise`` or ``argmax`` (see :class:`DeconvParams`):
-            across both phantom families the calibrated argmax scored best (half-rise is unbiased on
-            residues that jump at the delay but reads dispersed ones ~2 s early).
+        tmax_method: ``calibrated_dispersion`` (default), ``calibrated``, ``half_rise`` or ``argmax``
+            (see :class:`DeconvParams`): across both phantom families the dispersion-aware calibrated
+            argmax scored best held out (half-rise is unbiased on residues that jump at the delay but
+            reads dispersed ones ~2 s early; the exponential-only calibration over-corrects dispersed
+            lesions by 2-3 s).
         cbv_method: ``area`` (default) or ``residue``.
         temporal_sigma_s: Gaussian smoothing of the curves (tissue and AIF) in seconds (0 = off).
         spatial_sigma_mm: in-plane Gaussian smoothing of the tissue curves (mm; 0 = off), converted
@@ -165,12 +169,22 @@ class CalcParams:
             median of 3 are replaced by it (impulse noise, motion spikes); 0 = off. Tissue curves
             are smooth on the frame scale, so at 6 noise levels nothing else is touched.
         tmax_median_px: radius (px) of a median filter of the TMAX map over the perfused brain
-            (CSF and vessels out; 0 = off): single-pixel TMAX outliers of low-flow tissue go, lesion
-            edges stay.
+            (CSF and vessels out; 0 = off): TMAX outliers of low-flow tissue go, lesion edges stay.
+            Default 4 (9 x 9: the TMAX pass is smoothed less, so its map is noisier).
+        tmax_oi_target: TMAX from the oSVD truncation of this OI target (``None``: ``oi_target``).
+            Default 0.03: a smoother residue, whose noise ripples in low-flow lesions cannot pass for
+            its peak; CBF and CBV keep ``oi_target`` (their peak height would read low).
+        tmax_sigma_mm: TMAX from tissue curves smoothed in-plane by this σ (mm) instead of
+            ``spatial_sigma_mm`` — one more smoothing and deconvolution pass; ``None`` = the same
+            curves; ignored when not below ``spatial_sigma_mm`` or when ``spatial_sigma_px`` is set.
+            Default 1.5 mm: the CBF smoothing (5.5 mm) mixes a small lesion's late curves with the
+            early, high-flow curves around it, whose peak then wins (ribbon phantom, clean: lesion
+            TMAX bias -0.9 s at 0 mm, -3 s at 5.5 mm).
         motion: register every frame in-plane to the mean pre-contrast frame first
-            (:func:`stm_dlp.perfusion.motion.correct_motion`; on by default: on moving studies TMAX MAE
-            2.4 -> 0.6 s (classic) and 9.3 -> 5.3 s (ribbon), still studies unchanged; ~1 s per
-            128² x 4-slice study).
+            (:func:`stm_dlp.perfusion.motion.correct_motion`; on by default: on moving studies CBF MAE
+            37.2 -> 15.8 (classic; 15.2 still) and 14.3 -> 12.5 (ribbon), still studies unchanged;
+            ~1-2 s per 128² x 4-slice study). The frames it resampled are not trusted next to bone
+            for the AIF/VOF (:func:`choose_aif`).
         chunk_pixels: pixels deconvolved at once (0: 32768 on CPU, 2^20 on GPU).
     """
 
@@ -184,7 +198,7 @@ class CalcParams:
     tikhonov_lambda: float = 0.1
     aif_weights: str = "rect"
     band_limit: bool = True
-    tmax_method: str = "calibrated"
+    tmax_method: str = "calibrated_dispersion"
     cbv_method: str = "area"
     temporal_sigma_s: float = 0.0
     spatial_sigma_mm: float = 5.5
@@ -198,9 +212,9 @@ class CalcParams:
     csf_smooth_mm: float = 1.2
     despike_sigma: float = 6.0
     motion: bool = True
-    tmax_median_px: int = 1
-    tmax_oi_target: float | None = None
-    tmax_sigma_mm: float | None = None
+    tmax_median_px: int = 4
+    tmax_oi_target: float | None = 0.03
+    tmax_sigma_mm: float | None = 1.5
     chunk_pixels: int = 0
 
     def __post_init__(self) -> None:
@@ -233,9 +247,11 @@ class CalcParams:
 
     def tmax_params(self) -> CalcParams | None:
         """The parameters of the TMAX pass's smoothing (``tmax_sigma_mm``), or ``None`` when TMAX
-        comes from the same smoothing as CBF and CBV."""
-        same = self.spatial_sigma_px is None and self.tmax_sigma_mm == self.spatial_sigma_mm
-        if self.tmax_sigma_mm is None or same:
+        comes from the same smoothing as CBF and CBV: ``tmax_sigma_mm`` is ``None``, not below
+        ``spatial_sigma_mm`` (the TMAX pass is never smoothed more), or the smoothing is given in
+        pixels (``spatial_sigma_px``: the user's smoothing, for every map)."""
+        if self.tmax_sigma_mm is None or self.spatial_sigma_px is not None \
+                or self.tmax_sigma_mm >= self.spatial_sigma_mm:
             return None
         return replace(self, spatial_sigma_mm=float(self.tmax_sigma_mm), spatial_sigma_px=None, tmax_sigma_mm=None)
 
