@@ -124,6 +124,8 @@ class PerfusionLitModule(L.LightningModule):
         if any(k not in LOSSES for k in losses) or len(losses) not in (1, len(PARAMS)):
             raise ValueError(f"lit.loss must be one of {LOSSES} or a list of {len(PARAMS)} of them (CBV, CBF, TMAX), "
                              f"got {loss!r}")
+        if not (float(mtt_weight) >= 0.0 and np.isfinite(mtt_weight)):
+            raise ValueError(f"lit.mtt_weight must be a finite number >= 0, got {mtt_weight}")
         if len(task_weights) != len(PARAMS):
             raise ValueError(f"lit.task_weights needs {len(PARAMS)} values (CBV, CBF, TMAX), got {task_weights}")
         self.save_hyperparameters(ignore=["model", "target_scale"])

@@ -240,3 +240,32 @@ def test_one_loss_per_task():
         masked_loss(pred, target, mask, ["l1", "mse"])
     with pytest.raises(ValueError, match="lit.loss"):
         PerfusionLitModule(torch.nn.Identity(), loss=["l1", "huber", "mse"])
+
+
+def test_mtt_loss_sees_what_the_per_map_losses_do_not():
+    """CBV 10 % high and CBF 10 % low: small per-map errors, a 22 % MTT error that ``mtt_loss`` measures
+    (in normalised MTT units, where the true CBF has flow); 0 for an exact prediction; pixels without flow
+    (true CBF below the no-flow floor) and slices without CBV/CBF labels do not count."""
+    from stm_dlp.lit import mtt_loss
+
+    scale = torch.tensor([4.0, 60.0, 5.0])
+    target = torch.zeros(2, 3, 2, 2)
+    target[:, 0], target[:, 1] = 0.5, 0.5           # CBV 2 ml/100g, CBF 30 ml/100g/min: MTT 4 s
+    mask = torch.ones(2, 2, 2, dtype=torch.bool)
+    pred = target.clone()
+    pred[:, 0] *= 1.1
+    pred[:, 1] *= 0.9
+    assert float(mtt_loss(target, target, mask, scale)) == pytest.approx(0.0, abs=2e-3)
+    assert float(mtt_loss(pred, target, mask, scale)) == pytest.approx(1.1 / 0.9 - 1.0, rel=1e-2)
+    no_flow = target.clone()
+    no_flow[:, 1] = 0.0
+    assert float(mtt_loss(pred, no_flow, mask, scale)) == 0.0
+    unlabelled = torch.tensor([[False, False, True], [False, True, True]])
+    assert float(mtt_loss(pred, target, mask, scale, labelled=unlabelled)) == 0.0
+    pred.requires_grad_(True)
+    mtt_loss(pred, target, mask, scale).backward()
+    assert (pred.grad[:, 0] > 0).all() and (pred.grad[:, 1] < 0).all()   # lower CBV, raise CBF
+    from stm_dlp.lit import PerfusionLitModule
+
+    with pytest.raises(ValueError, match="lit.mtt_weight"):
+        PerfusionLitModule(torch.nn.Identity(), mtt_weight=-1.0)

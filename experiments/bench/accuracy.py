@@ -64,6 +64,17 @@ CROSS_CONDITIONS: dict[str, dict[str, Any]] = {"regular": {}, "noise": {"eval_co
                                                "motion": {"eval_corruption": "motion"}}
 
 
+def profile_models(profile: Profile) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The :data:`MODELS` a profile trains (always the default model and UniToBrain, which the targets compare)."""
+    keep = None if profile.models is None else {*profile.models, MAIN, "unitobrain"}
+    return {k: v for k, v in MODELS.items() if keep is None or k in keep}
+
+
+def trained(result: dict[str, Any]) -> list[str]:
+    """The :data:`MODELS` present in an accuracy result, in table order."""
+    return [m for m in MODELS if m in result["models"]]
+
+
 def frames_name(fraction: float) -> str:
     return f"frames{fraction:g}"
 
@@ -250,7 +261,8 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
     result: dict[str, Any] = {"conditions": {k: v[0] for k, v in conds.items()}, "models": {}, "runs": {}}
 
     # 1. the calculation approach and every model, through python -m stm_dlp.run
-    jobs = [("calc", ["model=calc"], [], True), *[(n, list(ov), [], True) for n, (_l, ov) in MODELS.items()]]
+    models = profile_models(profile)
+    jobs = [("calc", ["model=calc"], [], True), *[(n, list(ov), [], True) for n, (_l, ov) in models.items()]]
     if profile.label_noise_run:
         jobs.append((LABEL_NOISE, list(MODELS[MAIN][1]), ["data.label_source=calc"], True))
     # the default model on every other phantom family (its own test only; the conditions are in-process)
@@ -272,8 +284,8 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
     for name, m in runs.items():
         _with_wall(m, out / "runs" / name)
 
-    labels = {"calc": CALC_LABEL, **{k: v[0] for k, v in MODELS.items()}}
-    for name in ["calc", *MODELS]:
+    labels = {"calc": CALC_LABEL, **{k: v[0] for k, v in models.items()}}
+    for name in ["calc", *models]:
         m = runs[name]
         per_cond = {"regular": run_metrics(m)}
         for cname, rec in (m.get("conditions") or {}).items():
@@ -294,7 +306,7 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
     dropped = {dropped_name(f): dropped_studies(regular, f, seed) for f in profile.dropped_fractions}
     providers: dict[str, Any] = {"calc": calc}
     device = "cuda" if "cuda" in profile.devices and torch.cuda.is_available() else "cpu"
-    for name in MODELS:
+    for name in models:
         providers[name] = ModelMaps(best_checkpoint(out / "runs" / name, runs[name]), device)
     t0 = time.perf_counter()
     for cname, studies in dropped.items():
@@ -403,7 +415,7 @@ def ratios(result: dict[str, Any]) -> dict[str, dict[str, dict[str, float | None
     out: dict[str, dict[str, dict[str, float | None]]] = {}
     for cond in result["conditions"]:
         out[cond] = {}
-        for model in MODELS:
+        for model in trained(result):
             row = {}
             for p in ALL_PARAMS:
                 a, b = mae(result, model, cond, p), mae(result, "calc", cond, p)
@@ -550,7 +562,7 @@ def make_figures(result: dict[str, Any], profile: Profile, providers: dict[str, 
     out["figure7"] = path.name
     bars = {result["conditions"][c]: {result["models"][m]["label"]: {p: (mae(result, m, c, p), float("nan"))
                                                                       for p in ALL_PARAMS}
-                                      for m in ["calc", *MODELS]}
+                                      for m in ["calc", *trained(result)]}
             for c in ("regular", *IRREGULAR, *dropped)}
     out["conditions_mae"] = plot_condition_bars(figures / "conditions_mae.png", bars, "mae",
                                                 title="MAE per condition (held-out phantom patients)").name

@@ -27,6 +27,9 @@ class Profile:
     check_val_every_n_epoch: int = 2
     extra_train_overrides: tuple[str, ...] = ()
     label_noise_run: bool = True              # also train the default model on oSVD-derived labels
+    # the trained models (names of experiments/bench/accuracy.py MODELS; None: all). The default model and
+    # UniToBrain are always among them (the targets compare them).
+    models: tuple[str, ...] | None = None
     parallel_runs: int = 1                    # training subprocesses at once (1: clean timings)
     frame_fractions: tuple[float, ...] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
     dropped_fractions: tuple[float, ...] = (0.2, 0.4)   # in-process, besides the named 30 % condition
@@ -90,16 +93,18 @@ PROFILES: dict[str, Profile] = {
     # This repository's 2-core CPU machine in about half an hour (shared with other work: conservative).
     "cpu": Profile(
         name="cpu", trainer="cpu", n_patients=16, height=64, n_slices=4, frames_min=40, frames_max=50,
-        batch_size=8, crop_size=16, max_epochs=40, max_time_s=480, check_val_every_n_epoch=5,
-        label_noise_run=False,
+        batch_size=8, crop_size=16, max_epochs=40, max_time_s=720, check_val_every_n_epoch=5,
+        label_noise_run=False, models=("stm_dlp_lstm", "stm_dlp_lstm_paper", "unitobrain"),
         speed_sizes=(128, 256), speed_frames=16, speed_steps=1, speed_warmup=1,
         infer_slices=2, infer_size=256, infer_frames=50, lstm_compare_n=512, lstm_compare_t=50,
         loader_workers=(0, 1), loader_passes=1, train_rate_steps=3,
         dicom_patients=2, dicom_size=64, dicom_slices=4, dicom_frames=40,
         notes=("cpu profile: the `make run` cohort (16 phantom patients, 64² at 3.4 mm resampled to 3 mm, 4 "
-               "slices; 4 held-out test patients) and `make run`'s schedule (40 epochs, at most 8 min of training "
+               "slices; 4 held-out test patients) and `make run`'s schedule (40 epochs, at most 12 min of training "
                "per model) on a 2-core CPU — far from the paper's 200 epochs; accuracy numbers compare methods at "
-               "this budget only; the label-noise run (`data.label_source=calc`) is left out at this size (time)",
+               "this budget only; at this size (time) only the default model (LSTM + arterial context), the paper's "
+               "configuration and UniToBrain are trained, and the label-noise run (`data.label_source=calc`) is "
+               "left out: the CNN and MLP-Mixer rows are in docs/reproducing.md's Table 1",
                "speed at 128²/256² uses 16 frames per slice (CPU time); model inference runs 2 of the study's 16 "
                "slices and scales linearly (stated in the table); oSVD runs the whole study"),
     ),

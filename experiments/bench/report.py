@@ -92,7 +92,7 @@ def _target_rows(targets: list[dict[str, Any]]) -> list[list[Any]]:
 # --------------------------------------------------------------------------------- accuracy
 def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path, settings: dict[str, Any],
               results: dict[str, Any] | None = None) -> list[str]:
-    from experiments.bench.accuracy import CALC_LABEL, LABEL_NOISE, MAIN, MODELS, clinical_targets
+    from experiments.bench.accuracy import CALC_LABEL, LABEL_NOISE, MAIN, MODELS, clinical_targets, trained
 
     out = ["## Accuracy against ground truth", "",
            "Held-out phantom patients (never seen in training), inside the brain mask, physical units "
@@ -101,7 +101,7 @@ def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path, settings: dict[s
            "condition from its best checkpoint; the calculation approach is `model=calc` (oSVD, automatic AIF) "
            "on exactly the same input. Dropped-frame severities other than 30 % are evaluated in-process from "
            "the same checkpoints.", ""]
-    names = ["calc", *MODELS]
+    names = ["calc", *trained({"models": acc["models"]})]
     rows = []
     for n in names:
         r = acc["runs"].get(n, {})
@@ -153,7 +153,7 @@ def _accuracy(acc: dict[str, Any], md_dir: Path, fig_dir: Path, settings: dict[s
             "Below 1: the model is closer to the truth than the calculation approach on the same input.", ""]
     rows = []
     for cond, label in acc["conditions"].items():
-        for n in MODELS:
+        for n in trained({"models": acc["models"]}):
             rr = acc["ratios"][cond][n]
             rows.append([label, acc["models"][n]["label"], *[rr[p] for p in ALL_PARAMS]])
     out += [_table(["condition", "model", *[p.upper() for p in ALL_PARAMS]], rows), ""]
