@@ -83,8 +83,11 @@ def test_variants_set_the_paper_rows():
         assert "_paper" in yaml.safe_load((variant_dir / f"{variant}.yaml").read_text())["defaults"], variant
         cfg = _compose([f"+experiment/variant={variant}"])
         assert cfg.model.arterial_context is False and cfg.lit.loss == "charbonnier", variant
-        assert cfg.data.lesion_crop_fraction == 0.0, variant
-    assert _compose(["+experiment/variant=stm_dlp_arterial"]).model.arterial_context is True
+        assert cfg.data.lesion_crop_fraction == 0.0 and cfg.lit.mtt_weight == 0.0, variant
+    new_row = _compose(["+experiment/variant=stm_dlp_arterial"])
+    assert new_row.model.arterial_context is True and new_row.lit.mtt_weight > 0
+    assert _compose([]).lit.mtt_weight == new_row.lit.mtt_weight  # the new row is the default model
+    assert _compose(["model=unitobrain"]).lit.mtt_weight == 0.0
 
 
 def test_frames_and_robustness_conditions():
@@ -292,3 +295,18 @@ def test_table1_two_job_smoke_sweep_through_the_cli(tmp_path):
     assert {"mae_cbv", "rmse_cbf", "r2_tmax", "r2_tmax_std", "label"} <= set(header)
     figure = tmp_path / "out" / "table1_qualitative.png"
     assert figure in written["table1"] and figure.stat().st_size > 20_000
+
+
+def test_mtt_diagnostics_splits_the_error_by_tissue_class():
+    """The MTT error report: each truth class's share of the squared error, and CSF's error gone once the
+    maps leave CSF out (synthetic arrays; the command itself runs on a finished run directory)."""
+    from experiments.mtt_diagnostics import report
+
+    truth = {"cbv": np.array([0.0, 0.0, 2.0, 2.0]), "cbf": np.array([0.0, 0.0, 30.0, 30.0]),
+             "tmax": np.array([0.0, 0.0, 1.0, 8.0]), "mtt": np.array([0.0, 0.0, 4.0, 4.0])}
+    raw = {**truth, "mtt": np.array([9.0, 9.0, 4.0, 4.0])}
+    kept = {**truth, "mtt": np.array([0.0, 0.0, 4.0, 4.0])}
+    text = report({"raw": raw, "csf_out": kept, "truth": truth})
+    csf_row = next(line for line in text.splitlines() if line.startswith("| CSF"))
+    assert "| 50.0 % | 10.12 | 0.00 |" in csf_row   # 2·81 / SST 16
+    assert "1.000" in text.splitlines()[-1]             # CSF left out: MTT exact, R² 1
