@@ -42,7 +42,8 @@ from stm_dlp.perfusion.maps import calculate_maps
 from stm_dlp.perfusion.physics import TISSUE_SCALE, arterial_input_function
 
 #: The Kudo-style grids hold one (CBV, MTT, delay) per 1-2 px tile: no in-plane smoothing, no TMAX median.
-CLEAN = dict(spatial_sigma_px=0.0, tmax_median_px=0)
+# no smoothing, no TMAX median, TMAX from the CBF truncation: the engines themselves
+CLEAN = dict(spatial_sigma_px=0.0, tmax_median_px=0, tmax_oi_target=None)
 
 
 @pytest.fixture(scope="module")

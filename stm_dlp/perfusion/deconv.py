@@ -383,11 +383,18 @@ class Deconvolver:
             return kf[:, :n] @ basis[:n] + kf[:, fk: fk + n] @ basis[fk: fk + n]
         return (kf * self._masks[m]) @ basis
 
-    def _choose(self, kf: torch.Tensor, target: float | None = None) -> torch.Tensor:
+    def _choose(self, kf: torch.Tensor, target: float | Sequence[float] | None = None) -> torch.Tensor:
         """Per-pixel candidate index ``(P,)`` (the oSVD search for OI ``target``, default
-        ``params.oi_target``; 0 for single-filter engines)."""
+        ``params.oi_target``; 0 for single-filter engines); ``(K, P)`` for a sequence of K targets
+        (one pass of the cumulative search for all)."""
         n_pix = kf.shape[0]
         m_count = len(self.candidates)
+        if not isinstance(target, (int, float)) and target is not None:
+            if self.params.osvd_search == "cumulative" and self.params.method == "osvd" and m_count > 1:
+                basis = self._get("oi", lambda: self._inv_basis(
+                    torch.arange(0, self.n_window, self.params.oi_stride, device=self.device)))
+                return self._choose_cumulative(kf, basis, list(target))
+            return torch.stack([self._choose(kf, float(t)) for t in target])
         if self.params.method != "osvd" or m_count == 1:
             return torch.zeros(n_pix, dtype=torch.long, device=kf.device)
         stride = self.params.oi_stride
@@ -436,7 +443,8 @@ class Deconvolver:
             self._cache[key] = (perm, bas.T.contiguous(), d2.T.contiguous(), bands)
         return self._cache[key]
 
-    def _choose_cumulative(self, kf: torch.Tensor, basis: torch.Tensor, target: float) -> torch.Tensor:
+    def _choose_cumulative(self, kf: torch.Tensor, basis: torch.Tensor, target: float | Sequence[float]
+                           ) -> torch.Tensor:
         """Per-pixel candidate from partial sums over the singular components (see ``osvd_search``).
 
         The residue of candidate ``m`` is ``r_m = Σ_{b >= m} kf_b @ basis_b`` over bands of components
@@ -447,13 +455,17 @@ class Deconvolver:
         pass (the one before passed) — with the OI falling as the threshold rises, that is Wu's
         first threshold below the target; a pixel that never passes keeps the largest. Pixels are
         compacted as they are decided, so a pixel costs ``M - m`` band steps and the whole search
-        about one residue evaluation's matrix work.
+        about one residue evaluation's matrix work. Several ``target`` values are searched in the
+        same pass (the residues and OIs are shared; a pixel leaves when every target has decided);
+        the result is then ``(len(target), P)``.
         """
         perm, bas_t, bas_d2_t, bands = self._band_basis(basis)
         m_count = len(self.candidates)
+        targets = [float(target)] if isinstance(target, (int, float)) else [float(t) for t in target]
+        n_k = len(targets)
         n_pix, n_s = kf.shape[0], bas_t.shape[0]
-        best = torch.full((n_pix,), m_count - 1, dtype=torch.long, device=kf.device)
-        lim = target * n_s
+        best = torch.full((n_k, n_pix), m_count - 1, dtype=torch.long, device=kf.device)
+        lim = torch.tensor(targets, dtype=kf.dtype, device=kf.device)[:, None] * n_s
         # samples x pixels: the per-pixel reductions run over the leading axis, contiguous in pixels
         kt_all = kf[:, perm].T.contiguous()
         for start in range(0, n_pix, 16384):
@@ -461,7 +473,8 @@ class Deconvolver:
             idx = torch.arange(start, start + kt.shape[1], device=kf.device)
             acc = torch.zeros((n_s, kt.shape[1]), dtype=kf.dtype, device=kf.device)
             acc2 = torch.zeros((n_s - 2, kt.shape[1]), dtype=kf.dtype, device=kf.device)
-            passed = torch.zeros(kt.shape[1], dtype=torch.bool, device=kf.device)
+            passed = torch.zeros((n_k, kt.shape[1]), dtype=torch.bool, device=kf.device)
+            done = torch.zeros_like(passed)
             ok = None
             for m in range(m_count - 1, -1, -1):
                 lo, hi = bands[m]
@@ -470,19 +483,22 @@ class Deconvolver:
                     acc2.addmm_(bas_d2_t[:, lo:hi], kt[lo:hi])
                 if hi > lo or ok is None:
                     # OI = Σ|d2| / (N fmax) < target; a non-positive fmax fails
-                    ok = acc2.abs().sum(0) < lim * acc.amax(0)
+                    ok = acc2.abs().sum(0)[None] < lim * acc.amax(0)[None]
                 # (no component added: the same residue as the candidate above, the same verdict)
-                best[idx[ok]] = m
                 # decided: failed after having passed (the run of passing thresholds has ended)
-                undecided = ok | ~passed
+                done |= passed & ~ok
+                take = ok & ~done
+                for k in range(n_k):
+                    best[k, idx[take[k]]] = m
                 passed |= ok
+                undecided = ~done.all(0)
                 n_left = int(undecided.sum())
                 if n_left == 0:
                     break
                 if n_left < 0.5 * undecided.numel():  # compact to the undecided pixels
                     kt, idx, acc, acc2 = kt[:, undecided], idx[undecided], acc[:, undecided], acc2[:, undecided]
-                    passed, ok = passed[undecided], ok[undecided]
-        return best
+                    passed, ok, done = passed[:, undecided], ok[:, undecided], done[:, undecided]
+        return best[0] if isinstance(target, (int, float)) else best
 
     def residue(self, conc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow-scaled residues over the whole window (for inspection and tests).
@@ -505,7 +521,7 @@ class Deconvolver:
         return self._apply(kf, m, basis), cand[m]
 
     def analyse(self, x: torch.Tensor, resample: torch.Tensor | None = None,
-                frame_times: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                frame_times: torch.Tensor | None = None, tmax_only: bool = False) -> dict[str, torch.Tensor]:
         """Peak height, peak time, integral and threshold of the residues of many curves.
 
         Args:
@@ -514,6 +530,9 @@ class Deconvolver:
                 is given — the resampling is then folded into the first matmul.
             frame_times: ``(T,)`` times (s, grid clock) of those frames, for the calibration
                 (:meth:`calibration`) of ``tmax_method="calibrated"``.
+            tmax_only: only ``tmax_s`` is wanted (a TMAX pass on differently smoothed curves): the
+                search runs for ``tmax_oi_target`` alone and the other outputs are those of its
+                truncation.
         Returns:
             dict of ``(P,)``: ``kmax`` (sampled maximum of ``k`` over lags ``[-15 s, min(L dt, 60 s)]``),
             ``tmax_s`` (see :attr:`DeconvParams.tmax_method`), ``kint`` (``Σ k dt`` over the window)
@@ -530,16 +549,18 @@ class Deconvolver:
             kint = x.to(self.dtype) @ mat.sum(-1, keepdim=True) * self.dt_s
             return {"kmax": kmax, "tmax_s": tmax, "kint": kint[:, 0], "threshold": torch.full_like(kmax, p.threshold)}
         kf = self._spectrum(x, resample)
-        m = self._choose(kf)
+        # TMAX from its own, smoother truncation (see DeconvParams.tmax_oi_target): both searches in one pass
+        own = p.method == "osvd" and p.tmax_oi_target is not None and p.tmax_oi_target != p.oi_target
+        if tmax_only:
+            m = m_t = self._choose(kf, p.tmax_oi_target if own else None)
+        elif own:
+            m, m_t = self._choose(kf, (p.oi_target, p.tmax_oi_target)).unbind(0)
+        else:
+            m = m_t = self._choose(kf)
         basis = self._get("out", lambda: self._inv_basis(self._out_idx()))
-        kt = self._apply(kf, m, basis)
-        kmax, tmax = _peak_stats(kt, self.n_negative, self.dt_s, p.tmax_method, p.tmax_peak_frac)
-        m_t, kmax_t = m, kmax
-        if p.method == "osvd" and p.tmax_oi_target is not None and p.tmax_oi_target != p.oi_target:
-            # TMAX from its own, smoother truncation (see DeconvParams.tmax_oi_target)
-            m_t = self._choose(kf, p.tmax_oi_target)
-            kt = self._apply(kf, m_t, basis)
-            kmax_t, tmax = _peak_stats(kt, self.n_negative, self.dt_s, p.tmax_method, p.tmax_peak_frac)
+        kt = self._apply(kf, m_t, basis)
+        kmax_t, tmax = _peak_stats(kt, self.n_negative, self.dt_s, p.tmax_method, p.tmax_peak_frac)
+        kmax = kmax_t if (tmax_only or not own) else self._apply(kf, m, basis).amax(-1)
         # Σ_n k[n] over the window is the DC coefficient K_0 (kept unless the AIF is odd enough that
         # |A(0)| falls below the pixel's threshold).
         if self._dc_pos >= 0:
@@ -652,19 +673,21 @@ class Deconvolver:
         its delay rises like the filter and gets the undispersed lag; a dispersed one rises slower
         and its smooth peak is hardly shifted, so it gets less."""
         cal = self.calibration(resample, frame_times, CALIBRATION_DISPERSION_S)
-        n_b = cal["lag"].shape[0]
-        lags, rises = [], []
-        for b in range(n_b):
-            xs = cal["mtt_obs"][b][m]  # (P, n) increasing
-            obs = torch.where(kmax > 0, kint / kmax.clamp_min(1e-12), xs[:, 0]).clamp(xs[:, 0], xs[:, -1])
-            j = torch.searchsorted(xs.contiguous(), obs[:, None].contiguous()).clamp(1, xs.shape[1] - 1)
-            x0, x1 = xs.gather(1, j - 1)[:, 0], xs.gather(1, j)[:, 0]
-            wgt = ((obs - x0) / (x1 - x0).clamp_min(1e-9)).clamp(0.0, 1.0)
-            for name, acc in (("lag", lags), ("rise", rises)):
-                yy = cal[name][b][m]
-                acc.append(yy.gather(1, j - 1)[:, 0] * (1 - wgt) + yy.gather(1, j)[:, 0] * wgt)
-        lag = torch.stack(lags, 1)  # (P, B)
-        rs = torch.stack(rises, 1).cummax(1).values  # rise grows with the dispersion; made monotonic
+        n_b, _, n = cal["lag"].shape
+        # every dispersion block at once: (P, B, n) tables at the pixels' thresholds
+        xs = cal["mtt_obs"].permute(1, 0, 2)[m]  # increasing along n
+        ratio = kint / kmax.clamp_min(1e-12)
+        obs = torch.where(kmax[:, None] > 0, ratio[:, None], xs[..., 0]).clamp(xs[..., 0], xs[..., -1])
+        j = torch.searchsorted(xs.contiguous(), obs[..., None].contiguous()).clamp(1, n - 1)
+        x0, x1 = xs.gather(-1, j - 1)[..., 0], xs.gather(-1, j)[..., 0]
+        wgt = ((obs - x0) / (x1 - x0).clamp_min(1e-9)).clamp(0.0, 1.0)
+
+        def at(name: str) -> torch.Tensor:
+            yy = cal[name].permute(1, 0, 2)[m]
+            return yy.gather(-1, j - 1)[..., 0] * (1 - wgt) + yy.gather(-1, j)[..., 0] * wgt
+
+        lag = at("lag")  # (P, B)
+        rs = at("rise").cummax(1).values  # rise grows with the dispersion; made monotonic
         obs = rise.to(rs.dtype).clamp(rs[:, 0], rs[:, -1])
         j = torch.searchsorted(rs.contiguous(), obs[:, None].contiguous()).clamp(1, n_b - 1)
         r0, r1 = rs.gather(1, j - 1)[:, 0], rs.gather(1, j)[:, 0]

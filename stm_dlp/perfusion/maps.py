@@ -831,8 +831,10 @@ def _despike(c: torch.Tensor, tol: float) -> torch.Tensor:
 
 def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], aif_grid: torch.Tensor,
                       grid: torch.Tensor, dec: Deconvolver, p: CalcParams,
-                      progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Step 6: ``cbf``, ``cbv``, ``tmax``, ``thr`` ``(S, H, W)`` of the brain pixels (raw, before clean-up)."""
+                      progress: Callable[[int, int], None] | None = None,
+                      tmax_only: bool = False) -> dict[str, torch.Tensor]:
+    """Step 6: ``cbf``, ``cbv``, ``tmax``, ``thr`` ``(S, H, W)`` of the brain pixels (raw, before clean-up);
+    ``tmax_only``: a TMAX pass (:meth:`Deconvolver.analyse`), whose other maps are not to be used."""
     s_count, n_t, h, w = inp.shape
     dev, dtype, dt_s = inp.device, inp.dtype, p.dt_s
     aif_area = float(_trapz_grid(aif_grid, dt_s))
@@ -851,7 +853,7 @@ def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], a
         for start in range(0, n_b, chunk):
             stop = min(start + chunk, n_b)
             x = tissue[s][start:stop]
-            res = dec.analyse(x, wmat, inp.times[s])
+            res = dec.analyse(x, wmat, inp.times[s], tmax_only=tmax_only)
             num = x @ area_w if p.cbv_method == "area" else res["kint"] * aif_area
             pix = curves.flat_idx[s][start:stop]
             out["cbf"][s, pix] = res["kmax"] / TISSUE_SCALE
@@ -980,7 +982,7 @@ def calculate_maps(
     dec = Deconvolver(aif_grid, p.dt_s, dparams)
     raw = deconvolve_tissue(inp, curves, tissue, aif_grid, grid, dec, p, progress)
     if tissue_tmax is not None:  # TMAX from its own, lighter smoothing (CalcParams.tmax_sigma_mm)
-        raw["tmax"] = deconvolve_tissue(inp, curves, tissue_tmax, aif_grid, grid, dec, p)["tmax"]
+        raw["tmax"] = deconvolve_tissue(inp, curves, tissue_tmax, aif_grid, grid, dec, p, tmax_only=True)["tmax"]
     t_dec = time.perf_counter()
 
     maps = finish_maps(raw, brain, exc.csf, p)
