@@ -521,7 +521,8 @@ class Deconvolver:
         return self._apply(kf, m, basis), cand[m]
 
     def analyse(self, x: torch.Tensor, resample: torch.Tensor | None = None,
-                frame_times: torch.Tensor | None = None, tmax_only: bool = False) -> dict[str, torch.Tensor]:
+                frame_times: torch.Tensor | None = None, tmax_only: bool = False, cbf_only: bool = False
+                ) -> dict[str, torch.Tensor]:
         """Peak height, peak time, integral and threshold of the residues of many curves.
 
         Args:
@@ -533,8 +534,9 @@ class Deconvolver:
             tmax_only: only ``tmax_s`` is wanted (a TMAX pass on differently smoothed curves): the
                 search runs for ``tmax_oi_target`` alone and the other outputs are those of its
                 truncation.
+            cbf_only: ``tmax_s`` is not wanted (it comes from a TMAX pass): it is returned as 0.
         Returns:
-            dict of ``(P,)``: ``kmax`` (sampled maximum of ``k`` over lags ``[-15 s, min(L dt, 60 s)]``),
+            dict of ``(P,)``: ``kmax`` (sampled maximum of ``k`` over lags ``[-MAX_NEGATIVE_LAG_S, min(L dt, 60 s)]``),
             ``tmax_s`` (see :attr:`DeconvParams.tmax_method`), ``kint`` (``Σ k dt`` over the window)
             and ``threshold`` (relative threshold, or Tikhonov λ).
         """
@@ -551,6 +553,14 @@ class Deconvolver:
         kf = self._spectrum(x, resample)
         # TMAX from its own, smoother truncation (see DeconvParams.tmax_oi_target): both searches in one pass
         own = p.method == "osvd" and p.tmax_oi_target is not None and p.tmax_oi_target != p.oi_target
+        if cbf_only:
+            m = self._choose(kf)
+            basis = self._get("out", lambda: self._inv_basis(self._out_idx()))
+            kmax = self._apply(kf, m, basis).amax(-1)
+            cand = torch.tensor(self.candidates, dtype=self.dtype, device=x.device)
+            dc = kf[:, self._dc_pos] if self._dc_pos >= 0 else torch.zeros_like(kmax)
+            dc = torch.where(self.n_keep[m] > self._dc_pos, dc, torch.zeros_like(kmax))
+            return {"kmax": kmax, "tmax_s": torch.zeros_like(kmax), "kint": dc * self.dt_s, "threshold": cand[m]}
         if tmax_only:
             m = m_t = self._choose(kf, p.tmax_oi_target if own else None)
         elif own:
@@ -573,8 +583,8 @@ class Deconvolver:
             tmax = tmax - self._calibrated_lag(m_t, kint, kmax_t, resample, frame_times)
         elif p.tmax_method == "calibrated_dispersion":
             _, t_half = _peak_stats(kt, self.n_negative, self.dt_s, "half_rise", p.tmax_peak_frac)
-            tmax = tmax - self._dispersion_lag(m_t, kint, kmax_t, (tmax - t_half).clamp_min(0.0), resample,
-                                               frame_times)
+            rise = (tmax - t_half).clamp_min(0.0)
+            tmax = tmax - self.dispersion_lag(m_t, kint, kmax_t, rise, resample, frame_times)
         return {"kmax": kmax, "tmax_s": tmax, "kint": kint, "threshold": cand[m]}
 
     def calibration(self, resample: torch.Tensor | None = None, frame_times: torch.Tensor | None = None,
@@ -663,7 +673,7 @@ class Deconvolver:
 
         return interp(cal["lag"])
 
-    def _dispersion_lag(self, m: torch.Tensor, kint: torch.Tensor, kmax: torch.Tensor, rise: torch.Tensor,
+    def dispersion_lag(self, m: torch.Tensor, kint: torch.Tensor, kmax: torch.Tensor, rise: torch.Tensor,
                         resample: torch.Tensor | None = None, frame_times: torch.Tensor | None = None
                         ) -> torch.Tensor:
         """Per-pixel argmax lag for ``tmax_method="calibrated_dispersion"``: in each dispersion block of

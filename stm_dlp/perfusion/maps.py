@@ -832,9 +832,10 @@ def _despike(c: torch.Tensor, tol: float) -> torch.Tensor:
 def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], aif_grid: torch.Tensor,
                       grid: torch.Tensor, dec: Deconvolver, p: CalcParams,
                       progress: Callable[[int, int], None] | None = None,
-                      tmax_only: bool = False) -> dict[str, torch.Tensor]:
+                      tmax_only: bool = False, cbf_only: bool = False) -> dict[str, torch.Tensor]:
     """Step 6: ``cbf``, ``cbv``, ``tmax``, ``thr`` ``(S, H, W)`` of the brain pixels (raw, before clean-up);
-    ``tmax_only``: a TMAX pass (:meth:`Deconvolver.analyse`), whose other maps are not to be used."""
+    ``tmax_only``: a TMAX pass (:meth:`Deconvolver.analyse`), whose other maps are not to be used;
+    ``cbf_only``: TMAX (0) comes from a TMAX pass."""
     s_count, n_t, h, w = inp.shape
     dev, dtype, dt_s = inp.device, inp.dtype, p.dt_s
     aif_area = float(_trapz_grid(aif_grid, dt_s))
@@ -853,7 +854,7 @@ def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], a
         for start in range(0, n_b, chunk):
             stop = min(start + chunk, n_b)
             x = tissue[s][start:stop]
-            res = dec.analyse(x, wmat, inp.times[s], tmax_only=tmax_only)
+            res = dec.analyse(x, wmat, inp.times[s], tmax_only=tmax_only, cbf_only=cbf_only)
             num = x @ area_w if p.cbv_method == "area" else res["kint"] * aif_area
             pix = curves.flat_idx[s][start:stop]
             out["cbf"][s, pix] = res["kmax"] / TISSUE_SCALE
@@ -980,7 +981,7 @@ def calculate_maps(
 
     dparams = p.deconv_params(frame_dt)
     dec = Deconvolver(aif_grid, p.dt_s, dparams)
-    raw = deconvolve_tissue(inp, curves, tissue, aif_grid, grid, dec, p, progress)
+    raw = deconvolve_tissue(inp, curves, tissue, aif_grid, grid, dec, p, progress, cbf_only=tissue_tmax is not None)
     if tissue_tmax is not None:  # TMAX from its own, lighter smoothing (CalcParams.tmax_sigma_mm)
         raw["tmax"] = deconvolve_tissue(inp, curves, tissue_tmax, aif_grid, grid, dec, p, tmax_only=True)["tmax"]
     t_dec = time.perf_counter()
