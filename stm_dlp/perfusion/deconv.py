@@ -474,7 +474,6 @@ class Deconvolver:
             acc = torch.zeros((n_s, kt.shape[1]), dtype=kf.dtype, device=kf.device)
             acc2 = torch.zeros((n_s - 2, kt.shape[1]), dtype=kf.dtype, device=kf.device)
             passed = torch.zeros((n_k, kt.shape[1]), dtype=torch.bool, device=kf.device)
-            done = torch.zeros_like(passed)
             ok = None
             for m in range(m_count - 1, -1, -1):
                 lo, hi = bands[m]
@@ -485,19 +484,18 @@ class Deconvolver:
                     # OI = Σ|d2| / (N fmax) < target; a non-positive fmax fails
                     ok = acc2.abs().sum(0)[None] < lim * acc.amax(0)[None]
                 # (no component added: the same residue as the candidate above, the same verdict)
-                # decided: failed after having passed (the run of passing thresholds has ended)
-                done |= passed & ~ok
-                take = ok & ~done
                 for k in range(n_k):
-                    best[k, idx[take[k]]] = m
+                    best[k, idx[ok[k]]] = m
+                # decided: failed after having passed (the run of passing thresholds has ended); a
+                # pixel leaves when every target has decided
+                undecided = (ok | ~passed).any(0)
                 passed |= ok
-                undecided = ~done.all(0)
                 n_left = int(undecided.sum())
                 if n_left == 0:
                     break
                 if n_left < 0.5 * undecided.numel():  # compact to the undecided pixels
                     kt, idx, acc, acc2 = kt[:, undecided], idx[undecided], acc[:, undecided], acc2[:, undecided]
-                    passed, ok, done = passed[:, undecided], ok[:, undecided], done[:, undecided]
+                    passed, ok = passed[:, undecided], ok[:, undecided]
         return best[0] if isinstance(target, (int, float)) else best
 
     def residue(self, conc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
