@@ -211,7 +211,8 @@ def test_predict_at_the_training_spacing_writes_maps_on_the_scan_grid(tmp_path, 
     write_nifti_patient(tmp_path / "patient", study)
     seen = []
     real = P.predict_study
-    monkeypatch.setattr(P, "predict_study", lambda m, s, st, *a, **k: seen.append(st.shape_hw) or real(m, s, st, *a, **k))
+    monkeypatch.setattr(P, "predict_study",
+                        lambda m, s, st, *a, **k: seen.append(st.shape_hw) or real(m, s, st, *a, **k))
     summary = P.run_predict(str(ckpt), str(tmp_path / "patient"), str(tmp_path / "out"), device="cpu")
     assert seen == [(24, 24)]  # round(16 * 13.75 / 9)
     vol, affine = read_nifti_maps(tmp_path / "out" / "cbf.nii.gz")

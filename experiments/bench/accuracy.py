@@ -266,7 +266,9 @@ def run_accuracy(profile: Profile, out: Path, figures: Path, log: Callable[[str]
     if profile.label_noise_run:
         jobs.append((LABEL_NOISE, list(MODELS[MAIN][1]), ["data.label_source=calc"], True))
     # the default model on every other phantom family (its own test only; the conditions are in-process)
-    jobs += [(cross_run_name(f), list(MODELS[MAIN][1]), [f"data.phantom.family={f}"], False)
+    size = ([f"data.phantom.height={profile.cross_family_height}", f"data.phantom.width={profile.cross_family_height}"]
+            if profile.cross_family_height else [])
+    jobs += [(cross_run_name(f), list(MODELS[MAIN][1]), [f"data.phantom.family={f}", *size], False)
              for f in profile.cross_family[1:]]
     outcomes: dict[str, Any] = {}
     with ThreadPoolExecutor(max_workers=max(1, profile.parallel_runs)) as pool:
