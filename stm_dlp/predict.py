@@ -135,22 +135,24 @@ def predict_on_scan_grid(model: torch.nn.Module, target_scale: torch.Tensor, stu
 
 def run_predict(ckpt: str, input: str, output: str, device: str = "auto", batch_size: int = 4,
                 mode: str = "best_effort", frame_interval_s: float | None = None,
-                readout_thresholds: ReadoutThresholds | None = None, output_dicom: bool = False) -> dict[str, Any]:
+                readout_thresholds: ReadoutThresholds | None = None, output_dicom: bool = False,
+                motion: bool = True) -> dict[str, Any]:
     """Read one study (any layout :func:`~stm_dlp.data.studies.read_any_study` reads), predict, write.
-    Returns the summary written to ``summary.json``."""
+    Returns the summary written to ``summary.json``. ``motion``: register the frames first
+    (:func:`~stm_dlp.data.motion.motion_corrected`; still studies are left as they are)."""
     if mode not in ("best_effort", "strict"):
         raise ValueError(f"mode must be best_effort or strict, got {mode!r}")
     dev = _device(device)
     model, scale, info = load_model(ckpt, dev)
     return _predict_to(model, scale, info, dev, ckpt, input, output, batch_size=batch_size, mode=mode,
                        frame_interval_s=frame_interval_s, readout_thresholds=readout_thresholds,
-                       output_dicom=output_dicom)
+                       output_dicom=output_dicom, motion=motion)
 
 
 def run_predict_cohort(ckpt: str, input: str, output: str, device: str = "auto", batch_size: int = 4,
                        mode: str = "best_effort", frame_interval_s: float | None = None,
                        readout_thresholds: ReadoutThresholds | None = None, output_dicom: bool = False,
-                       progress: bool = True) -> list:
+                       progress: bool = True, motion: bool = True) -> list:
     """Every patient of the root ``input`` (any layout, :mod:`stm_dlp.cohort`) into ``output/<patient>``
     with the model loaded once and one progress bar; returns each patient's
     :class:`~stm_dlp.cohort.PatientResult` (a patient that fails is reported and skipped)."""
@@ -163,8 +165,8 @@ def run_predict_cohort(ckpt: str, input: str, output: str, device: str = "auto",
     model, scale, info = load_model(ckpt, dev)
     return run_jobs(jobs, lambda path, out, _bar: _predict_to(
         model, scale, info, dev, ckpt, path, out, batch_size=batch_size, mode=mode,
-        frame_interval_s=frame_interval_s, readout_thresholds=readout_thresholds, output_dicom=output_dicom),
-        progress=progress, keep_going=multi)
+        frame_interval_s=frame_interval_s, readout_thresholds=readout_thresholds, output_dicom=output_dicom,
+        motion=motion), progress=progress, keep_going=multi)
 
 
 def _device(device: str) -> torch.device:
@@ -174,7 +176,8 @@ def _device(device: str) -> torch.device:
 
 def _predict_to(model: torch.nn.Module, scale: torch.Tensor, info: dict, dev: torch.device, ckpt: str | Path,
                 input: str | Path, output: str | Path, *, batch_size: int, mode: str, frame_interval_s: float | None,
-                readout_thresholds: ReadoutThresholds | None, output_dicom: bool) -> dict[str, Any]:
+                readout_thresholds: ReadoutThresholds | None, output_dicom: bool,
+                motion: bool = True) -> dict[str, Any]:
     """One study through a loaded model into ``output``; the summary written to ``summary.json``."""
     from stm_dlp.data.studies import read_any_study
     from stm_dlp.io.outputs import write_outputs
@@ -184,6 +187,12 @@ def _predict_to(model: torch.nn.Module, scale: torch.Tensor, info: dict, dev: to
     study = read_any_study(input, frame_interval_s=frame_interval_s,
                            on_bad_frame="nan" if mode == "best_effort" else "raise")
     t_read = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if motion:
+        from stm_dlp.data.motion import motion_corrected
+
+        study = motion_corrected(study)
+    t_motion = time.perf_counter() - t0
     t0 = time.perf_counter()
     maps, failed = predict_on_scan_grid(model, scale, study, info.get("target_spacing_mm"), batch_size, dev, mode)
     t_pred = time.perf_counter() - t0
@@ -200,7 +209,8 @@ def _predict_to(model: torch.nn.Module, scale: torch.Tensor, info: dict, dev: to
         "params_predicted": list(PARAMS),
         "units": dict(UNITS),
         "device": str(dev),
-        "timing_s": {"read": round(t_read, 3), "predict": round(t_pred, 3)},
+        "timing_s": {"read": round(t_read, 3), "motion": round(t_motion, 3), "predict": round(t_pred, 3)},
+        "motion_correction": study.meta.get("motion_correction", {"enabled": False}),
         "failed_slices": failed,
         # the scan's own pixels (rows, columns) and the pixel size the model ran at (maps are on the scan's grid)
         "pixel_spacing_mm": {"scan": [round(v, 4) for v in pixel_spacing_mm(study.affine)],
@@ -229,6 +239,7 @@ SPEC = {
     "mode": (str, "best_effort", "best_effort (skip bad slices) or strict"),
     "frame_interval_s": (float, None, "NIfTI frame interval (s), only when the file gives no frame times"),
     "output_dicom": (parse_bool, False, "also write the maps as DICOM series for PACS (OUT/dicom/)"),
+    "motion": (parse_bool, True, "rigid in-plane registration of every frame first (as the calc's motion=true)"),
     "progress": (parse_bool, True, "show a progress bar (a root of patients)"),
     **READOUT_OPTIONS,
 }

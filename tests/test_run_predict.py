@@ -88,6 +88,7 @@ def test_predict_writes_maps_with_the_scan_geometry(trained: Path, tmp_path: Pat
     assert (out / "maps.png").stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "stm_dlp" and summary["failed_slices"] == []
+    assert summary["motion_correction"]["enabled"] and summary["motion_correction"]["moved_frames"] == 0
     assert "PHANTOM" not in json.dumps(summary)
 
 

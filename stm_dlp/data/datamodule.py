@@ -35,6 +35,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSample
 from stm_dlp.data.cache import StudyCache
 from stm_dlp.data.context import attach_arterial
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
+from stm_dlp.data.motion import motion_corrected
 from stm_dlp.data.phantom import GENERATOR_VERSION, PhantomConfig, cohort_member, simulate_patient
 from stm_dlp.data.splits import resolve_split
 from stm_dlp.types import PARAMS, SliceSample, Study, StudyError, collate_slices
@@ -167,6 +168,10 @@ class CTPDataModule(L.LightningDataModule):
         target_spacing_mm: in-plane pixel size (mm) every study is resampled to after reading or simulating
             and before caching (:func:`stm_dlp.data.resample.resample_study`; part of the cache
             fingerprint); ``None`` keeps each study's own grid.
+        motion_correction: register every frame of the val/test studies (after their corruption) to the
+            slice's pre-contrast reference before the model sees them (:func:`stm_dlp.data.motion.motion_corrected`,
+            the calculation approach's correction; ``stm_dlp.predict`` does the same with ``motion=true``).
+            Training studies are used as they are (augmented motion included).
     """
 
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
@@ -179,7 +184,7 @@ class CTPDataModule(L.LightningDataModule):
                  calc: dict[str, Any] | None = None, cache_dir: str | None = None,
                  frame_interval_s: float | None = None, pseudonym_key: str | None = None,
                  split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0,
-                 target_spacing_mm: float | None = None):
+                 target_spacing_mm: float | None = None, motion_correction: bool = True):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -202,6 +207,7 @@ class CTPDataModule(L.LightningDataModule):
         self.samples_per_slice = samples_per_slice
         self.augment = Compose(list(augment)) if augment else None
         self.eval_corruption, self.eval_corruption_seed = eval_corruption, eval_corruption_seed
+        self.motion_correction = bool(motion_correction)
         self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
         self.label_source, self.calc_kwargs = label_source, dict(calc or {})
         self.cache = StudyCache(cache_dir)
@@ -312,6 +318,8 @@ class CTPDataModule(L.LightningDataModule):
             st = self.studies[pid]
             if self.eval_corruption != "none" or self.frame_fraction < 1.0:
                 st = corrupt_study(st, Compose(transforms), self.eval_corruption_seed + i)
+            if self.motion_correction:
+                st = motion_corrected(st)
             out.append(st)
         return out
 
