@@ -27,7 +27,8 @@ def motion_corrected(study: Study) -> Study:
     if not np.all(np.isfinite(frames)):
         report: dict[str, Any] = {"enabled": True, "skipped": "non-finite frames (unreadable frames)"}
         return dataclasses.replace(study, meta={**study.meta, "motion_correction": report})
-    corrected, report = correct_motion(torch.from_numpy(np.ascontiguousarray(frames)), None,
+    # a copy: cached studies are read-only memory maps, which torch will not wrap
+    corrected, report = correct_motion(torch.from_numpy(np.array(frames, np.float32)), None,
                                        torch.from_numpy(np.asarray(study.times_s, np.float64)))
     summary = {"enabled": True, **{k: report[k] for k in ("moved_frames", "max_shift_px", "max_rotation_deg",
                                                           "failed_frames", "skipped_slices", "still_slices")
