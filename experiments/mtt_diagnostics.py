@@ -32,9 +32,7 @@ def collect(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf
     from stm_dlp.predict import load_model
 
-    metrics = {}
-    ckpt = best_checkpoint(run_dir, metrics)
-    model, scale, _ = load_model(ckpt, "cpu")
+    model, scale, _ = load_model(best_checkpoint(run_dir, {}), "cpu")
     out: dict[str, dict[str, list[np.ndarray]]] = {k: {p: [] for p in ALL_PARAMS} for k in ("raw", "csf_out", "truth")}
     for study in test_studies(run_dir):
         for s in range(study.n_slices):

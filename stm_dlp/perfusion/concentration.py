@@ -67,6 +67,32 @@ def curve_noise(x: torch.Tensor) -> torch.Tensor:
     return 1.4826 * (d2 - med).abs().median(-1).values / math.sqrt(6.0)
 
 
+#: Pixels sampled to estimate the study's per-frame noise (deterministic stride).
+NOISE_SAMPLE: int = 4096
+
+
+def noise_sample(frames: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """Curves ``(P, T)`` of up to :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first
+    frame is soft tissue), taken at a deterministic stride without copying the study."""
+    s_count, n_t, h, w = frames.shape
+    if region is None:
+        first = frames[:, 0]
+        region = (first > -100) & (first < 150)
+    idx = torch.nonzero(region.reshape(-1)).flatten()
+    if idx.numel() == 0:
+        return frames.new_zeros((0, n_t))
+    idx = idx[:: max(1, idx.numel() // NOISE_SAMPLE)]
+    x = frames.reshape(s_count, n_t, h * w)
+    return x[idx // (h * w), :, idx % (h * w)].to(torch.float64)
+
+
+def frame_noise(frames: torch.Tensor, region: torch.Tensor | None = None) -> float:
+    """The study's per-frame noise (HU): median of :func:`curve_noise` over up to
+    :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first frame is soft tissue)."""
+    curves = noise_sample(frames, region)
+    return float(curve_noise(curves).median()) if curves.shape[0] else 0.0
+
+
 def trimmed_mean(x: torch.Tensor, dim: int, trim: float = 0.1) -> torch.Tensor:
     """Mean along ``dim`` without the lowest and highest ``trim`` fraction of the values (robust to impulses)."""
     n = x.shape[dim]

@@ -62,13 +62,15 @@ import torch
 
 from stm_dlp.perfusion.aif import AIFSelection, aif_from_curve, aif_from_pixels, select_aif
 from stm_dlp.perfusion.concentration import (
+    NOISE_SAMPLE,  # noqa: F401  (re-exported)
     BolusArrival,
     arrival_details,
-    curve_noise,
+    frame_noise,
     gaussian_smooth_space,
     gaussian_smooth_time,
     interp_matrix,
     median3,
+    noise_sample,
     study_arrival,
     sustained_peak,
     uniform_grid,
@@ -119,8 +121,6 @@ MAX_NOISE_WIDENING: float = 2.0
 #: AIF/VOF candidates next to bone get the frames motion correction resampled interpolated in time
 #: only while at least this fraction of their slice's frames was left as acquired (see choose_aif).
 ACQUIRED_MIN_FRAC: float = 0.5
-#: Pixels sampled to estimate the study's per-frame noise (deterministic stride).
-NOISE_SAMPLE: int = 4096
 
 
 @dataclass
@@ -354,32 +354,10 @@ def prepare_inputs(frames: Any, times_s: Any, p: CalcParams) -> Inputs:
     return Inputs(frames=fr, times=(tt - t0).contiguous(), t0=t0, device=dev, dtype=dtype)
 
 
-def _noise_sample(frames: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
-    """Curves ``(P, T)`` of up to :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first
-    frame is soft tissue), taken at a deterministic stride without copying the study."""
-    s_count, n_t, h, w = frames.shape
-    if region is None:
-        first = frames[:, 0]
-        region = (first > -100) & (first < 150)
-    idx = torch.nonzero(region.reshape(-1)).flatten()
-    if idx.numel() == 0:
-        return frames.new_zeros((0, n_t))
-    idx = idx[:: max(1, idx.numel() // NOISE_SAMPLE)]
-    x = frames.reshape(s_count, n_t, h * w)
-    return x[idx // (h * w), :, idx % (h * w)].to(torch.float64)
-
-
-def frame_noise(frames: torch.Tensor, region: torch.Tensor | None = None) -> float:
-    """The study's per-frame noise (HU): median of :func:`curve_noise` over up to
-    :data:`NOISE_SAMPLE` pixels of ``region`` (default: pixels whose first frame is soft tissue)."""
-    curves = _noise_sample(frames, region)
-    return float(curve_noise(curves).median()) if curves.shape[0] else 0.0
-
-
 def impulse_fraction(frames: torch.Tensor, noise_hu: float, k: float = 6.0) -> float:
-    """Fraction of the samples of :func:`_noise_sample` further than ``k`` noise levels from their
-    running median of 3: ~0 for Gaussian noise on smooth curves, the impulse rate otherwise."""
-    curves = _noise_sample(frames, None)
+    """Fraction of the samples of :func:`~stm_dlp.perfusion.concentration.noise_sample` further than ``k``
+    noise levels from their running median of 3: ~0 for Gaussian noise on smooth curves, the impulse rate otherwise."""
+    curves = noise_sample(frames, None)
     if curves.numel() == 0 or noise_hu <= 0:
         return 0.0
     return float(((curves - median3(curves)).abs() > k * noise_hu).to(torch.float64).mean())

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from stm_dlp.perfusion.concentration import frame_noise, gaussian_smooth_space, study_arrival
+
 #: Soft-tissue window of the pre-contrast image (HU, exclusive): CSF (0-15 HU, down to ~-10 with
 #: noise after the median) to acute blood (50-80 HU); air (-1000), fat (-100) and bone (> 200) out.
 BRAIN_HU_RANGE: tuple[float, float] = (-20.0, 100.0)
@@ -203,8 +205,6 @@ def brain_mask(
     x = x.to(torch.float32) if not x.is_floating_point() else x
     if x.dim() == 4:
         if n_baseline is None:
-            from stm_dlp.perfusion.concentration import study_arrival
-
             n_t = x.shape[1]
             tt = (torch.arange(n_t, dtype=torch.float64) if times_s is None
                   else torch.as_tensor(np.asarray(times_s, np.float64)))
@@ -283,8 +283,6 @@ def csf_mask(base: torch.Tensor, brain: torch.Tensor, baseline_noise_hu: float, 
     Returns:
         ``(csf, report)``: bool ``(S, H, W)`` and ``{pixels, reason, threshold_hu, smooth_px, median_px}``.
     """
-    from stm_dlp.perfusion.concentration import gaussian_smooth_space
-
     # white noise after a 2-D Gaussian of σ px has std σ_n / (2 √π σ)
     sigma_noise = baseline_noise_hu / (2.0 * math.sqrt(math.pi) * CSF_NOISE_TARGET_HU)
     sigma = float(min(max(min_sigma_px, sigma_noise), CSF_MAX_SMOOTH_PX))
@@ -298,10 +296,6 @@ def csf_mask(base: torch.Tensor, brain: torch.Tensor, baseline_noise_hu: float, 
     report = {"pixels": int(csf.sum()), "reason": f"pre-bolus HU < {max_hu:g} ({how})", "threshold_hu": max_hu,
               "smooth_px": round(sigma, 3), "median_px": 2 * radius + 1 if radius else 0}
     return csf, report
-
-
-#: Brain pixels sampled per slice for :func:`slice_csf`'s noise estimate.
-_NOISE_PIXELS: int = 2048
 
 
 def slice_csf(frames: torch.Tensor, times_s: torch.Tensor, lengths: torch.Tensor, brain: torch.Tensor,
@@ -320,8 +314,6 @@ def slice_csf(frames: torch.Tensor, times_s: torch.Tensor, lengths: torch.Tensor
         bool ``(B, H, W)``; all False on a slice whose brain is mostly below ``max_hu`` (not head-CT HU)
         or has fewer than 4 frames.
     """
-    from stm_dlp.perfusion.concentration import curve_noise, study_arrival
-
     out = torch.zeros_like(brain, dtype=torch.bool)
     for b in range(frames.shape[0]):
         n_t = int(lengths[b])
@@ -331,9 +323,7 @@ def slice_csf(frames: torch.Tensor, times_s: torch.Tensor, lengths: torch.Tensor
         fr = frames[b, :n_t].float()[None]
         n_base = study_arrival(fr, times_s[b, :n_t][None]).n_baseline
         base = baseline_image(fr, n_base)
-        pix = fr[0].permute(1, 2, 0)[region]
-        pix = pix[:: max(1, pix.shape[0] // _NOISE_PIXELS)].double()
-        noise = float(curve_noise(pix).median()) / math.sqrt(max(1, int(n_base[0])))
+        noise = frame_noise(fr, region[None]) / math.sqrt(max(1, int(n_base[0])))
         csf, _ = csf_mask(base, region[None], noise, min_sigma_px, max_hu)
         if int(csf.sum()) <= CSF_MAX_FRAC * int(region.sum()):
             out[b] = csf[0]
