@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from stm_dlp.models.spatial import UNet2d, group_count
 from stm_dlp.models.temporal import ENCODERS, build_temporal_encoder, valid_mask
+from stm_dlp.perfusion.arterial import ARRIVAL_FRACTION, rise_time
 
 #: IRFE orders (paper §4.3).
 ORDERS: tuple[str, ...] = ("spatial_first", "temporal_first", "joint")
@@ -75,22 +76,13 @@ def normalise_frames(
 #: Channels of the arterial context at each time step: the arterial curve's shape (over its own peak), its
 #: amplitude, and the time since the arterial arrival.
 ARTERIAL_CHANNELS = 3
-#: The arterial arrival is where the reference curve first reaches this fraction of its peak.
-ARRIVAL_FRACTION = 0.3
 
 
 def arterial_arrival(arterial_hu: Tensor, times: Tensor, valid: Tensor, fraction: float = ARRIVAL_FRACTION) -> Tensor:
-    """``(B,)`` time (in the units of ``times`` ``(B, T)``) at which each curve ``(B, T)`` first reaches
-    ``fraction`` of its peak, linearly interpolated between frames; ``valid`` ``(B, T)`` float marks real frames."""
-    a = arterial_hu * valid
-    level = fraction * a.amax(1, keepdim=True)
-    above = (a >= level) & (valid > 0)
-    idx = torch.argmax(above.to(torch.int8), dim=1, keepdim=True)  # first frame at or above the level
-    prev = (idx - 1).clamp_min(0)
-    a1, a0 = a.gather(1, idx), a.gather(1, prev)
-    t1, t0 = times.gather(1, idx), times.gather(1, prev)
-    w = ((level - a0) / (a1 - a0).clamp_min(1e-6)).clamp(0.0, 1.0)
-    return torch.where(idx > 0, t0 + w * (t1 - t0), t1)[:, 0]
+    """``(B,)`` time (in the units of ``times`` ``(B, T)``) at which each curve ``(B, T)`` rises through
+    ``fraction`` of its peak, searched backwards from the peak (:func:`stm_dlp.perfusion.arterial.rise_time`:
+    a noisy baseline cannot set it); ``valid`` ``(B, T)`` float marks real frames."""
+    return rise_time(arterial_hu * valid, times, valid > 0, fraction)
 
 
 def arterial_channels(arterial_hu: Tensor, lengths: Tensor, times: Tensor, scale_hu: float = 300.0) -> Tensor:
