@@ -48,7 +48,8 @@ from stm_dlp.perfusion.mask import erode, mask_from_baseline
 MIN_PIXELS = 4
 #: Candidates peak at least this fraction of the reference peak...
 PEAK_FRACTION = 0.3
-#: ... and are at most this share of the search region (vessels are a few per mille of a head slice).
+#: ... and are at most this share of the search region (vessels are a few per mille of a head slice), or
+#: ``4 * min_pixels`` on a small image.
 MAX_CANDIDATES = 0.02
 #: Arteries arrive within this many seconds of the earliest candidates.
 EARLY_WINDOW_S = 1.0
@@ -199,7 +200,7 @@ def arterial_reference(frames_hu: torch.Tensor, times_s: torch.Tensor, mask: tor
         x = x_all[:, arterial_px]
     raw, enh = _enhancement(x, n_pre)
     peak = enh.max(0).values
-    k_max = min(peak.numel(), max(min_pixels, int(round(MAX_CANDIDATES * peak.numel()))))
+    k_max = min(peak.numel(), max(4 * min_pixels, int(round(MAX_CANDIDATES * peak.numel()))))
     top_peaks, top_idx = torch.topk(peak, k_max)
     cand = top_idx[top_peaks >= PEAK_FRACTION * top_peaks[min(min_pixels, k_max) - 1]]
     if cand.numel() < min_pixels:
@@ -209,7 +210,7 @@ def arterial_reference(frames_hu: torch.Tensor, times_s: torch.Tensor, mask: tor
     n_top = max(min(min_pixels, early.numel()), int(round(TOP_SHARE * early.numel())))
     chosen = early[torch.topk(peak[early], n_top).indices]
     curve = raw[:, chosen].median(1).values
-    arrival_s = float(rise_time(_smooth3(curve[:, None])[:, 0], times))
+    arrival_s = float(rise_time(curve, times))
 
     # partial-volume correction from the venous curve (the mask uneroded: the sinus lies against the skull)
     pv_scale = 1.0
