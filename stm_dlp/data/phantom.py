@@ -67,8 +67,9 @@ AIR, SKULL, WM, GM, CSF, ARTERY, VEIN, PENUMBRA, CORE = range(9)
 #: Phantom generators (``PhantomConfig.family``).
 FAMILIES: tuple[str, ...] = ("classic", "ribbon")
 #: Bumped whenever a generator's output for a given config and seed changes: part of the cache key, so
-#: cached patients of an older generator are never served (classic 2: core CBF 8 → 4.5 ml/100g/min).
-GENERATOR_VERSION: dict[str, int] = {"classic": 2, "ribbon": 1}
+#: cached patients of an older generator are never served (classic 2: core CBF 8 → 4.5 ml/100g/min; classic 3:
+#: the AIF's systemic steady state, 0-15 % of its peak).
+GENERATOR_VERSION: dict[str, int] = {"classic": 3, "ribbon": 1}
 #: Residue shapes of the ribbon family.
 RIBBON_RESIDUES: tuple[str, ...] = ("exponential", "gamma", "lognormal")
 #: Dispersion kernels of the ribbon family.
@@ -318,6 +319,10 @@ def simulate_patient(cfg: PhantomConfig, seed: int, patient_id: str | None = Non
         beta_s=float(rng.uniform(1.0, 1.8)),
         recirculation=float(rng.uniform(0.08, 0.15)) if cfg.recirculation else 0.0,
     )
+    if cfg.recirculation:  # the systemic steady state (generator 3), from its own stream: the rest of the patient
+        tail = np.random.default_rng([seed, 3])  # (anatomy, lesion, noise) is what generator 2 drew
+        aif_params.update(steady_state=float(tail.uniform(0.0, 0.15)),
+                          steady_state_decay_s=float(tail.uniform(20.0, 80.0)))
     lesion = None
     if rng.uniform() < cfg.lesion_probability:
         side = rng.choice([-1.0, 1.0])

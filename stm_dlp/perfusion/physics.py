@@ -72,12 +72,19 @@ def arterial_input_function(
     recirculation: float = 0.12,
     recirculation_delay_s: float = 9.0,
     recirculation_dispersion: float = 2.5,
+    steady_state: float = 0.0,
+    steady_state_decay_s: float = 40.0,
 ) -> torch.Tensor:
-    """AIF in HU enhancement: a first-pass gamma variate plus an optional recirculation bolus.
+    """AIF in HU enhancement: a first-pass gamma variate plus an optional recirculation bolus and an
+    optional systemic steady state.
 
     The recirculation is a wider (``beta * recirculation_dispersion``) gamma variate arriving
-    ``recirculation_delay_s`` after the first pass with ``recirculation`` times its peak. Typical
-    clinical AIFs peak at 200-500 HU about 5-15 s after injection start (Konstas 2009).
+    ``recirculation_delay_s`` after the first pass with ``recirculation`` times its peak. The steady state is
+    the contrast that the whole body's circulation returns (Parker et al., MRM 2006;56:993, the population
+    AIF's sigmoid-modulated exponential): ``steady_state`` times the peak, rising over the first pass's
+    down-slope and decaying with ``steady_state_decay_s``, so that the curve does not return to baseline
+    within a scan, as measured AIFs do not. Typical clinical AIFs peak at 200-500 HU about 5-15 s after
+    injection start (Konstas 2009).
     """
     aif = gamma_variate(t_s, t0_s, peak_hu, alpha, beta_s)
     if recirculation > 0:
@@ -88,6 +95,11 @@ def arterial_input_function(
             alpha,
             beta_s * recirculation_dispersion,
         )
+    if steady_state > 0:
+        t_peak = t0_s + alpha * beta_s
+        x = t_s - t_peak
+        onset = torch.sigmoid((x - 2.0 * beta_s) / beta_s)  # after the first pass's down-slope
+        aif = aif + peak_hu * steady_state * onset * torch.exp(-x.clamp(min=0.0) / steady_state_decay_s)
     return aif
 
 
