@@ -10,7 +10,7 @@ DataModule and ``stm_dlp.predict`` do), every slice's
 (``meta["aif_hu"]``) on the same frame times:
 
 * **arrival error** (s): the reference's arrival minus the true AIF's, both by
-  :func:`~stm_dlp.perfusion.arterial.rise_time` (30 % of the peak, searched backwards from the peak) —
+  :func:`~stm_dlp.curves.rise_time` (30 % of the peak, searched backwards from the peak) —
   what the model's "time since the arterial arrival" channel is built from, so TMAX inherits it;
 * **peak ratio**: the reference's peak over the true AIF's (1 = the amplitude CBF and CBV scale with;
   partial volume pulls it below 1).
@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stm_dlp.curves import rise_time
 from stm_dlp.data.corrupt import corrupt_study, named_corruption
 from stm_dlp.data.motion import motion_corrected
 from stm_dlp.data.phantom import PhantomConfig, simulate_cohort
 from stm_dlp.data.resample import resample_study
-from stm_dlp.perfusion.arterial import arterial_reference, rise_time
+from stm_dlp.perfusion.arterial import arterial_reference
 from stm_dlp.types import Study
 
 #: (family, matrix): each family at its own size (the benchmark's cohorts).

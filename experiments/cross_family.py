@@ -1,6 +1,6 @@
 """The benchmark's cross-family check alone: the default model trained on each phantom family, tested on both.
 
-    python -m experiments.cross_family [--profile cpu] [--out DIR] [--md FILE] [--seed N] [--resume]
+    python -m experiments.cross_family [--profile cpu] [--out DIR] [--md FILE] [--seed N] [--resume] [OVERRIDE ...]
 
 The same runs, overrides and in-process evaluation as the cross-family section of
 ``python -m experiments.bench`` (:func:`experiments.bench.accuracy.run_cross_family`): the default model
@@ -9,7 +9,8 @@ the ribbon family's (``Profile.cross_family_height``), each checkpoint tested on
 patients under the regular, noise and motion conditions, oSVD on the same studies. It exists because the
 whole benchmark takes half an hour on the 2-core machine and this part (~15 minutes) is what a change to
 the arterial context or the training data is judged by. ``--seed`` sets the model seed (the cohorts and
-their split stay fixed), so several seeds give the spread.
+their split stay fixed), so several seeds give the spread; trailing Hydra overrides (``model.arterial_normalise=true``)
+go to both trainings, for an ablation.
 
 Prints one Markdown table (Dice(TMAX > 6 s), R² and MAE per trained → tested family and condition) and
 writes it with the machine and date to ``--md`` when given.
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--md", default=None, help="also write the table here")
     ap.add_argument("--seed", type=int, default=None, help="model seed (default: the config's)")
     ap.add_argument("--resume", action="store_true", help="reuse finished training runs in OUT/runs")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for both trainings (e.g. model.x=y)")
     args = ap.parse_args(argv)
     profile = PROFILES[args.profile]
     if len(profile.cross_family) < 2:
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     for i, fam in enumerate(profile.cross_family):
         name = MAIN if i == 0 else cross_run_name(fam)
-        extra = [f"data.phantom.family={fam}", *(size if i else []), *seed]
+        extra = [f"data.phantom.family={fam}", *(size if i else []), *seed, *args.overrides]
         runs[name] = run_training(name, list(MODELS[MAIN][1]), profile, out, env, extra, eval_conditions=False)
     from stm_dlp.calc_eval import CalcBaseline
 
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.md).write_text(
             f"# Cross-family check ({profile.name} profile{', seed ' + str(args.seed) if seed else ''})\n\n"
             f"`python -m experiments.cross_family --profile {profile.name}"
-            f"{' --seed ' + str(args.seed) if seed else ''}` — {platform.processor() or platform.machine()}, "
+            f"{' --seed ' + str(args.seed) if seed else ''}{''.join(' ' + o for o in args.overrides)}` — "
+            f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, {when}.\n\n{text}\n")
     return 0
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from stm_dlp.perfusion.arterial import arterial_reference, rise_time
+from stm_dlp.curves import rise_time
+from stm_dlp.perfusion.arterial import arterial_reference
 
 SIZE = 32
 TIMES = np.arange(30, dtype=np.float32) * 1.5  # s
@@ -100,3 +101,27 @@ def test_not_hu_data_still_gives_a_curve() -> None:
     ref = _ref(scaled)
     assert abs(_arrival(ref.curve_hu.numpy()) - _arrival(aif)) < 0.3
     assert ref.curve_hu.shape == (len(TIMES),) and torch.isfinite(ref.curve_hu).all()
+
+
+def test_arterial_gain_puts_injections_on_one_scale() -> None:
+    """The gain is inversely proportional to the arterial curve's area over the valid frames, bounded, and
+    the normalised model input of a twice-as-strong injection (tissue and AIF doubled) is the same."""
+    from stm_dlp.models.irfe import ARTERIAL_AREA_HU_S, ARTERIAL_GAIN_RANGE, arterial_gain, normalise_frames
+
+    times = torch.from_numpy(TIMES)[None]
+    aif = torch.from_numpy(gamma(TIMES, 9.0, 400.0).astype(np.float32))[None]
+    lengths = torch.tensor([len(TIMES)])
+    g = arterial_gain(aif, times, lengths)
+    area = float(torch.trapezoid(aif[0], times[0]))
+    assert float(g[0]) == pytest.approx(ARTERIAL_AREA_HU_S / area, rel=1e-4)
+    assert float(arterial_gain(2 * aif, times, lengths)[0]) == pytest.approx(float(g[0]) / 2, rel=1e-4)
+    padded = torch.cat([aif, torch.full((1, 5), 1e4)], 1)  # garbage past lengths is not counted
+    t_pad = torch.cat([times, times[:, -1:] + torch.arange(1, 6)[None]], 1)
+    assert float(arterial_gain(padded, t_pad, lengths)[0]) == pytest.approx(float(g[0]), rel=1e-5)
+    assert float(arterial_gain(torch.zeros_like(aif), times, lengths)[0]) == ARTERIAL_GAIN_RANGE[1]
+    curve = torch.from_numpy(gamma(TIMES, 10.0, 8.0).astype(np.float32))
+    tissue = 30.0 + curve[None, :, None, None].expand(1, -1, 4, 4)
+    x1, _ = normalise_frames(tissue, times, lengths)
+    x2, _ = normalise_frames(30.0 + 2 * (tissue - 30.0), times, lengths)
+    torch.testing.assert_close(x1 * arterial_gain(aif, times, lengths)[:, None, None, None],
+                               x2 * arterial_gain(2 * aif, times, lengths)[:, None, None, None])

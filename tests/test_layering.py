@@ -1,6 +1,6 @@
 """The package's layers: a lower layer never imports a higher one (also inside functions).
 
-``types`` < ``geometry`` < ``perfusion`` / ``models`` (pure torch/numpy: no Lightning, Hydra) < ``io``
+``types`` < ``geometry`` / ``curves`` < ``perfusion`` / ``models`` (pure torch/numpy: no Lightning, Hydra) < ``io``
 < ``data``; the CLIs and the LightningModule on top may import anything.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import stm_dlp
 
 ROOT = Path(stm_dlp.__file__).parent
-RANK = {"types": 0, "geometry": 1, "perfusion": 2, "models": 2, "io": 3, "data": 4}
-PURE = {"types", "geometry", "perfusion", "models"}  # may not use the training / config stack
+RANK = {"types": 0, "geometry": 1, "curves": 1, "perfusion": 2, "models": 2, "io": 3, "data": 4}
+PURE = {"types", "geometry", "curves", "perfusion", "models"}  # may not use the training / config stack
 FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb")
 
 

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stm_dlp.curves import ARRIVAL_FRACTION, rise_time
 from stm_dlp.models.spatial import UNet2d, group_count
 from stm_dlp.models.temporal import ENCODERS, build_temporal_encoder, valid_mask
-from stm_dlp.perfusion.arterial import ARRIVAL_FRACTION, rise_time
 
 #: IRFE orders (paper §4.3).
 ORDERS: tuple[str, ...] = ("spatial_first", "temporal_first", "joint")
@@ -80,7 +80,7 @@ ARTERIAL_CHANNELS = 3
 
 def arterial_arrival(arterial_hu: Tensor, times: Tensor, valid: Tensor, fraction: float = ARRIVAL_FRACTION) -> Tensor:
     """``(B,)`` time (in the units of ``times`` ``(B, T)``) at which each curve ``(B, T)`` rises through
-    ``fraction`` of its peak, searched backwards from the peak (:func:`stm_dlp.perfusion.arterial.rise_time`:
+    ``fraction`` of its peak, searched backwards from the peak (:func:`stm_dlp.curves.rise_time`:
     a noisy baseline cannot set it); ``valid`` ``(B, T)`` float marks real frames."""
     return rise_time(arterial_hu * valid, times, valid > 0, fraction)
 
@@ -96,6 +96,25 @@ def arterial_channels(arterial_hu: Tensor, lengths: Tensor, times: Tensor, scale
     peak = a.amax(1, keepdim=True).clamp_min(1.0)  # a flat (failed) estimate stays small, never divides by ~0
     since = (times - arterial_arrival(a, times, valid)[:, None]) * valid
     return torch.stack([a / peak, a / scale_hu, since], dim=-1)
+
+
+#: Arterial curve area (HU s) at which :func:`arterial_gain` is 1: a 350 HU first pass of ~8 s plus its
+#: recirculation and steady state.
+ARTERIAL_AREA_HU_S = 4000.0
+#: :func:`arterial_gain` stays in this range: a failed (flat) or implausible estimate is bounded.
+ARTERIAL_GAIN_RANGE = (0.2, 5.0)
+
+
+def arterial_gain(arterial_hu: Tensor, times_s: Tensor, lengths: Tensor) -> Tensor:
+    """``(B,)`` ``ARTERIAL_AREA_HU_S / area`` of each reference curve ``(B, T)`` (HU over baseline, negative
+    values as 0) over its valid frames at ``times_s`` ``(B, T)`` seconds, clamped to ``ARTERIAL_GAIN_RANGE``:
+    the factor that puts every slice's enhancement on one injection's scale."""
+    valid = valid_mask(lengths, arterial_hu.shape[1]).to(arterial_hu.dtype)
+    a = arterial_hu.clamp_min(0.0) * valid
+    dt = torch.diff(times_s, dim=1) * valid[:, 1:]
+    area = (0.5 * (a[:, 1:] + a[:, :-1]) * dt).sum(1)
+    lo, hi = ARTERIAL_GAIN_RANGE
+    return (ARTERIAL_AREA_HU_S / area.clamp_min(1e-6)).clamp(lo, hi)
 
 
 class MaskedGroupNorm3d(nn.GroupNorm):

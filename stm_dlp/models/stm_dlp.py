@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stm_dlp.models.irfe import ARTERIAL_CHANNELS, IRFE, arterial_channels, check_irfe_args, normalise_frames
+from stm_dlp.models.irfe import (
+    ARTERIAL_CHANNELS,
+    IRFE,
+    arterial_channels,
+    arterial_gain,
+    check_irfe_args,
+    normalise_frames,
+)
 from stm_dlp.models.mpp import MultiParameterPredictor
 from stm_dlp.models.spatial import crop_to, pad_to_multiple
 
@@ -65,6 +72,11 @@ class STMDLP(nn.Module):
             over ``arterial_scale_hu`` (amplitude) and the time since the arterial arrival. Beyond the paper,
             whose configuration is ``False``.
         arterial_scale_hu: HU per unit of the arterial amplitude channel.
+        arterial_normalise: with ``arterial_context``, also divide every pixel's enhancement by the area of
+            its slice's arterial curve (:func:`~stm_dlp.models.irfe.arterial_gain`): CBV is the tissue curve's
+            area over the AIF's, so the network then reads a quantity that no longer depends on the injection
+            (amplitude, recirculation, tail) and need not learn the division — which a network trained on one
+            cohort's AIFs does not extrapolate.
     """
 
     def __init__(
@@ -88,6 +100,7 @@ class STMDLP(nn.Module):
         n_tasks: int = 3,
         arterial_context: bool = False,
         arterial_scale_hu: float = 300.0,
+        arterial_normalise: bool = False,
     ) -> None:
         super().__init__()
         check_irfe_args(encoder, order, time_input)
@@ -101,6 +114,7 @@ class STMDLP(nn.Module):
         self.positive_output = positive_output
         self.arterial_context = bool(arterial_context)
         self.arterial_scale_hu = float(arterial_scale_hu)
+        self.arterial_normalise = bool(arterial_normalise)
         self.irfe = IRFE(
             encoder=encoder,
             order=order,
@@ -140,6 +154,8 @@ class STMDLP(nn.Module):
                 raise ValueError("this model uses arterial context: pass arterial_hu (B, T), the batch's arterial "
                                  f"reference curves (got {None if arterial_hu is None else tuple(arterial_hu.shape)})")
             context = arterial_channels(arterial_hu, lengths, t, self.arterial_scale_hu)
+            if self.arterial_normalise:
+                x = x * arterial_gain(arterial_hu, times_s, lengths)[:, None, None, None]
         x, hw = pad_to_multiple(x, self.irfe.multiple)
         y = crop_to(self.mpp(self.irfe(x, t, lengths, context)), hw)
         return F.softplus(y) if self.positive_output else y

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stm_dlp.curves import rise_time
 from stm_dlp.perfusion.mask import erode, mask_from_baseline
 
 #: At least this many pixels are averaged (and the ``MIN_PIXELS``-th highest peak is the reference).
@@ -61,8 +62,6 @@ VENOUS_LAG_S = 1.5
 MAX_PV_SCALE = 4.0
 #: The arterial search region is the brain mask eroded by this many pixels (motion's bone edges).
 ERODE_PX = 1
-#: Arrival = where the curve rises through this fraction of its peak.
-ARRIVAL_FRACTION = 0.3
 #: Frames whose median is the first estimate of the pre-bolus baseline (before the bolus arrival is
 #: known): a median of three, so that one frame's impulse cannot set a pixel's baseline.
 BASELINE_FRAMES = 3
@@ -82,39 +81,6 @@ class ArterialReference:
     arrival_s: float = 0.0
     pv_scale: float = 1.0
     n_baseline: int = BASELINE_FRAMES
-
-
-def rise_time(curves: torch.Tensor, times: torch.Tensor, valid: torch.Tensor | None = None,
-              fraction: float = ARRIVAL_FRACTION) -> torch.Tensor:
-    """When each curve rises through ``fraction`` of its peak, searched backwards from the peak.
-
-    Args:
-        curves: ``(..., T)`` enhancement.
-        times: ``(..., T)`` or ``(T,)`` frame times.
-        valid: optional ``(..., T)`` bool/float, the real frames (padding is never the peak).
-        fraction: of each curve's peak.
-
-    Returns:
-        ``(...)`` times, linearly interpolated between the last frame below the level before the peak and
-        the next; the first frame's time when the curve starts above it. Searching backwards from the peak
-        means an excursion of the baseline above the level (noise, a spike) cannot set the arrival, as a
-        forward search for the first crossing would.
-    """
-    t_n = curves.shape[-1]
-    times = times.expand_as(curves).to(curves.dtype)
-    a = curves if valid is None else torch.where(valid.to(torch.bool), curves, torch.full_like(curves, -torch.inf))
-    peak, i_peak = a.max(-1, keepdim=True)
-    level = fraction * peak
-    frame = torch.arange(t_n, device=curves.device)
-    below = (curves < level) & (frame < i_peak)
-    j0 = torch.where(below, frame, torch.full_like(frame, -1)).amax(-1, keepdim=True)
-    found = j0 >= 0
-    j0 = j0.clamp_min(0)
-    j1 = (j0 + 1).clamp_max(t_n - 1)
-    c0, c1 = curves.gather(-1, j0), curves.gather(-1, j1)
-    t0, t1 = times.gather(-1, j0), times.gather(-1, j1)
-    w = ((level - c0) / (c1 - c0).clamp_min(1e-6)).clamp(0.0, 1.0)
-    return torch.where(found, t0 + w * (t1 - t0), times[..., :1])[..., 0]
 
 
 def _smooth3(x: torch.Tensor) -> torch.Tensor:
