@@ -94,12 +94,13 @@ def _smooth3(x: torch.Tensor) -> torch.Tensor:
 
 
 def _median3(x: torch.Tensor) -> torch.Tensor:
-    """3-frame running median along the first axis, edges reflected (a replicated edge would let a spike in
-    the first or last frame through: the median of (x0, x0, x1) is x0)."""
+    """3-frame running median along the first axis; the first and last frames take the median of the three
+    frames at their end (padding by replication or reflection would let one noisy frame 1 through twice:
+    the median of (x1, x0, x1) is x1)."""
     if x.shape[0] < 3:
         return x
-    padded = torch.cat([x[1:2], x, x[-2:-1]], dim=0)
-    return torch.stack([padded[:-2], padded[1:-1], padded[2:]]).median(0).values
+    inner = torch.stack([x[:-2], x[1:-1], x[2:]]).median(0).values
+    return torch.cat([x[:3].median(0, keepdim=True).values, inner, x[-3:].median(0, keepdim=True).values], dim=0)
 
 
 def _search_regions(frames: torch.Tensor, n_pre: int, min_pixels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
