@@ -11,8 +11,20 @@ robustly (median / MAD) over the candidates and combined into one score
 
 pixels that peak low (below ``min_peak_frac`` of the ``n_aif``-th highest peak), too late (more
 than ``max_late_s`` after the early (10th percentile) remaining peaks) or are too rough (roughness above
-``max_roughness``) are excluded, and the AIF is the mean of the ``n_aif``
-best-scoring pixels (resampled from their real frame times onto the uniform grid).
+``max_roughness``) are excluded; of the rest only the **earliest arrivals** are AIF candidates — those
+whose bolus arrives (:func:`stm_dlp.curves.rise_time` of the smoothed curve, searched backwards from the
+peak) within ``early_window_s`` of the ``max(2, n_aif // 4)``-th earliest; near bone too, see
+``aif_allowed`` — and the AIF is the mean of the ``n_aif`` best-scoring of them (resampled from their real
+frame times onto the uniform grid).
+
+The arrival window is what keeps the sinus out when the arteries are partial-volumed. On pixels of
+3 mm (the ribbon phantom resampled to the model's grid) its arteries (1.6-4 mm) read 20-50 % of their
+enhancement (peaks 100-250 HU) beside a full-volume sinus of 250-430 HU that arrives 2.5-3 s later and
+peaks 3-5 s later: ``z(peak)`` outweighs ``z(arrival)`` and ``z(fwhm)``, ``max_late_s`` (6 s) does not
+exclude it, and in 3 of 6 studies the AIF was mostly sinus (arrival +1.3..+3.1 s late; TMAX biased
+-2 s in normal tissue and -5 s in lesions). The arteries' own arrivals spread by < 0.6 s. The 2-pixel
+bone margin of :func:`stm_dlp.perfusion.maps.choose_aif` (6 mm there) leaves too few allowed arteries
+to outnumber the sinus, hence the window is set on every plausible candidate (docs/calc/issue14_targets.md §4).
 
 The VOF (superior sagittal sinus) is the mean of the ``n_vof`` candidates with the highest peak
 among those that peak at least ``vof_min_lag_s`` after the AIF and reach half its peak. Ranking by
@@ -35,7 +47,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from stm_dlp.perfusion.concentration import interp_matrix
+from stm_dlp.curves import rise_time
+from stm_dlp.perfusion.concentration import interp_matrix, median3
 
 
 @dataclass
@@ -152,6 +165,40 @@ def _to_grid(conc: torch.Tensor, times: torch.Tensor, grid_s: torch.Tensor) -> t
     return out
 
 
+def _smooth_for_arrival(conc: torch.Tensor) -> torch.Tensor:
+    """``(P, T)`` curves through a running median of 3 then a [1, 2, 1] / 4 filter: a one-frame spike or
+    noise excursion next to the rise cannot set a pixel's arrival (the arterial reference's smoothing)."""
+    if conc.shape[-1] < 3:
+        return conc
+    m = median3(conc)
+    padded = torch.cat([m[:, :1], m, m[:, -1:]], dim=-1)
+    return 0.25 * padded[:, :-2] + 0.5 * padded[:, 1:-1] + 0.25 * padded[:, 2:]
+
+
+def early_arrivals(conc: torch.Tensor, times: torch.Tensor, ok: torch.Tensor, window_s: float,
+                   min_count: int = 2) -> torch.Tensor:
+    """``(P,)`` bool: the ``ok`` curves whose bolus arrives within ``window_s`` of the earliest ones.
+
+    Args:
+        conc: ``(P, T)`` enhancement (HU); times ``(P, T)`` (s).
+        ok: ``(P,)`` bool, the candidates considered (the others are never early).
+        window_s: seconds after the earliest arrival, which is the ``min_count``-th earliest of the
+            candidates' (:func:`stm_dlp.curves.rise_time` of the smoothed curves) — not the first, so
+            that one pixel whose noise rises early cannot rule out every real artery, and not a
+            percentile, since on a small or coarse image the arteries may be a few of the candidates
+            beside dozens of sinus pixels.
+        min_count: see ``window_s``.
+    Returns:
+        ``ok`` restricted to the early candidates (``ok`` itself when it holds fewer than two).
+    """
+    n_ok = int(ok.sum())
+    if n_ok < 2:
+        return ok
+    arrival = rise_time(_smooth_for_arrival(conc), times.to(conc.dtype)).to(torch.float64)
+    first = torch.kthvalue(arrival[ok], min(max(1, min_count), n_ok)).values
+    return ok & (arrival <= first + window_s)
+
+
 def _trapz(curve: torch.Tensor, dt: float) -> torch.Tensor:
     return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) * dt
 
@@ -173,6 +220,7 @@ def select_aif(
     pv_correction: bool = True,
     max_pv_scale: float = 3.0,
     aif_allowed: torch.Tensor | None = None,
+    early_window_s: float | None = 1.5,
 ) -> AIFSelection:
     """Automatic AIF (and VOF) from candidate curves.
 
@@ -195,7 +243,12 @@ def select_aif(
         max_pv_scale: cap of that scale.
         aif_allowed: optional ``(P,)`` bool: candidates that may be AIF pixels (e.g. not next to
             bone, where motion makes curves spike); the others may still be VOF pixels. Ignored when
-            it would leave no AIF candidate.
+            it would leave no early AIF candidate (an early artery next to bone is a better AIF than
+            the later sinus).
+        early_window_s: AIF pixels arrive within this many seconds of the ``max(2, n_aif // 4)``-th
+            earliest candidate (:func:`early_arrivals`; see the module docstring); ``None``: no arrival
+            window (the score alone). The arteries' arrivals spread by < 0.6 s, the sinus's comes
+            2.5-3 s later.
 
     Raises:
         ValueError: when no pixel enhances (no bolus in the study).
@@ -222,6 +275,12 @@ def select_aif(
         ok = (f["peak"] > 0) & plausible
     if int(ok.sum()) == 0:
         ok = f["peak"] > 0
+    # the earliest arrivals of every plausible candidate (near bone too): the study's first bolus is
+    # a fact about the study, not about the pixels allowed — measured on the allowed ones alone, a
+    # sinus that outnumbers the few allowed arteries would set the window
+    # (the n_aif // 4-th earliest: two when 8 pixels are averaged; more with noise, when n_aif grows)
+    if early_window_s is not None:
+        ok = early_arrivals(conc[pool], t[pool], ok, early_window_s, min_count=max(2, n_aif // 4))
     if aif_allowed is not None and bool((ok & aif_allowed[pool]).any()):
         ok = ok & aif_allowed[pool]
     score = _robust_z(f["peak"]) - _robust_z(f["arrival"]) - _robust_z(f["fwhm"]) - 0.5 * _robust_z(f["roughness"])
