@@ -110,6 +110,22 @@ def test_early_arrivals_few_arteries_among_many_sinus_pixels() -> None:
     assert early_arrivals(conc, t.expand(n, -1), ok, 1.5, min_count=2)[4:].all()
 
 
+def test_early_arrivals_ignore_noise_over_a_low_baseline() -> None:
+    """25 HU noise over a baseline that came out 40 HU low (a two-frame baseline): such pixels sit above 30 % of
+    their noise peak from the start and "arrive" in the first seconds, 10-40 s before their peak; they are no
+    bolus and do not set the window (ribbon at 3 mm, heavy noise: the AIF was 9 s early before they were
+    ignored)."""
+    t = torch.as_tensor(TIMES, dtype=torch.float64)
+    rng = np.random.default_rng(3)
+    noise = 40.0 + rng.normal(0.0, 25.0, (20, len(TIMES)))
+    curves = np.concatenate([noise, np.stack([gamma(TIMES, 9.0, 150.0)] * 4), np.stack([gamma(TIMES, 12.0, 300.0,
+                             beta=2.5)] * 20)]) + rng.normal(0.0, 5.0, (44, len(TIMES)))
+    conc = torch.as_tensor(curves, dtype=torch.float64)
+    n = conc.shape[0]
+    early = early_arrivals(conc, t.expand(n, -1), torch.ones(n, dtype=torch.bool), 1.5, min_count=3, n_bright=8)
+    assert early[20:24].all() and not early[:20].any() and not early[24:].any()
+
+
 def test_resampled_ribbon_study() -> None:
     """A ribbon-phantom patient (2 slices) resampled to 3 mm, the benchmark's grid: before, 5 of the 8 AIF pixels
     were sinus and the AIF arrived 2.1 s late (native: every pixel an artery)."""

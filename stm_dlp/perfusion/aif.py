@@ -175,28 +175,52 @@ def _smooth_for_arrival(conc: torch.Tensor) -> torch.Tensor:
     return 0.25 * padded[:, :-2] + 0.5 * padded[:, 1:-1] + 0.25 * padded[:, 2:]
 
 
+#: A bolus rises from :data:`~stm_dlp.curves.ARRIVAL_FRACTION` of its peak to the peak within this multiple of
+#: the median rise of the study's brightest candidates (arteries and sinus, 3-12 s); a curve whose "arrival"
+#: lies further before its peak is noise over a baseline that came out low (15-30 HU noise: 10-70 s).
+MAX_RISE_FACTOR: float = 1.5
+
+
 def early_arrivals(conc: torch.Tensor, times: torch.Tensor, ok: torch.Tensor, window_s: float,
-                   min_count: int = 2) -> torch.Tensor:
+                   min_count: int = 2, n_bright: int = 8) -> torch.Tensor:
     """``(P,)`` bool: the ``ok`` curves whose bolus arrives within ``window_s`` of the earliest ones.
+
+    Arrival is :func:`stm_dlp.curves.rise_time` of the smoothed curve (searched backwards from its peak).
+    Only **bolus-like** candidates count: the curve rises through the level after its first frame, and
+    its rise (arrival to peak) takes at most :data:`MAX_RISE_FACTOR` times the median rise of the
+    ``n_bright`` highest-peaking candidates — with 15-30 HU noise and a short baseline, many pixels sit
+    above 30 % of their (noise) peak from the start and would otherwise "arrive" first.
 
     Args:
         conc: ``(P, T)`` enhancement (HU); times ``(P, T)`` (s).
         ok: ``(P,)`` bool, the candidates considered (the others are never early).
-        window_s: seconds after the earliest arrival, which is the ``min_count``-th earliest of the
-            candidates' (:func:`stm_dlp.curves.rise_time` of the smoothed curves) — not the first, so
-            that one pixel whose noise rises early cannot rule out every real artery, and not a
-            percentile, since on a small or coarse image the arteries may be a few of the candidates
-            beside dozens of sinus pixels.
+        window_s: half-width (s) of the window around the earliest arrival, which is the
+            ``min_count``-th earliest of the bolus-like candidates' — not the first, so that one pixel
+            whose noise rises early cannot rule out every real artery, and not a percentile, since on a
+            small or coarse image the arteries may be a few of the candidates beside dozens of sinus
+            pixels. (The window is two-sided: the few candidates before the ``min_count``-th count only
+            when close to it.)
         min_count: see ``window_s``.
+        n_bright: see above.
     Returns:
-        ``ok`` restricted to the early candidates (``ok`` itself when it holds fewer than two).
+        ``ok`` restricted to the early bolus-like candidates (``ok`` itself when fewer than two are
+        bolus-like).
     """
-    n_ok = int(ok.sum())
-    if n_ok < 2:
+    if int(ok.sum()) < 2:
         return ok
-    arrival = rise_time(_smooth_for_arrival(conc), times.to(conc.dtype)).to(torch.float64)
-    first = torch.kthvalue(arrival[ok], min(max(1, min_count), n_ok)).values
-    return ok & (arrival <= first + window_s)
+    sm = _smooth_for_arrival(conc)
+    t = times.to(conc.dtype).expand_as(conc)
+    arrival = rise_time(sm, t).to(torch.float64)
+    t_peak = t.gather(-1, sm.argmax(-1, keepdim=True))[:, 0].to(torch.float64)
+    rise = t_peak - arrival
+    bright = torch.where(ok, sm.max(-1).values, torch.full_like(sm[:, 0], float("-inf")))
+    top = torch.topk(bright, min(max(1, n_bright), int(ok.sum()))).indices
+    bolus = ok & (arrival > t[:, 0].to(torch.float64)) & (rise <= MAX_RISE_FACTOR * rise[top].median())
+    n_bolus = int(bolus.sum())
+    if n_bolus < 2:
+        return ok
+    first = torch.kthvalue(arrival[bolus], min(max(1, min_count), n_bolus)).values
+    return bolus & ((arrival - first).abs() <= window_s)
 
 
 def _trapz(curve: torch.Tensor, dt: float) -> torch.Tensor:
@@ -280,7 +304,7 @@ def select_aif(
     # sinus that outnumbers the few allowed arteries would set the window
     # (the n_aif // 4-th earliest: two when 8 pixels are averaged; more with noise, when n_aif grows)
     if early_window_s is not None:
-        ok = early_arrivals(conc[pool], t[pool], ok, early_window_s, min_count=max(2, n_aif // 4))
+        ok = early_arrivals(conc[pool], t[pool], ok, early_window_s, min_count=max(2, n_aif // 4), n_bright=n_aif)
     if aif_allowed is not None and bool((ok & aif_allowed[pool]).any()):
         ok = ok & aif_allowed[pool]
     score = _robust_z(f["peak"]) - _robust_z(f["arrival"]) - _robust_z(f["fwhm"]) - 0.5 * _robust_z(f["roughness"])
