@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from stm_dlp.curves import rise_time
-from stm_dlp.perfusion.concentration import interp_matrix, median3
+from stm_dlp.perfusion.concentration import despike_smooth, interp_matrix
 
 
 @dataclass
@@ -165,16 +165,6 @@ def _to_grid(conc: torch.Tensor, times: torch.Tensor, grid_s: torch.Tensor) -> t
     return out
 
 
-def _smooth_for_arrival(conc: torch.Tensor) -> torch.Tensor:
-    """``(P, T)`` curves through a running median of 3 then a [1, 2, 1] / 4 filter: a one-frame spike or
-    noise excursion next to the rise cannot set a pixel's arrival (the arterial reference's smoothing)."""
-    if conc.shape[-1] < 3:
-        return conc
-    m = median3(conc)
-    padded = torch.cat([m[:, :1], m, m[:, -1:]], dim=-1)
-    return 0.25 * padded[:, :-2] + 0.5 * padded[:, 1:-1] + 0.25 * padded[:, 2:]
-
-
 #: A bolus rises from :data:`~stm_dlp.curves.ARRIVAL_FRACTION` of its peak to the peak within this multiple of
 #: the median rise of the study's brightest candidates (arteries and sinus, 3-12 s); a curve whose "arrival"
 #: lies further before its peak is noise over a baseline that came out low (15-30 HU noise: 10-70 s).
@@ -208,7 +198,7 @@ def early_arrivals(conc: torch.Tensor, times: torch.Tensor, ok: torch.Tensor, wi
     """
     if int(ok.sum()) < 2:
         return ok
-    sm = _smooth_for_arrival(conc)
+    sm = despike_smooth(conc)
     t = times.to(conc.dtype).expand_as(conc)
     arrival = rise_time(sm, t).to(torch.float64)
     t_peak = t.gather(-1, sm.argmax(-1, keepdim=True))[:, 0].to(torch.float64)

@@ -12,7 +12,8 @@ field, a 16² training crop) does not contain. The deconvolution knows it becaus
 2. **baseline**: the median of every pre-bolus frame (before the rise of the most enhancing pixels), not
    of the first two: with 15 HU noise a two-frame baseline is off by ~10 HU per pixel, and the
    pixels whose baseline came out low look like enhancing ones.
-3. **candidates**: pixels whose (3-frame median, then [1, 2, 1]) smoothed enhancement peaks at least
+3. **candidates**: pixels whose smoothed enhancement (a 3-frame median, then [1, 2, 1]:
+   :func:`~stm_dlp.perfusion.concentration.despike_smooth`) peaks at least
    :data:`PEAK_FRACTION` of the ``min_pixels``-th highest peak (at most :data:`MAX_CANDIDATES` of the
    region): vessels and their partial-volume neighbours, not noise.
 4. **arteries**: of those, the pixels whose bolus arrives (:func:`rise_time`, searched backwards from the
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from stm_dlp.curves import rise_time
+from stm_dlp.perfusion.concentration import despike_smooth
 from stm_dlp.perfusion.mask import erode, mask_from_baseline
 
 #: At least this many pixels are averaged (and the ``MIN_PIXELS``-th highest peak is the reference).
@@ -84,23 +86,8 @@ class ArterialReference:
 
 
 def _smooth3(x: torch.Tensor) -> torch.Tensor:
-    """A 3-frame median then a [1, 2, 1] / 4 filter along the first axis: a one-frame
-    spike (impulse noise, a motion jump) is removed, not halved, so it cannot pass for an artery's peak."""
-    if x.shape[0] < 3:
-        return x
-    med = _median3(x)
-    padded = torch.cat([med[:1], med, med[-1:]], dim=0)
-    return 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
-
-
-def _median3(x: torch.Tensor) -> torch.Tensor:
-    """3-frame running median along the first axis; the first and last frames take the median of the three
-    frames at their end (padding by replication or reflection would let one noisy frame 1 through twice:
-    the median of (x1, x0, x1) is x1)."""
-    if x.shape[0] < 3:
-        return x
-    inner = torch.stack([x[:-2], x[1:-1], x[2:]]).median(0).values
-    return torch.cat([x[:3].median(0, keepdim=True).values, inner, x[-3:].median(0, keepdim=True).values], dim=0)
+    """:func:`~stm_dlp.perfusion.concentration.despike_smooth` along the first (time) axis of ``(T, N)``."""
+    return despike_smooth(x.T).T
 
 
 def _search_regions(frames: torch.Tensor, n_pre: int, min_pixels: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -53,6 +53,17 @@ def median3(x: torch.Tensor) -> torch.Tensor:
     return m
 
 
+def despike_smooth(x: torch.Tensor) -> torch.Tensor:
+    """Curves ``(..., T)`` through :func:`median3` then a [1, 2, 1] / 4 filter (ends replicated): a
+    one-frame spike or noise excursion is removed, not halved, so it can pass neither for a vessel's peak
+    nor for a bolus arrival (the arterial reference and the calc's AIF arrival window use it)."""
+    if x.shape[-1] < 3:
+        return x
+    m = median3(x)
+    padded = torch.cat([m[..., :1], m, m[..., -1:]], dim=-1)
+    return 0.25 * padded[..., :-2] + 0.5 * padded[..., 1:-1] + 0.25 * padded[..., 2:]
+
+
 def curve_noise(x: torch.Tensor) -> torch.Tensor:
     """Robust per-frame noise level ``(...)`` of curves ``(..., T)``: 1.4826 MAD of second differences / √6.
 
