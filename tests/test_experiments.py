@@ -310,3 +310,36 @@ def test_mtt_diagnostics_splits_the_error_by_tissue_class():
     csf_row = next(line for line in text.splitlines() if line.startswith("| CSF"))
     assert "| 50.0 % | 10.12 | 0.00 |" in csf_row   # 2·81 / SST 16
     assert "1.000" in text.splitlines()[-1]             # CSF left out: MTT exact, R² 1
+
+
+def test_cross_family_table_and_arterial_check_rows():
+    """experiments.cross_family's table reads run_cross_family's result layout; experiments.arterial_check's
+    per-slice errors are small on a clean classic study (the reference follows the true AIF)."""
+    import numpy as np
+
+    from experiments.arterial_check import slice_errors
+    from experiments.arterial_check import table as arterial_table
+    from experiments.cross_family import table
+    from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+
+    def metrics(d: float) -> dict:
+        return {**{p: {"mae": 1.0 + d, "rmse": 2.0, "r2": 0.5 - d} for p in ("cbv", "cbf", "tmax", "mtt")},
+                "readout": {"dice_tmax_gt_6": {"median": 0.8 - d, "n": 2}}}
+
+    fams = ["classic", "ribbon"]
+    res = {"families": fams, "model": {f"{a}->{b}": {c: metrics(0.1 if a != b else 0.0)
+                                                     for c in ("regular", "noise", "motion")}
+                                       for a in fams for b in fams},
+           "calc": {b: {c: metrics(0.3) for c in ("regular", "noise", "motion")} for b in fams}}
+    text = table(res)
+    lines = text.splitlines()
+    assert len(lines) == 2 + 2 * 3 * 3  # header, rule, (2 models + oSVD) per tested family and condition
+    assert "| ribbon | classic | regular | STM-DLP LSTM | 0.7 |" in text and "| — | ribbon | motion | oSVD | 0.5 |" in text
+
+    study = simulate_patient(PhantomConfig(height=32, width=32, n_slices=1, frames_min=20, frames_max=20), seed=3)
+    errs = slice_errors(study, study)
+    assert len(errs) == 1 and abs(errs[0][0]) < 0.3 and 0.7 < errs[0][1] < 1.3
+    row = {"family": "classic", "grid": "native", "condition": "none", "slices": 1, "mean": errs[0][0],
+           "abs": abs(errs[0][0]), "p90": abs(errs[0][0]), "ratio": errs[0][1], "ratio_lo": errs[0][1],
+           "ratio_hi": errs[0][1]}
+    assert arterial_table([row]).count("\n") == 2 and np.isfinite(errs[0][1])
