@@ -138,9 +138,12 @@ def arterial_reference(frames_hu: torch.Tensor, times_s: torch.Tensor, mask: tor
     if not bool(finite.any()):
         finite = torch.ones_like(finite)
         x_all = x_all.nan_to_num(0.0)
+    def regions(n_pre: int) -> tuple[torch.Tensor, torch.Tensor]:
+        found = _search_regions(frames, n_pre, min_pixels)
+        return (finite, finite) if found is None else (finite & found[0], finite & found[1])
+
     n_pre = min(BASELINE_FRAMES, max(1, t_n // 2))
-    regions = _search_regions(frames, n_pre, min_pixels)
-    arterial_px, venous_px = (finite, finite) if regions is None else (finite & regions[0], finite & regions[1])
+    arterial_px, venous_px = regions(n_pre)
     x = x_all[:, arterial_px]
     # the pre-bolus frames: before the rise of the most enhancing pixels' median curve
     _, enh0 = _enhancement(x, n_pre)
@@ -148,9 +151,8 @@ def arterial_reference(frames_hu: torch.Tensor, times_s: torch.Tensor, mask: tor
     arrival0 = float(rise_time(_smooth3(enh0[:, top0].median(1).values[:, None])[:, 0], times))
     n_found = int((times < arrival0).sum()) - 1
     if n_found > n_pre:
-        n_pre = n_found
-        regions = _search_regions(frames, n_pre, min_pixels)
-        arterial_px, venous_px = (finite, finite) if regions is None else (finite & regions[0], finite & regions[1])
+        n_pre = n_found  # the brain mask again, from the better pre-contrast image
+        arterial_px, venous_px = regions(n_pre)
         x = x_all[:, arterial_px]
     raw, enh = _enhancement(x, n_pre)
     peak = enh.max(0).values
