@@ -36,8 +36,9 @@ def collect(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     out: dict[str, dict[str, list[np.ndarray]]] = {k: {p: [] for p in ALL_PARAMS} for k in ("raw", "csf_out", "truth")}
     for study in test_studies(run_dir):
         for s in range(study.n_slices):
-            batch = collate_slices([attach_arterial(study.slice_sample(s))])
-            raw = physical_maps(model(batch.frames, batch.times_s, batch.lengths, arterial_hu=batch.arterial_hu),
+            prior = bool(getattr(model, "deconv_prior", False))
+            batch = collate_slices([attach_arterial(study.slice_sample(s), prior)])
+            raw = physical_maps(model(**batch.model_inputs()),
                                 scale)
             kept = exclude_csf(raw, batch_csf(batch))
             truth = maps_by_name(batch.maps)

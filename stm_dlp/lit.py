@@ -1,6 +1,8 @@
 """The LightningModule: loss, metrics in physical units, optimisation and logging (paper §4.2).
 
-The wrapped model (any ``nn.Module`` with ``forward(frames, times_s, lengths, arterial_hu=None) -> (B, 3, H, W)``)
+The wrapped model (any ``nn.Module`` with
+``forward(frames, times_s, lengths, arterial_hu=None, prior_maps=None) -> (B, 3, H, W)``, called with
+:meth:`~stm_dlp.types.CTPBatch.model_inputs`)
 predicts CBV, CBF and TMAX divided by a per-parameter ``target_scale`` (a scale only, no shift, so a
 non-negative model output is a non-negative physical value). The scale is a buffer, so it is saved
 in every checkpoint and predictions come back in ml/100g, ml/100g/min and s.
@@ -145,7 +147,7 @@ class PerfusionLitModule(L.LightningModule):
     # ------------------------------------------------------------------ forward
     def forward(self, batch: CTPBatch) -> torch.Tensor:
         """Normalised prediction ``(B, 3, H, W)``."""
-        return self.model(batch.frames, batch.times_s, batch.lengths, arterial_hu=batch.arterial_hu)
+        return self.model(**batch.model_inputs())
 
     def _loss(self, pred: torch.Tensor, batch: CTPBatch) -> tuple[torch.Tensor, torch.Tensor]:
         target = batch.maps / self.target_scale.view(1, -1, 1, 1)

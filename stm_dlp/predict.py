@@ -98,10 +98,11 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
             failed.append(problem)
         else:
             good.append(s)
+    prior = bool(getattr(model, "deconv_prior", False))
     for i in range(0, len(good), batch_size):
         idx = good[i:i + batch_size]
-        batch = collate_slices([attach_arterial(study.slice_sample(s)) for s in idx]).to(device)
-        maps = physical_maps(model(batch.frames, batch.times_s, batch.lengths, arterial_hu=batch.arterial_hu).float(),
+        batch = collate_slices([attach_arterial(study.slice_sample(s), prior) for s in idx]).to(device)
+        maps = physical_maps(model(**batch.model_inputs()).float(),
                              target_scale)
         maps = exclude_csf(maps, batch_csf(batch))
         for p in ALL_PARAMS:

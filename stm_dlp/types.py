@@ -193,6 +193,7 @@ class Study:
             slice_index=index,
             labelled=tuple(self.labelled) if self.maps is not None else (),
             voxel_ml=self.voxel_ml,
+            pixel_mm=(float(np.linalg.norm(self.affine[:3, 1])), float(np.linalg.norm(self.affine[:3, 0]))),
         )
 
 
@@ -202,7 +203,10 @@ class SliceSample:
     ``labelled`` names the parameters whose label channel is real; ``voxel_ml`` is one voxel's volume
     (ml; 0 when unknown), for the clinical readout's volumes; ``arterial_hu`` ``(T,)`` is the slice's
     arterial reference curve (enhancement in HU at the frame times, from the *whole* slice before any
-    crop — :func:`stm_dlp.data.context.attach_arterial`), or ``None``."""
+    crop — :func:`stm_dlp.data.context.attach_arterial`), or ``None``; ``prior_maps`` ``(P, H, W)`` the
+    deconvolution of the slice's curves with that reference (physical units, :data:`PARAMS` order —
+    :func:`stm_dlp.data.context.deconvolution_prior`), or ``None``; ``pixel_mm`` the ``(row, column)``
+    pixel spacing (mm), or ``None`` when unknown."""
 
     frames: np.ndarray
     times_s: np.ndarray
@@ -213,6 +217,8 @@ class SliceSample:
     labelled: tuple[str, ...] = PARAMS
     voxel_ml: float = 0.0
     arterial_hu: np.ndarray | None = None
+    prior_maps: np.ndarray | None = None
+    pixel_mm: tuple[float, float] | None = None
 
     @property
     def n_frames(self) -> int:
@@ -239,6 +245,9 @@ class CTPBatch:
             HU, at its frame times; computed on the whole slice before any crop, so a crop carries its
             slice's curve), zero past ``lengths``; ``None`` when the samples carry none. Models with
             arterial context read it at every time step.
+        prior_maps: float32 ``(B, P, H, W)`` each slice's deconvolution with its arterial reference
+            (physical units, :data:`PARAMS` order), for models with a deconvolution prior; ``None`` when the
+            samples carry none.
     """
 
     frames: torch.Tensor
@@ -251,6 +260,7 @@ class CTPBatch:
     labelled: torch.Tensor | None = None
     voxel_ml: torch.Tensor | None = None
     arterial_hu: torch.Tensor | None = None
+    prior_maps: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -269,6 +279,11 @@ class CTPBatch:
             return self.labelled
         return torch.ones(self.maps.shape[:2], dtype=torch.bool, device=self.maps.device)
 
+    def model_inputs(self) -> dict[str, torch.Tensor | None]:
+        """The keyword arguments every model's ``forward`` takes: ``model(**batch.model_inputs())``."""
+        return {"frames": self.frames, "times_s": self.times_s, "lengths": self.lengths,
+                "arterial_hu": self.arterial_hu, "prior_maps": self.prior_maps}
+
     def to(self, device: torch.device | str) -> CTPBatch:
         return CTPBatch(
             frames=self.frames.to(device),
@@ -281,6 +296,7 @@ class CTPBatch:
             labelled=None if self.labelled is None else self.labelled.to(device),
             voxel_ml=self.voxel_ml,
             arterial_hu=None if self.arterial_hu is None else self.arterial_hu.to(device),
+            prior_maps=None if self.prior_maps is None else self.prior_maps.to(device),
         )
 
 
@@ -305,6 +321,9 @@ def collate_slices(samples: Sequence[SliceSample]) -> CTPBatch:
     if any(with_arterial) and not all(with_arterial):
         raise ValueError("cannot batch slices with and without an arterial reference curve")
     arterial = torch.zeros((b, t_max), dtype=torch.float32) if all(with_arterial) else None
+    with_prior = [s.prior_maps is not None for s in samples]
+    if any(with_prior) and not all(with_prior):
+        raise ValueError("cannot batch slices with and without a deconvolution prior")
     for i, s in enumerate(samples):
         t = s.n_frames
         frames[i, :t] = torch.from_numpy(np.ascontiguousarray(s.frames, dtype=np.float32))
@@ -326,4 +345,6 @@ def collate_slices(samples: Sequence[SliceSample]) -> CTPBatch:
         labelled=torch.tensor([[p in s.labelled for p in PARAMS] for s in samples], dtype=torch.bool),
         voxel_ml=torch.tensor([s.voxel_ml for s in samples], dtype=torch.float64),
         arterial_hu=arterial,
+        prior_maps=(torch.stack([torch.from_numpy(np.ascontiguousarray(s.prior_maps, np.float32)) for s in samples])
+                    if all(with_prior) else None),
     )

@@ -58,7 +58,8 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None,
-                 samples_per_slice: int = 1, lesion_crop_fraction: float = 0.0):
+                 samples_per_slice: int = 1, lesion_crop_fraction: float = 0.0, deconv_prior: bool = False):
+        self.deconv_prior = bool(deconv_prior)
         if not 0.0 <= lesion_crop_fraction <= 1.0:
             raise ValueError(f"data.lesion_crop_fraction must be in [0, 1], got {lesion_crop_fraction}")
         self.lesion_crop_fraction = lesion_crop_fraction
@@ -81,7 +82,7 @@ class SliceDataset(Dataset):
         study_idx, slice_idx = self.index[item]
         sample = self.studies[study_idx].slice_sample(slice_idx)
         if self.transform is None and not self.crop_size:
-            return attach_arterial(sample)
+            return attach_arterial(sample, self.deconv_prior)
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         frames, times = sample.frames, sample.times_s
         if self.transform is not None:
@@ -89,16 +90,18 @@ class SliceDataset(Dataset):
             times = np.asarray(times, np.float32)
             times = times - times[0]
         # the arterial context comes from the whole (augmented) slice, before the crop
-        sample = attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times))
-        maps, mask = sample.maps, sample.mask
+        sample = attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times),
+                                 self.deconv_prior)
+        maps, mask, prior = sample.maps, sample.mask, sample.prior_maps
         if self.crop_size:
             h, w = frames.shape[-2:]
             c = min(self.crop_size, h, w)
             y0, x0 = self._crop_origin(sample, c, rng)
             frames = frames[:, y0:y0 + c, x0:x0 + c]
             maps, mask = maps[:, y0:y0 + c, x0:x0 + c], mask[y0:y0 + c, x0:x0 + c]
+            prior = None if prior is None else np.ascontiguousarray(prior[:, y0:y0 + c, x0:x0 + c])
         return replace(sample, frames=np.ascontiguousarray(frames, np.float32),
-                       maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask))
+                       maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask), prior_maps=prior)
 
 
     def _crop_origin(self, sample: SliceSample, c: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -172,6 +175,9 @@ class CTPDataModule(L.LightningDataModule):
             slice's pre-contrast reference before the model sees them (:func:`stm_dlp.data.motion.motion_corrected`,
             the calculation approach's correction; ``stm_dlp.predict`` does the same with ``motion=true``).
             Training studies are used as they are (augmented motion included).
+        deconv_prior: give every sample its deconvolution prior (:func:`stm_dlp.data.context.deconvolution_prior`,
+            computed on the whole augmented slice), for models built with ``deconv_prior``; the configs set it
+            from ``model.deconv_prior``.
     """
 
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
@@ -184,7 +190,8 @@ class CTPDataModule(L.LightningDataModule):
                  calc: dict[str, Any] | None = None, cache_dir: str | None = None,
                  frame_interval_s: float | None = None, pseudonym_key: str | None = None,
                  split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0,
-                 target_spacing_mm: float | None = None, motion_correction: bool = True):
+                 target_spacing_mm: float | None = None, motion_correction: bool = True,
+                 deconv_prior: bool = False):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -208,6 +215,7 @@ class CTPDataModule(L.LightningDataModule):
         self.augment = Compose(list(augment)) if augment else None
         self.eval_corruption, self.eval_corruption_seed = eval_corruption, eval_corruption_seed
         self.motion_correction = bool(motion_correction)
+        self.deconv_prior = bool(deconv_prior)
         self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
         self.label_source, self.calc_kwargs = label_source, dict(calc or {})
         self.cache = StudyCache(cache_dir)
@@ -305,9 +313,9 @@ class CTPDataModule(L.LightningDataModule):
             train_tf.append(Truncate(keep_fraction=self.train_frame_fraction))
         self.train_set = SliceDataset([self.studies[p] for p in self.splits["train"]],
                                       Compose(train_tf) if train_tf else None, self.crop_size,
-                                      self.samples_per_slice, self.lesion_crop_fraction)
-        self.val_set = SliceDataset(self._eval_studies("val"))
-        self.test_set = SliceDataset(self._eval_studies("test"))
+                                      self.samples_per_slice, self.lesion_crop_fraction, self.deconv_prior)
+        self.val_set = SliceDataset(self._eval_studies("val"), deconv_prior=self.deconv_prior)
+        self.test_set = SliceDataset(self._eval_studies("test"), deconv_prior=self.deconv_prior)
 
     def _eval_studies(self, split: str) -> list[Study]:
         transforms = [named_corruption(self.eval_corruption)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -15,6 +16,11 @@ from stm_dlp.models.irfe import (
 )
 from stm_dlp.models.mpp import MultiParameterPredictor
 from stm_dlp.models.spatial import crop_to, pad_to_multiple
+
+#: Physical units per unit of the deconvolution prior's channels (CBV ml/100g, CBF ml/100g/min, TMAX s),
+#: and the largest normalised value kept (a failed pixel's residue can peak anywhere in its window).
+PRIOR_SCALE: tuple[float, ...] = (5.0, 60.0, 10.0)
+PRIOR_CLIP = 5.0
 
 
 def check_inputs(frames: Tensor, times_s: Tensor, lengths: Tensor) -> None:
@@ -77,6 +83,11 @@ class STMDLP(nn.Module):
             area over the AIF's, so the network then reads a quantity that no longer depends on the injection
             (amplitude, recirculation, tail) and need not learn the division — which a network trained on one
             cohort's AIFs does not extrapolate.
+        deconv_prior: also give the MPP, beside ``F_st``, the deconvolution of every pixel with its slice's
+            arterial reference (``prior_maps`` of the batch, :func:`stm_dlp.data.context.deconvolution_prior`),
+            over :data:`PRIOR_SCALE`: the division by the arterial input is physics, the same on any
+            generator, so the network refines it instead of learning it from one cohort's AIFs. Beyond the
+            paper (``False``).
     """
 
     def __init__(
@@ -101,6 +112,7 @@ class STMDLP(nn.Module):
         arterial_context: bool = False,
         arterial_scale_hu: float = 300.0,
         arterial_normalise: bool = False,
+        deconv_prior: bool = False,
     ) -> None:
         super().__init__()
         check_irfe_args(encoder, order, time_input)
@@ -115,6 +127,10 @@ class STMDLP(nn.Module):
         self.arterial_context = bool(arterial_context)
         self.arterial_scale_hu = float(arterial_scale_hu)
         self.arterial_normalise = bool(arterial_normalise)
+        self.deconv_prior = bool(deconv_prior)
+        if self.deconv_prior and n_tasks != len(PRIOR_SCALE):
+            raise ValueError(f"deconv_prior needs the {len(PRIOR_SCALE)} tasks CBV, CBF, TMAX, got n_tasks={n_tasks}")
+        self.register_buffer("prior_scale", torch.tensor(PRIOR_SCALE).view(1, -1, 1, 1), persistent=False)
         self.irfe = IRFE(
             encoder=encoder,
             order=order,
@@ -128,10 +144,12 @@ class STMDLP(nn.Module):
             context_channels=ARTERIAL_CHANNELS if self.arterial_context else 0,
         )
         self.mpp = MultiParameterPredictor(
-            self.irfe.out_channels, mpp_hidden, exchange_layers, n_tasks, mpp_kernel_size
+            self.irfe.out_channels + (len(PRIOR_SCALE) if self.deconv_prior else 0), mpp_hidden, exchange_layers,
+            n_tasks, mpp_kernel_size
         )
 
-    def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor, arterial_hu: Tensor | None = None) -> Tensor:
+    def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor, arterial_hu: Tensor | None = None,
+                prior_maps: Tensor | None = None) -> Tensor:
         """Predict the maps of a batch of slices.
 
         Args:
@@ -140,6 +158,8 @@ class STMDLP(nn.Module):
             lengths: int ``(B,)`` valid frames per slice.
             arterial_hu: ``(B, T)`` arterial reference curves (HU over baseline), needed with
                 ``arterial_context`` (ignored otherwise).
+            prior_maps: ``(B, 3, H, W)`` the deconvolution prior (CBV, CBF, TMAX, physical units), needed
+                with ``deconv_prior`` (ignored otherwise).
 
         Returns:
             ``(B, n_tasks, H, W)`` in the normalised target space, CBV, CBF, TMAX order.
@@ -157,5 +177,12 @@ class STMDLP(nn.Module):
             if self.arterial_normalise:
                 x = x * arterial_gain(arterial_hu, times_s, lengths)[:, None, None, None]
         x, hw = pad_to_multiple(x, self.irfe.multiple)
-        y = crop_to(self.mpp(self.irfe(x, t, lengths, context)), hw)
+        features = self.irfe(x, t, lengths, context)
+        if self.deconv_prior:
+            if prior_maps is None or prior_maps.shape != (frames.shape[0], len(PRIOR_SCALE), *frames.shape[2:]):
+                raise ValueError("this model uses a deconvolution prior: pass prior_maps (B, 3, H, W), the batch's "
+                                 f"prior maps (got {None if prior_maps is None else tuple(prior_maps.shape)})")
+            prior = (prior_maps.to(features.dtype) / self.prior_scale).clamp(0.0, PRIOR_CLIP)
+            features = torch.cat([features, pad_to_multiple(prior, self.irfe.multiple)[0]], dim=1)
+        y = crop_to(self.mpp(features), hw)
         return F.softplus(y) if self.positive_output else y

@@ -112,11 +112,12 @@ class UniToBrain(nn.Module):
         self.multiple = 2**depth
         self.nets = nn.ModuleList(UNet2d(n_frames, 1, base, depth) for _ in range(tasks))
 
-    def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor, arterial_hu: Tensor | None = None) -> Tensor:
+    def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor, arterial_hu: Tensor | None = None,
+                prior_maps: Tensor | None = None) -> Tensor:
         """``frames`` (B,T,H,W) HU, ``times_s`` (B,T) s, ``lengths`` (B,) -> (B, tasks, H, W).
 
-        ``arterial_hu`` is accepted for a uniform model interface and ignored: the baseline, as published,
-        sees only the frames."""
+        ``arterial_hu`` and ``prior_maps`` are accepted for a uniform model interface and ignored: the
+        baseline, as published, sees only the frames."""
         check_inputs(frames, times_s, lengths)
         x, _ = normalise_frames(frames, times_s, lengths, self.hu_scale, 1.0, self.baseline_frames)
         x = resample_frames(x, times_s, lengths, self.n_frames, self.time_grid_s)
