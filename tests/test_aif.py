@@ -162,3 +162,19 @@ def test_vof_area_is_not_inflated_by_noise():
         w = interp_matrix(torch.tensor(st.times_s[0] - st.times_s[0].min()), torch.tensor(info["aif"]["grid_s"]))
         ratios.append(float(np.sum(info["aif"]["vof_hu"]) / (w.numpy() @ st.meta["vof_hu"]).sum()))
     assert 0.95 < float(np.mean(ratios)) < 1.08, ratios
+
+
+def test_partial_volume_scale_when_the_scan_ends_on_the_sinus_downslope():
+    """Arteries at 60 % partial volume, a full-volume sinus 4 s later, a scan that stops 2 s after the
+    sinus's peak: whole-scan areas see a cut-off VOF (scale 1.29); areas over the
+    same stretch of the bolus recover ~1/0.6."""
+    t = torch.arange(0.0, 19.01, 1.0, dtype=torch.float64)
+    art = 0.6 * arterial_input_function(t, t0_s=8.0, peak_hu=400.0, recirculation=0.0)
+    vein = arterial_input_function(t, t0_s=12.0, peak_hu=400.0, beta_s=1.6, recirculation=0.0)
+    tissue = arterial_input_function(t, t0_s=9.0, peak_hu=20.0, beta_s=3.0, recirculation=0.0)
+    conc = torch.cat([art.expand(4, -1), vein.expand(4, -1), tissue.expand(32, -1)])
+    coords = torch.stack([torch.zeros(40, dtype=torch.long), torch.arange(40), torch.zeros(40, dtype=torch.long)], 1)
+    grid = uniform_grid(19.0, 0.5, dtype=torch.float64)
+    sel = select_aif(conc, t, coords, grid, n_aif=4, n_vof=4)
+    assert all(4 <= r < 8 for _, r, _ in sel.vof_pixels)
+    assert sel.pv_scale == pytest.approx(1 / 0.6, rel=0.12)

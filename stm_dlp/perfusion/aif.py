@@ -36,7 +36,9 @@ area, +3..5 % / +7..10 % ranked by peak).
 **Partial-volume correction** (``pv_correction=True``): small arteries are partly volume-averaged
 with tissue, which lowers the AIF and inflates CBF/CBV, whereas the large sinus is not; since
 tracer is conserved, the AIF and VOF areas should be equal (Fieselmann 2011, §5.2; Bleeker et al.,
-MRM 2011), so the AIF is scaled by ``max(1, area(VOF) / area(AIF))`` (capped at ``max_pv_scale``);
+MRM 2011), so the AIF is scaled by ``max(1, area(VOF) / area(AIF))`` (capped at ``max_pv_scale``; the areas
+cover the same stretch of the bolus, :func:`lag_matched_areas`, so a scan that ends on the sinus's
+down-slope does not hide the partial volume);
 it is never scaled down (a smaller VOF area means the VOF, not the AIF, is partial-volumed).
 """
 
@@ -217,6 +219,23 @@ def _trapz(curve: torch.Tensor, dt: float) -> torch.Tensor:
     return (curve.sum(-1) - 0.5 * (curve[..., 0] + curve[..., -1])) * dt
 
 
+def lag_matched_areas(aif: torch.Tensor, vof: torch.Tensor, grid_s: torch.Tensor) -> tuple[float, float]:
+    """Areas (HU·s) of ``aif`` and ``vof`` ``(L,)`` on ``grid_s`` that cover the same stretch of the bolus:
+    the VOF over the whole scan, the AIF up to the scan's end minus the VOF's lag (peak to peak).
+
+    The VOF is the AIF delayed by its transit (and dispersed): its area over ``[0, t_end]`` equals the AIF's
+    over ``[0, t_end - lag]``. Comparing whole-scan areas asks the later curve to be as complete as the
+    earlier one, which it is not when the scan stops on the sinus's down-slope (the ribbon phantom's
+    ``truncated`` studies end at 30 s with the sinus peaking at ~29 s: half its area is missing and the
+    partial-volume scale came out 1.0 instead of ~1.5, docs/calc/issue14_targets.md §4)."""
+    dt = float(grid_s[1] - grid_s[0])
+    lag = max(0.0, float(grid_s[int(vof.argmax())] - grid_s[int(aif.argmax())]))
+    keep = grid_s <= grid_s[-1] - lag
+    if int(keep.sum()) < 2:
+        return 0.0, 0.0
+    return float(_trapz(aif[keep], dt)), float(_trapz(vof, dt))
+
+
 def select_aif(
     conc: torch.Tensor,
     times: torch.Tensor,
@@ -318,8 +337,7 @@ def select_aif(
         vchosen = pool[vbest]
         vof_curve = _to_grid(conc[vchosen], t[vchosen], grid_s).mean(0)
         vof_pixels = [tuple(int(v) for v in coords[i]) for i in vchosen.cpu()]
-        dt = float(grid_s[1] - grid_s[0])
-        a_area, v_area = float(_trapz(aif_raw, dt)), float(_trapz(vof_curve, dt))
+        a_area, v_area = lag_matched_areas(aif_raw, vof_curve, grid_s)
         if pv_correction and a_area > 0 and v_area > 0:
             pv_scale = float(min(max(1.0, v_area / a_area), max_pv_scale))
     return AIFSelection(

@@ -1,0 +1,87 @@
+"""The deconvolution prior: the calc's maps of a slice with its arterial reference as the AIF, carried in
+the batch beside the frames (stm_dlp.data.context.deconvolution_prior, CTPBatch.prior_maps) and read by
+STMDLP(deconv_prior=True)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from stm_dlp.data.context import attach_arterial, deconvolution_prior
+from stm_dlp.data.datamodule import SliceDataset
+from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+from stm_dlp.models import STMDLP
+from stm_dlp.types import PARAMS, collate_slices
+
+TINY = dict(encoder="cnn", spatial_channels=4, unet_depth=1, temporal_hidden=8, mpp_hidden=8,
+            arterial_context=True)
+
+
+@pytest.fixture(scope="module")
+def study():
+    return simulate_patient(PhantomConfig(height=40, width=40, n_slices=1, noise_hu=1.0, lesion_probability=1.0,
+                                          frames_min=30, frames_max=30),
+                            seed=3)
+
+
+def test_prior_reads_the_phantom_tmax_and_is_zero_outside_the_brain(study) -> None:
+    sample = attach_arterial(study.slice_sample(0), prior=True)
+    prior = sample.prior_maps
+    assert prior.shape == (len(PARAMS), 40, 40) and prior.dtype == np.float32
+    assert not prior[:, ~sample.mask].any()
+    tmax_true, tmax_prior = sample.maps[PARAMS.index("tmax")], prior[PARAMS.index("tmax")]
+    lesion, normal = sample.mask & (tmax_true > 6), sample.mask & (tmax_true < 2) & (tmax_prior > 0)
+    assert lesion.sum() > 10
+    assert np.median(tmax_prior[lesion]) > 5.0 > 2.5 > np.median(tmax_prior[normal])
+    cbf_true, cbf_prior = sample.maps[PARAMS.index("cbf")], prior[PARAMS.index("cbf")]
+    both = normal & (cbf_prior > 0)
+    assert np.corrcoef(cbf_true[both], cbf_prior[both])[0, 1] > 0.5
+
+
+def test_prior_needs_the_reference_and_survives_a_flat_one(study, caplog) -> None:
+    with pytest.raises(ValueError, match="arterial reference"):
+        deconvolution_prior(study.slice_sample(0))
+    sample = study.slice_sample(0)
+    flat = dataclasses.replace(sample, frames=np.full_like(sample.frames, 30.0))
+    with caplog.at_level(logging.WARNING):
+        prior = attach_arterial(flat, prior=True).prior_maps
+    assert prior.shape == (3, 40, 40) and not prior.any()
+    assert "no deconvolution prior" in caplog.text
+
+
+def test_crops_carry_their_part_of_the_whole_slice_prior(study) -> None:
+    whole = SliceDataset([study], deconv_prior=True)[0]
+    crops = SliceDataset([study], crop_size=8, deconv_prior=True)
+    for _ in range(3):
+        crop = crops[0]
+        assert crop.prior_maps.shape == (3, 8, 8)
+        # find the crop in the slice by its frames, then its prior must be that part of the whole one
+        hits = [(y, x) for y in range(33) for x in range(33)
+                if np.array_equal(whole.frames[:, y:y + 8, x:x + 8], crop.frames)]
+        assert len(hits) == 1
+        y, x = hits[0]
+        np.testing.assert_array_equal(crop.prior_maps, whole.prior_maps[:, y:y + 8, x:x + 8])
+    batch = collate_slices([crops[0], crops[0]])
+    assert batch.prior_maps.shape == (2, 3, 8, 8)
+    assert set(batch.model_inputs()) == {"frames", "times_s", "lengths", "arterial_hu", "prior_maps"}
+    with pytest.raises(ValueError, match="with and without a deconvolution prior"):
+        collate_slices([crops[0], dataclasses.replace(crops[0], prior_maps=None)])
+
+
+def test_model_reads_the_prior_and_asks_for_it(study) -> None:
+    torch.manual_seed(0)
+    model = STMDLP(deconv_prior=True, **TINY).eval()
+    batch = collate_slices([attach_arterial(study.slice_sample(0), prior=True)])
+    with torch.no_grad():
+        y = model(**batch.model_inputs())
+        assert y.shape == (1, 3, 40, 40)
+        changed = model(**{**batch.model_inputs(), "prior_maps": batch.prior_maps * 2})
+        assert not torch.allclose(y, changed)
+        with pytest.raises(ValueError, match="deconvolution prior"):
+            model(**{**batch.model_inputs(), "prior_maps": None})
+    plain = STMDLP(**TINY)
+    assert plain.mpp.first.in_channels + 3 == model.mpp.first.in_channels
