@@ -103,14 +103,15 @@ def build_model(name: str, scale: str) -> torch.nn.Module:
 
 def phantom_batch(batch: int, size: int, frames: int, seed: int = 0):
     """A padded batch of ``batch`` phantom slices of ``size``² and ``frames`` frames (one simulated
-    slice repeated: timing does not depend on content)."""
+    slice repeated: timing does not depend on content), with its arterial reference and deconvolution prior
+    (models that do not read them ignore them)."""
     from stm_dlp.data.context import attach_arterial
     from stm_dlp.data.phantom import PhantomConfig, simulate_patient
     from stm_dlp.types import collate_slices
 
     study = simulate_patient(PhantomConfig(height=size, width=size, n_slices=1, frames_min=frames,
                                            frames_max=frames), seed, "bench")
-    return collate_slices([attach_arterial(study.slice_sample(0))] * batch), study
+    return collate_slices([attach_arterial(study.slice_sample(0), prior=True)] * batch), study
 
 
 def lstm_flops(model: torch.nn.Module, n_pixels: int, t: int, train: bool) -> float:

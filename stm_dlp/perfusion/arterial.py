@@ -24,8 +24,9 @@ field, a 16² training crop) does not contain. The deconvolution knows it becaus
 5. **partial-volume correction**: arteries of 1.5-4 mm on 1.5-3 mm pixels read a fraction of their
    true enhancement, while the large sinus does not; the indicator is conserved, so the curve is scaled
    by ``area(venous) / area(arterial)`` (between 1 and :data:`MAX_PV_SCALE`; Fieselmann et al. 2011,
-   §5.2 — what the calculation approach's AIF does with its VOF). The venous curve is the median of the
-   ``min_pixels`` most enhancing candidates arriving :data:`VENOUS_LAG_S` or more after the arteries.
+   §5.2 — what the calculation approach's AIF does with its VOF). The venous curve is the mean of the
+   :data:`VENOUS_PIXELS` most enhancing candidates arriving :data:`VENOUS_LAG_S` or more after the arteries
+   (once ``min_pixels`` such candidates exist).
 
 Measured against the phantoms' true AIF (``python -m experiments.arterial_check``; docs/tmax.md §6):
 arrival within 0.3 s and peak within ~10 % on both phantom families at their own pixel size, where the
@@ -60,8 +61,12 @@ EARLY_WINDOW_S = 1.0
 TOP_SHARE = 0.5
 #: The venous curve arrives at least this long after the arterial one.
 VENOUS_LAG_S = 1.5
+#: The venous curve is the mean of this many most enhancing late pixels: on 3 mm pixels the sinus has one
+#: or two near-full-volume pixels per slice (ribbon phantom: the brightest one's area is 0.75-0.98 of the
+#: true AIF's, the median of the four brightest 0.5-0.7).
+VENOUS_PIXELS = 2
 #: Largest partial-volume scale applied to the arterial curve.
-MAX_PV_SCALE = 4.0
+MAX_PV_SCALE = 8.0
 #: The arterial search region is the brain mask eroded by this many pixels (motion's bone edges).
 ERODE_PX = 1
 #: Frames whose median is the first estimate of the pre-bolus baseline (before the bolus arrival is
@@ -174,7 +179,7 @@ def arterial_reference(frames_hu: torch.Tensor, times_s: torch.Tensor, mask: tor
     top_v = torch.topk(enh_v.max(0).values, min(enh_v.shape[1], k_max)).indices  # sorted by peak
     late = top_v[rise_time(enh_v[:, top_v].T, times) > arrival_s + VENOUS_LAG_S]
     if late.numel() >= min_pixels:
-        venous = raw_v[:, late[:min_pixels]].median(1).values
+        venous = raw_v[:, late[:VENOUS_PIXELS]].mean(1)
         pv_scale = min(MAX_PV_SCALE, max(1.0, _area(venous, times) / max(_area(curve, times), 1e-6)))
         curve = curve * pv_scale
     i_peak = int(torch.argmax(curve))
