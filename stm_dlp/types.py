@@ -280,9 +280,11 @@ class CTPBatch:
         return torch.ones(self.maps.shape[:2], dtype=torch.bool, device=self.maps.device)
 
     def model_inputs(self) -> dict[str, torch.Tensor | None]:
-        """The keyword arguments every model's ``forward`` takes: ``model(**batch.model_inputs())``."""
-        return {"frames": self.frames, "times_s": self.times_s, "lengths": self.lengths,
-                "arterial_hu": self.arterial_hu, "prior_maps": self.prior_maps}
+        """The keyword arguments of a model's ``forward``: ``model(**batch.model_inputs())``; ``prior_maps``
+        only when the batch carries them (a model without a deconvolution prior need not accept it)."""
+        inputs = {"frames": self.frames, "times_s": self.times_s, "lengths": self.lengths,
+                  "arterial_hu": self.arterial_hu}
+        return inputs if self.prior_maps is None else {**inputs, "prior_maps": self.prior_maps}
 
     def to(self, device: torch.device | str) -> CTPBatch:
         return CTPBatch(

@@ -85,3 +85,19 @@ def test_model_reads_the_prior_and_asks_for_it(study) -> None:
             model(**{**batch.model_inputs(), "prior_maps": None})
     plain = STMDLP(**TINY)
     assert plain.mpp.first.in_channels + 3 == model.mpp.first.in_channels
+
+
+def test_noise_only_augmentation_keeps_the_acquired_prior_and_others_recompute(study) -> None:
+    from stm_dlp.data.corrupt import Compose, GaussianNoise, RigidMotion
+
+    acquired = SliceDataset([study], deconv_prior=True)[0].prior_maps
+    noisy = SliceDataset([study], Compose([GaussianNoise(8.0)]), deconv_prior=True)
+    assert noisy.prior_cache
+    a, b = noisy[0], noisy[0]
+    assert not np.array_equal(a.frames, b.frames)
+    np.testing.assert_array_equal(a.prior_maps, acquired)
+    np.testing.assert_array_equal(b.prior_maps, acquired)
+    fresh = SliceDataset([study], Compose([GaussianNoise(8.0)]), deconv_prior=True, prior_cache=False)[0]
+    assert not np.array_equal(fresh.prior_maps, acquired)
+    moved = SliceDataset([study], Compose([RigidMotion()]), deconv_prior=True)
+    assert not moved.prior_cache

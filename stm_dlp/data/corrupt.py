@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -67,6 +68,10 @@ class RandomTransform:
     """
 
     p: float = field(default=1.0, kw_only=True)
+    #: True for corruptions that only add noise to the HU values: frame times, pixel positions and the
+    #: bolus are those acquired (what :class:`~stm_dlp.data.datamodule.SliceDataset` may keep a slice's
+    #: deconvolution prior for).
+    noise_only: ClassVar[bool] = False
 
     def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         if rng.uniform() >= self.p:
@@ -114,6 +119,8 @@ class GaussianNoise(RandomTransform):
     sample), e.g. ``(0, 30)``: from clean to a low-dose scan; ``sigma_hu`` is then unused.
     """
 
+    noise_only: ClassVar[bool] = True
+
     sigma_hu: float = 10.0
     sigma_hu_range: tuple[float, float] | None = None
 
@@ -137,6 +144,8 @@ class ImpulseNoise(RandomTransform):
     """Salt-and-pepper HU spikes (detector or data-transfer errors): a ``fraction`` of the pixels of every
     frame, drawn per call in ``fraction_range``, get ± a spike of ``amplitude_hu_range`` HU (sign and size
     per pixel)."""
+
+    noise_only: ClassVar[bool] = True
 
     fraction_range: tuple[float, float] = (0.0, 0.01)
     amplitude_hu_range: tuple[float, float] = (200.0, 1000.0)
@@ -166,6 +175,8 @@ class StructuredNoise(RandomTransform):
     ``streak_probability``, a random-direction sinusoidal band pattern (beam-hardening-like streaks).
     With ``sigma_hu_range=(lo, hi)`` the level is drawn per call in that range instead of ``sigma_hu``.
     """
+
+    noise_only: ClassVar[bool] = True
 
     sigma_hu: float = 8.0
     length_px: float = 2.0
@@ -404,6 +415,11 @@ class Compose:
     """Apply ``transforms`` in order, all drawing from the one generator passed in."""
 
     transforms: Sequence[Transform] = field(default_factory=list)
+
+    @property
+    def noise_only(self) -> bool:
+        """Every transform only adds noise (:attr:`RandomTransform.noise_only`)."""
+        return all(getattr(t, "noise_only", False) for t in self.transforms)
 
     def __call__(self, frames: Array, times_s: Array, rng: np.random.Generator) -> tuple[Array, Array]:
         for tr in self.transforms:
