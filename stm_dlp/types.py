@@ -65,6 +65,15 @@ def voxel_volume_ml(affine: Any) -> float:
     return float(abs(np.linalg.det(a[:3, :3])) / 1000.0)
 
 
+def pixel_spacing_mm(affine: Any) -> tuple[float, float]:
+    """``(row_step_mm, column_step_mm)`` of an affine for ``(W, H, S)`` arrays (:class:`Study`): the norms of
+    its second column (one row down) and its first column (one column right), in mm."""
+    a = np.asarray(affine, np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {a.shape}")
+    return float(np.linalg.norm(a[:3, 1])), float(np.linalg.norm(a[:3, 0]))
+
+
 def maps_by_name(stack: Any, axis: int = 1) -> dict[str, Any]:
     """Split a CBV/CBF/TMAX stack (:data:`PARAMS` order along ``axis``) into ``{cbv, cbf, tmax, mtt}``.
 
@@ -193,7 +202,7 @@ class Study:
             slice_index=index,
             labelled=tuple(self.labelled) if self.maps is not None else (),
             voxel_ml=self.voxel_ml,
-            pixel_mm=(float(np.linalg.norm(self.affine[:3, 1])), float(np.linalg.norm(self.affine[:3, 0]))),
+            pixel_mm=pixel_spacing_mm(self.affine),
         )
 
 

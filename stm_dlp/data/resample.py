@@ -29,21 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from stm_dlp.types import Study, StudyError, mtt_from_cbv_cbf
+from stm_dlp.types import Study, StudyError, mtt_from_cbv_cbf, pixel_spacing_mm
 
 #: Key in ``Study.meta`` of the scan's own grid: ``{"shape_hw": [H, W], "affine": 4x4 nested list}``.
 ORIGINAL_GRID = "original_grid"
 #: Two spacings closer than this (mm) are the same: no resampling.
 SPACING_TOL_MM = 1e-6
-
-
-def pixel_spacing_mm(affine: Any) -> tuple[float, float]:
-    """``(row_step_mm, column_step_mm)`` of an affine for ``(W, H, S)`` arrays: the norms of its second
-    column (one row down) and its first column (one column right), in mm."""
-    a = np.asarray(affine, np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
-        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {a.shape}")
-    return float(np.linalg.norm(a[:3, 1])), float(np.linalg.norm(a[:3, 0]))
 
 
 def target_grid(shape_hw: tuple[int, int], affine: Any, target_mm: float) -> tuple[tuple[int, int], np.ndarray]:

@@ -88,7 +88,7 @@ from stm_dlp.perfusion.mask import (
     median_filter,
 )
 from stm_dlp.perfusion.physics import TISSUE_SCALE
-from stm_dlp.types import mtt_from_cbv_cbf
+from stm_dlp.types import mtt_from_cbv_cbf, pixel_spacing_mm
 
 log = logging.getLogger(__name__)
 
@@ -277,12 +277,6 @@ def make_params(params: CalcParams | None = None, **options: Any) -> CalcParams:
     if unknown:
         raise TypeError(f"unknown calculation option(s) {', '.join(unknown)}; valid: {', '.join(PARAM_NAMES)}")
     return replace(params or CalcParams(), **options)
-
-
-def pixel_spacing_mm(affine: Any) -> tuple[float, float]:
-    """``(row, column)`` pixel spacing (mm) of a NIfTI-style affine for ``(W, H, S)`` arrays (:class:`Study`)."""
-    a = np.asarray(affine, np.float64)
-    return float(np.linalg.norm(a[:3, 1])), float(np.linalg.norm(a[:3, 0]))
 
 
 def _as_tensor(x: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
