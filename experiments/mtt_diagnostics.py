@@ -34,12 +34,11 @@ def collect(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
 
     model, scale, _ = load_model(best_checkpoint(run_dir, {}), "cpu")
     out: dict[str, dict[str, list[np.ndarray]]] = {k: {p: [] for p in ALL_PARAMS} for k in ("raw", "csf_out", "truth")}
+    prior = bool(getattr(model, "deconv_prior", False))
     for study in test_studies(run_dir):
         for s in range(study.n_slices):
-            prior = bool(getattr(model, "deconv_prior", False))
             batch = collate_slices([attach_arterial(study.slice_sample(s), prior)])
-            raw = physical_maps(model(**batch.model_inputs()),
-                                scale)
+            raw = physical_maps(model(**batch.model_inputs()), scale)
             kept = exclude_csf(raw, batch_csf(batch))
             truth = maps_by_name(batch.maps)
             m = batch.mask

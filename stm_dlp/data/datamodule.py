@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from stm_dlp.data.cache import StudyCache
-from stm_dlp.data.context import attach_arterial
+from stm_dlp.data.context import attach_arterial, deconvolution_prior
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
 from stm_dlp.data.motion import motion_corrected
 from stm_dlp.data.phantom import GENERATOR_VERSION, PhantomConfig, cohort_member, simulate_patient
@@ -117,18 +117,20 @@ class SliceDataset(Dataset):
         return replace(sample, frames=np.ascontiguousarray(frames, np.float32),
                        maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask), prior_maps=prior)
 
-
     def _acquired_prior(self, sample: SliceSample, key: tuple[int, int]) -> np.ndarray:
-        """The deconvolution prior of the slice as acquired (computed once, then kept)."""
+        """The deconvolution prior of the slice as acquired (``sample``, with or without its arterial
+        reference), computed once, then kept."""
         if key not in self._priors:
-            self._priors[key] = attach_arterial(sample, prior=True).prior_maps
+            with_reference = sample if sample.arterial_hu is not None else attach_arterial(sample)
+            self._priors[key] = deconvolution_prior(with_reference)
         return self._priors[key]
 
     def _with_context(self, sample: SliceSample, key: tuple[int, int]) -> SliceSample:
         """``sample`` (as acquired) with its arterial reference and, for ``deconv_prior``, its prior."""
         if not (self.deconv_prior and self.prior_cache):
             return attach_arterial(sample, self.deconv_prior)
-        return replace(attach_arterial(sample), prior_maps=self._acquired_prior(sample, key))
+        sample = attach_arterial(sample)
+        return replace(sample, prior_maps=self._acquired_prior(sample, key))
 
     def _crop_origin(self, sample: SliceSample, c: int, rng: np.random.Generator) -> tuple[int, int]:
         """A random crop's top-left corner; with probability ``lesion_crop_fraction`` the crop is centred on a
