@@ -136,6 +136,8 @@ class PerfusionLitModule(L.LightningModule):
         self.target_spacing_mm = None if target_spacing_mm is None else float(target_spacing_mm)
         scale = torch.ones(len(PARAMS)) if target_scale is None else torch.as_tensor(target_scale, dtype=torch.float32)
         self.register_buffer("target_scale", scale.clone())
+        if hasattr(model, "set_target_scale"):  # a network whose output depends on it (STMDLP.tmax_from_prior)
+            model.set_target_scale(self.target_scale)
         self.register_buffer("task_weights", torch.tensor(list(task_weights), dtype=torch.float32))
         self.val_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})
         self.test_metrics = nn.ModuleDict({p: metric_set() for p in ALL_PARAMS})

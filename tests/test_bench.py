@@ -156,7 +156,17 @@ def test_clinical_targets_follow_the_numbers(stored: dict[str, Any]) -> None:
     assert noisy["met"] is True and set(noisy["values"]) == {"Dice noise", "Dice motion", "oSVD Dice noise",
                                                               "oSVD Dice motion"}
     ev["motion"]["readout"]["dice_tmax_gt_6"]["median"] = 0.45
-    assert _target(clinical_targets(res), "trained on classic, tested on ribbon, noise and motion")["met"] is False
+    calc = res["accuracy"]["cross_family"]["calc"]["ribbon"]
+    for c, osvd in (("noise", 0.05), ("motion", 0.05)):
+        calc[c]["readout"]["dice_tmax_gt_6"]["median"] = osvd
+    failure = "trained on classic, tested on ribbon, noise and motion"
+    assert _target(clinical_targets(res), failure)["met"] is False
+    # judged only where oSVD fails (< 0.1): not under motion once oSVD reads 0.3 there
+    calc["motion"]["readout"]["dice_tmax_gt_6"]["median"] = 0.3
+    row = _target(clinical_targets(res), failure)
+    assert row["met"] is True and row["note"].endswith(": noise") and row["values"]["Dice motion"] == 0.45
+    calc["noise"]["readout"]["dice_tmax_gt_6"]["median"] = 0.1
+    assert _target(clinical_targets(res), failure)["met"] is None  # oSVD fails nowhere: the claim is not tested
 
     infer = res["speed"]["infer"][0]
     assert _target(clinical_targets(res), "CPU inference")["met"] is None  # the smoke study is not 16×256²×50

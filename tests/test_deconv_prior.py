@@ -101,3 +101,37 @@ def test_noise_only_augmentation_keeps_the_acquired_prior_and_others_recompute(s
     assert not np.array_equal(fresh.prior_maps, acquired)
     moved = SliceDataset([study], Compose([RigidMotion()]), deconv_prior=True)
     assert not moved.prior_cache
+
+
+def test_tmax_from_prior_starts_at_the_prior_and_learns_corrections(study) -> None:
+    """With ``tmax_from_prior`` a head output of 0 returns the prior's TMAX in the target space (over the TMAX
+    target scale the LightningModule sets) and the head's output moves it both ways; CBV / CBF are
+    unaffected by the option; the scale travels with the weights."""
+    from stm_dlp.lit import PerfusionLitModule
+
+    torch.manual_seed(0)
+    model = STMDLP(deconv_prior=True, tmax_from_prior=True, **TINY).eval()
+    PerfusionLitModule(model, target_scale=[4.0, 60.0, 2.5])
+    assert float(model.tmax_unit_s) == 2.5
+    batch = collate_slices([attach_arterial(study.slice_sample(0), prior=True)])
+    i = PARAMS.index("tmax")
+    prior_tmax = batch.prior_maps[:, i] / 2.5
+    with torch.no_grad():
+        model.mpp.out.weight[i].zero_()
+        model.mpp.out.bias[i] = 0.0
+        y = model(**batch.model_inputs())
+        late = prior_tmax > 0.3  # above the sharp softplus's knee
+        assert late.sum() > 20
+        torch.testing.assert_close(y[:, i][late], prior_tmax[late], atol=1e-3, rtol=0)
+        model.mpp.out.bias[i] = -0.2  # a correction lowers TMAX by the same amount
+        lowered = model(**batch.model_inputs())[:, i]
+        torch.testing.assert_close(lowered[prior_tmax > 0.6], prior_tmax[prior_tmax > 0.6] - 0.2, atol=1e-3, rtol=0)
+        assert (lowered >= 0).all()
+        plain = STMDLP(deconv_prior=True, **TINY).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "tmax_unit_s"})
+        torch.testing.assert_close(plain(**batch.model_inputs())[:, :i], y[:, :i])
+        reloaded = STMDLP(deconv_prior=True, tmax_from_prior=True, **TINY).eval()
+        reloaded.load_state_dict(model.state_dict())
+        torch.testing.assert_close(reloaded(**batch.model_inputs()), model(**batch.model_inputs()))
+    with pytest.raises(ValueError, match="tmax_from_prior needs deconv_prior"):
+        STMDLP(tmax_from_prior=True, **TINY)

@@ -479,6 +479,23 @@ def _target(text: str, values: dict[str, float | None], limit: str, ok: Callable
     return {"target": text, "values": values, "limit": limit, "met": met, "note": note}
 
 
+def failure_case_target(text: str, vals: dict[str, float | None], note: str = "") -> dict[str, Any]:
+    """The paper's claim as issue 13 words it: under noise and motion the model's Dice(TMAX > 6 s) ≥ 0.5 *where
+    oSVD's falls below 0.1*. ``vals`` holds ``"Dice <condition>"`` (the model) and ``"oSVD Dice <condition>"``;
+    only the conditions where oSVD fails are judged, and when oSVD fails under none the claim is not tested
+    on these studies (``met`` ``None``) — the model's Dice stays in the values either way."""
+    conds = [k.removeprefix("Dice ") for k in vals if k.startswith("Dice ")]
+    failed = [c for c in conds if vals.get(f"oSVD Dice {c}") is not None and vals[f"oSVD Dice {c}"] < 0.1]
+    row = _target(text, vals, "≥ 0.5 (oSVD < 0.1)", lambda v: min(v[f"Dice {c}"] for c in failed) >= 0.5 if failed
+                  else True, note)
+    if row["met"] is not None and not failed:
+        row["met"] = None
+    if not note:
+        row["note"] = (f"judged where oSVD's Dice < 0.1: {', '.join(failed)}" if failed else
+                       "oSVD's Dice ≥ 0.1 under every condition here: the claim is not tested on these studies")
+    return row
+
+
 def clinical_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue 13's targets from a whole ``results.json`` (the accuracy and speed sections), each
     ``{target, values, limit, met, note}`` with ``met`` ``True`` / ``False`` / ``None`` (not measured:
@@ -519,9 +536,8 @@ def clinical_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             vals[f"Dice {c}"] = readout_value(ev.get(c), "dice_tmax_gt_6")
         for c in ("noise", "motion"):
             vals[f"oSVD Dice {c}"] = readout_value(calc.get(c), "dice_tmax_gt_6")
-        out.append(_target(f"cross-family, trained on {a}, tested on {b}, noise and motion: Dice(TMAX > 6 s) ≥ 0.5 "
-                           "where oSVD < 0.1", vals, "≥ 0.5 (oSVD < 0.1)", lambda v: min(v.values()) >= 0.5,
-                           note or "met = the model's Dice ≥ 0.5 under both; oSVD's Dice on the same studies shown"))
+        out.append(failure_case_target(f"cross-family, trained on {a}, tested on {b}, noise and motion: "
+                                       "Dice(TMAX > 6 s) ≥ 0.5 where oSVD < 0.1", vals, note))
     infer = [r for r in (results.get("speed") or {}).get("infer", []) if r.get("spec", {}).get("device") == "cpu"]
     spec = infer[0]["spec"] if infer else {}
     full = (spec.get("study_slices"), spec.get("size"), spec.get("frames")) == (16, 256, 50)

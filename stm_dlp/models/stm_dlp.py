@@ -16,11 +16,16 @@ from stm_dlp.models.irfe import (
 )
 from stm_dlp.models.mpp import MultiParameterPredictor
 from stm_dlp.models.spatial import crop_to, pad_to_multiple
+from stm_dlp.types import PARAMS
 
 #: Physical units per unit of the deconvolution prior's channels (CBV ml/100g, CBF ml/100g/min, TMAX s),
 #: and the largest normalised value kept (a failed pixel's residue can peak anywhere in its window).
 PRIOR_SCALE: tuple[float, ...] = (5.0, 60.0, 10.0)
 PRIOR_CLIP = 5.0
+#: TMAX's place in the outputs and in the prior (PARAMS order), and the sharpness of its output softplus
+#: with ``tmax_from_prior`` (in normalised units: ~identity above 0.1).
+TMAX_CHANNEL = PARAMS.index("tmax")
+TMAX_BETA = 20.0
 
 
 def check_inputs(frames: Tensor, times_s: Tensor, lengths: Tensor) -> None:
@@ -88,6 +93,14 @@ class STMDLP(nn.Module):
             over :data:`PRIOR_SCALE`: the division by the arterial input is physics, the same on any
             generator, so the network refines it instead of learning it from one cohort's AIFs. Beyond the
             paper (``False``).
+        tmax_from_prior: with ``deconv_prior``, predict TMAX as a correction of the prior's TMAX
+            (``softplus_sharp(prior_tmax / tmax_unit_s + head)`` in the normalised target space; a head output of
+            0 returns the prior's TMAX exactly) instead of from scratch: the prior's timing comes from the
+            division by the arterial input, which holds on any generator, so a network trained on one cohort
+            starts from it on another and only its corrections are cohort-specific. ``tmax_unit_s`` is the
+            TMAX target scale (:meth:`set_target_scale`, called by the LightningModule; stored with the
+            weights). TMAX only: the prior's CBV and CBF amplitudes carry the reference curve's partial volume,
+            which differs between cohorts (docs/tmax.md §8).
     """
 
     def __init__(
@@ -113,6 +126,7 @@ class STMDLP(nn.Module):
         arterial_scale_hu: float = 300.0,
         arterial_normalise: bool = False,
         deconv_prior: bool = False,
+        tmax_from_prior: bool = False,
     ) -> None:
         super().__init__()
         check_irfe_args(encoder, order, time_input)
@@ -130,6 +144,11 @@ class STMDLP(nn.Module):
         self.deconv_prior = bool(deconv_prior)
         if self.deconv_prior and n_tasks != len(PRIOR_SCALE):
             raise ValueError(f"deconv_prior needs the {len(PRIOR_SCALE)} tasks CBV, CBF, TMAX, got n_tasks={n_tasks}")
+        if tmax_from_prior and not (self.deconv_prior and positive_output):
+            raise ValueError("tmax_from_prior needs deconv_prior=true and positive_output=true")
+        self.tmax_from_prior = bool(tmax_from_prior)
+        if self.tmax_from_prior:  # seconds per unit of normalised TMAX: a buffer, so checkpoints carry it
+            self.register_buffer("tmax_unit_s", torch.tensor(PRIOR_SCALE[TMAX_CHANNEL]))
         self.register_buffer("prior_scale", torch.tensor(PRIOR_SCALE).view(1, -1, 1, 1), persistent=False)
         self.irfe = IRFE(
             encoder=encoder,
@@ -147,6 +166,12 @@ class STMDLP(nn.Module):
             self.irfe.out_channels + (len(PRIOR_SCALE) if self.deconv_prior else 0), mpp_hidden, exchange_layers,
             n_tasks, mpp_kernel_size
         )
+
+    def set_target_scale(self, target_scale: Tensor) -> None:
+        """Tell the network the normalised targets' scale ``(3,)`` (CBV, CBF, TMAX per unit), which
+        ``tmax_from_prior`` needs to add the prior's TMAX in the target space; a no-op otherwise."""
+        if self.tmax_from_prior:
+            self.tmax_unit_s.fill_(float(torch.as_tensor(target_scale)[TMAX_CHANNEL]))
 
     def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor, arterial_hu: Tensor | None = None,
                 prior_maps: Tensor | None = None) -> Tensor:
@@ -185,4 +210,10 @@ class STMDLP(nn.Module):
             prior = (prior_maps.to(features.dtype) / self.prior_scale).clamp(0.0, PRIOR_CLIP)
             features = torch.cat([features, pad_to_multiple(prior, self.irfe.multiple)[0]], dim=1)
         y = crop_to(self.mpp(features), hw)
+        if self.tmax_from_prior:
+            # a sharp softplus: ~identity above 0.1 (1 s at a 10 s target scale), so a head output of 0 keeps
+            # the prior's TMAX; CBV and CBF keep the ordinary softplus
+            prior_tmax = prior_maps[:, TMAX_CHANNEL].to(y.dtype).clamp(0.0, PRIOR_CLIP * PRIOR_SCALE[TMAX_CHANNEL])
+            tmax = F.softplus(prior_tmax / self.tmax_unit_s + y[:, TMAX_CHANNEL], beta=TMAX_BETA)
+            return torch.cat([F.softplus(y[:, :TMAX_CHANNEL]), tmax[:, None]], dim=1)
         return F.softplus(y) if self.positive_output else y
