@@ -54,6 +54,8 @@ def table(res: dict[str, Any]) -> str:
         for cond in CROSS_CONDITIONS:
             rows = [(train, "STM-DLP LSTM", res["model"][f"{train}->{test}"][cond]) for train in fams]
             rows.append(("—", "oSVD", res["calc"][test][cond]))
+            if cond in res.get("prior", {}).get(test, {}):  # the network's input alone
+                rows.append(("—", "prior alone", res["prior"][test][cond]))
             for train, method, m in rows:
                 lines.append(f"| {train} | {test} | {cond} | {method} | {fmt(readout_value(m, 'dice_tmax_gt_6'))} | "
                              + " | ".join(fmt(_r2(m, p)) for p in ("cbv", "cbf", "tmax", "mtt"))

@@ -135,3 +135,17 @@ def test_tmax_from_prior_starts_at_the_prior_and_learns_corrections(study) -> No
         torch.testing.assert_close(reloaded(**batch.model_inputs()), model(**batch.model_inputs()))
     with pytest.raises(ValueError, match="tmax_from_prior needs deconv_prior"):
         STMDLP(tmax_from_prior=True, **TINY)
+
+
+def test_prior_alone_as_a_map_provider(study) -> None:
+    """experiments.bench.accuracy.PriorMaps (the cross-family table's "prior alone" row): the prior of every
+    slice, MTT from CBV / CBF, 0 outside the mask, evaluated like any method."""
+    from experiments.bench.accuracy import PriorMaps
+    from stm_dlp.calc_eval import evaluate_studies
+
+    maps, _ = PriorMaps().maps(study)
+    assert set(maps) == {"cbv", "cbf", "tmax", "mtt"} and maps["tmax"].shape == (1, 40, 40)
+    assert (maps["tmax"][~np.asarray(study.mask, bool)] == 0).all()
+    np.testing.assert_allclose(maps["tmax"][0], attach_arterial(study.slice_sample(0), prior=True).prior_maps[2])
+    res = evaluate_studies(PriorMaps(), [study])
+    assert res["tmax"]["r2"] > 0.5

@@ -336,6 +336,10 @@ def test_cross_family_table_and_arterial_check_rows():
     assert len(lines) == 2 + 2 * 3 * 3  # header, rule, (2 models + oSVD) per tested family and condition
     assert "| ribbon | classic | regular | STM-DLP LSTM | 0.7 |" in text
     assert "| — | ribbon | motion | oSVD | 0.5 |" in text
+    res["prior"] = {b: {c: metrics(0.2) for c in ("regular", "noise", "motion")} for b in fams}
+    with_prior = table(res)
+    assert len(with_prior.splitlines()) == len(lines) + 2 * 3
+    assert "| — | classic | noise | prior alone | 0.6 |" in with_prior
 
     study = simulate_patient(PhantomConfig(height=32, width=32, n_slices=1, frames_min=20, frames_max=20), seed=3)
     errs = slice_errors(study, study)

@@ -198,6 +198,24 @@ class ModelMaps:
         return out, {"failed_slices": failed}
 
 
+class PriorMaps:
+    """The default model's deconvolution prior alone (:func:`stm_dlp.data.context.deconvolution_prior`: oSVD
+    of each slice with its arterial reference as the AIF) as a ``.maps(study)`` provider: what the network
+    is given, so the cross-family table shows what it adds."""
+
+    def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        from stm_dlp.data.context import attach_arterial
+        from stm_dlp.types import PARAMS, mtt_from_cbv_cbf
+
+        prior = np.stack([attach_arterial(study.slice_sample(s), prior=True).prior_maps
+                          for s in range(study.n_slices)], axis=1)  # (P, S, H, W)
+        out = dict(zip(PARAMS, prior))
+        out["mtt"] = mtt_from_cbv_cbf(out["cbv"], out["cbf"])
+        if study.mask is not None:
+            out = {p: v * np.asarray(study.mask) for p, v in out.items()}
+        return out, {}
+
+
 def best_checkpoint(run_dir: Path, metrics: dict[str, Any]) -> Path:
     best = metrics.get("best_checkpoint")
     if best and Path(best).is_file():
@@ -392,9 +410,10 @@ def run_cross_family(profile: Profile, out: Path, runs: dict[str, dict[str, Any]
         "families": families, "conditions": {c: CORRUPTIONS[c][0] if c in CORRUPTIONS else c for c in CROSS_CONDITIONS},
         "runs": {f: {"run": n, **{k: runs[n].get(k) for k in ("epochs", "fit_seconds", "wall_seconds", "command",
                                                                "n_test_patients")}} for f, n in names.items()},
-        "model": {}, "calc": {}}
+        "model": {}, "calc": {}, "prior": {}}
     for test in families:
         res["calc"][test] = {c: metrics_only(evaluate_studies(calc, st)) for c, st in studies[test].items()}
+        res["prior"][test] = {c: metrics_only(evaluate_studies(PriorMaps(), st)) for c, st in studies[test].items()}
         for train in families:
             res["model"][f"{train}->{test}"] = {c: metrics_only(evaluate_studies(models[train], st))
                                                for c, st in studies[test].items()}
