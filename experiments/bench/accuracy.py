@@ -505,9 +505,8 @@ def failure_case_target(text: str, vals: dict[str, float | None], note: str = ""
     on these studies (``met`` ``None``) — the model's Dice stays in the values either way."""
     conds = [k.removeprefix("Dice ") for k in vals if k.startswith("Dice ")]
     failed = [c for c in conds if vals.get(f"oSVD Dice {c}") is not None and vals[f"oSVD Dice {c}"] < 0.1]
-    row = _target(text, vals, "≥ 0.5 (oSVD < 0.1)", lambda v: min(v[f"Dice {c}"] for c in failed) >= 0.5 if failed
-                  else True, note)
-    if row["met"] is not None and not failed:
+    row = _target(text, vals, "≥ 0.5 (oSVD < 0.1)", lambda v: all(v[f"Dice {c}"] >= 0.5 for c in failed), note)
+    if not failed:
         row["met"] = None
     if not note:
         row["note"] = (f"judged where oSVD's Dice < 0.1: {', '.join(failed)}" if failed else
