@@ -66,6 +66,36 @@ def attach_arterial(sample: SliceSample, prior: bool = False) -> SliceSample:
     return sample
 
 
+def delay_tissue(sample: SliceSample, delay_s: float) -> SliceSample:
+    """``sample`` as if every pixel's bolus came ``delay_s`` seconds later (earlier when negative) relative to
+    its arterial input: the arterial reference is read ``delay_s`` earlier on the same frame times
+    (``ref'(t) = ref(t + delay_s)``, linear interpolation, the last value held past the scan's end), and TMAX
+    — of the labels and of the deconvolution prior, where either is above 0 — moves by ``delay_s`` (floored at
+    0). CBV, CBF and MTT stay as they are.
+
+    Exact physics, whatever the generator: a tissue curve is ``AIF ⊛ k``, and ``AIF(t + δ) ⊛ k(t − δ)`` is the
+    same curve, whose ``k`` peaks δ later. A training augmentation (:class:`SliceDataset`'s
+    ``tissue_delay_s``): a phantom's normal tissue has nearly one TMAX level (its generator's residue shape
+    sets it), which a network can memorise instead of reading the timing; shifting breaks that shortcut
+    (docs/tmax.md §9). The slice's own arteries in the frames are not moved, which is why it is for
+    training only."""
+    if sample.arterial_hu is None:
+        raise ValueError(f"patient {sample.patient_id}, slice {sample.slice_index}: delay_tissue needs the "
+                         "arterial reference (attach_arterial)")
+    times = np.asarray(sample.times_s, np.float64)
+    ref = np.interp(times + delay_s, times, np.asarray(sample.arterial_hu, np.float64)).astype(np.float32)
+    k = PARAMS.index("tmax")
+
+    def shifted(stack: np.ndarray) -> np.ndarray:
+        out = np.array(stack, np.float32, copy=True)
+        out[k] = np.where(out[k] > 0, np.maximum(out[k] + delay_s, 0.0), out[k])
+        return out
+
+    labels = shifted(sample.maps) if "tmax" in sample.labelled else sample.maps
+    prior = None if sample.prior_maps is None else shifted(sample.prior_maps)
+    return dataclasses.replace(sample, arterial_hu=ref, maps=labels, prior_maps=prior)
+
+
 def batch_csf(batch: CTPBatch) -> torch.Tensor:
     """CSF ``(B, H, W)`` bool of each slice of ``batch``, inside ``batch.mask``
     (:func:`stm_dlp.perfusion.mask.slice_csf`: pre-bolus HU < 15, the calculation approach's own test)."""

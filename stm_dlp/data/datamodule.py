@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from stm_dlp.data.cache import StudyCache
-from stm_dlp.data.context import attach_arterial, deconvolution_prior
+from stm_dlp.data.context import attach_arterial, deconvolution_prior, delay_tissue
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
 from stm_dlp.data.motion import motion_corrected
 from stm_dlp.data.phantom import GENERATOR_VERSION, PhantomConfig, cohort_member, simulate_patient
@@ -62,12 +62,21 @@ class SliceDataset(Dataset):
     of the slice as acquired, computed once: the frames vary per sample, the prior does not, which cut
     ``make run`` from 13 min 50 s to the time without a prior plus one pass over the slices. Transforms
     that move frames or change their timing always get the prior recomputed on the augmented slice.
+
+    With ``tissue_delay_s`` ``(lo, hi)`` seconds, every sample's tissue is delayed against its arterial
+    reference by a uniform draw from it (:func:`~stm_dlp.data.context.delay_tissue`, TMAX labels and prior
+    move with it); a negative draw is limited to the slice's 5th-percentile TMAX, so that hardly any pixel
+    would arrive before its artery.
     """
 
     def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None,
                  samples_per_slice: int = 1, lesion_crop_fraction: float = 0.0, deconv_prior: bool = False,
-                 prior_cache: bool = True):
+                 prior_cache: bool = True, tissue_delay_s: Sequence[float] | None = None):
         self.deconv_prior = bool(deconv_prior)
+        self.tissue_delay_s = None if tissue_delay_s is None else tuple(float(v) for v in tissue_delay_s)
+        if self.tissue_delay_s is not None and not (len(self.tissue_delay_s) == 2
+                                                    and self.tissue_delay_s[0] <= self.tissue_delay_s[1]):
+            raise ValueError(f"data.tissue_delay_s must be [lo, hi] seconds with lo <= hi, got {tissue_delay_s}")
         # the acquired slice's deconvolution prior, kept while the transform only adds noise (see prior_cache)
         self.prior_cache = bool(prior_cache) and (transform is None or bool(getattr(transform, "noise_only", False)))
         self._priors: dict[tuple[int, int], np.ndarray] = {}
@@ -92,7 +101,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, item: int) -> SliceSample:
         study_idx, slice_idx = self.index[item]
         sample = self.studies[study_idx].slice_sample(slice_idx)
-        if self.transform is None and not self.crop_size:
+        if self.transform is None and not self.crop_size and self.tissue_delay_s is None:
             return self._with_context(sample, (study_idx, slice_idx))
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         frames, times = sample.frames, sample.times_s
@@ -106,6 +115,8 @@ class SliceDataset(Dataset):
                                  self.deconv_prior and not self.prior_cache)
         if self.deconv_prior and self.prior_cache:
             sample = replace(sample, prior_maps=self._acquired_prior(acquired, (study_idx, slice_idx)))
+        if self.tissue_delay_s is not None:
+            sample = delay_tissue(sample, self._draw_delay(sample, rng))
         maps, mask, prior = sample.maps, sample.mask, sample.prior_maps
         if self.crop_size:
             h, w = frames.shape[-2:]
@@ -131,6 +142,16 @@ class SliceDataset(Dataset):
             return attach_arterial(sample, self.deconv_prior)
         sample = attach_arterial(sample)
         return replace(sample, prior_maps=self._acquired_prior(sample, key))
+
+    def _draw_delay(self, sample: SliceSample, rng: np.random.Generator) -> float:
+        """A tissue delay (s) from ``tissue_delay_s``, its negative side limited to the slice's 5th-percentile
+        TMAX (labels inside the mask; no negative side when TMAX is unlabelled)."""
+        lo, hi = self.tissue_delay_s
+        tmax = sample.maps[PARAMS.index("tmax")][np.asarray(sample.mask, bool)]
+        tmax = tmax[tmax > 0] if "tmax" in sample.labelled else np.zeros(0)
+        floor = -float(np.percentile(tmax, 5)) if tmax.size else 0.0
+        lo = min(max(lo, floor), hi)
+        return float(rng.uniform(lo, hi))
 
     def _crop_origin(self, sample: SliceSample, c: int, rng: np.random.Generator) -> tuple[int, int]:
         """A random crop's top-left corner; with probability ``lesion_crop_fraction`` the crop is centred on a
@@ -208,6 +229,9 @@ class CTPDataModule(L.LightningDataModule):
         deconv_prior: give every sample its deconvolution prior (:func:`stm_dlp.data.context.deconvolution_prior`,
             computed on the whole augmented slice), for models built with ``deconv_prior``; the configs set it
             from ``model.deconv_prior``.
+        tissue_delay_s: ``[lo, hi]`` seconds: delay each training sample's tissue against its arterial
+            reference by a uniform draw (:func:`stm_dlp.data.context.delay_tissue`; TMAX labels move with it);
+            ``None``: off.
     """
 
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
@@ -221,7 +245,8 @@ class CTPDataModule(L.LightningDataModule):
                  frame_interval_s: float | None = None, pseudonym_key: str | None = None,
                  split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0,
                  target_spacing_mm: float | None = None, motion_correction: bool = True,
-                 deconv_prior: bool = False, prior_cache: bool = True):
+                 deconv_prior: bool = False, prior_cache: bool = True,
+                 tissue_delay_s: Sequence[float] | None = None):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -246,6 +271,7 @@ class CTPDataModule(L.LightningDataModule):
         self.eval_corruption, self.eval_corruption_seed = eval_corruption, eval_corruption_seed
         self.motion_correction = bool(motion_correction)
         self.deconv_prior, self.prior_cache = bool(deconv_prior), bool(prior_cache)
+        self.tissue_delay_s = None if tissue_delay_s is None else list(tissue_delay_s)
         self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
         self.label_source, self.calc_kwargs = label_source, dict(calc or {})
         self.cache = StudyCache(cache_dir)
@@ -344,7 +370,7 @@ class CTPDataModule(L.LightningDataModule):
         self.train_set = SliceDataset([self.studies[p] for p in self.splits["train"]],
                                       Compose(train_tf) if train_tf else None, self.crop_size,
                                       self.samples_per_slice, self.lesion_crop_fraction, self.deconv_prior,
-                                      self.prior_cache)
+                                      self.prior_cache, self.tissue_delay_s)
         self.val_set = SliceDataset(self._eval_studies("val"), deconv_prior=self.deconv_prior)
         self.test_set = SliceDataset(self._eval_studies("test"), deconv_prior=self.deconv_prior)
 
