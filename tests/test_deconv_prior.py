@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from stm_dlp.data.context import attach_arterial, deconvolution_prior
+from stm_dlp.data.context import attach_arterial, deconvolution_prior, delay_tissue
 from stm_dlp.data.datamodule import SliceDataset
 from stm_dlp.data.phantom import PhantomConfig, simulate_patient
 from stm_dlp.models import STMDLP
@@ -149,3 +149,43 @@ def test_prior_alone_as_a_map_provider(study) -> None:
     np.testing.assert_allclose(maps["tmax"][0], attach_arterial(study.slice_sample(0), prior=True).prior_maps[2])
     res = evaluate_studies(PriorMaps(), [study])
     assert res["tmax"]["r2"] > 0.5
+
+
+@pytest.mark.parametrize("delay_s", [-0.8, 1.0, 2.0])
+def test_delayed_tissue_reads_as_if_deconvolved_with_the_shifted_reference(study, delay_s) -> None:
+    """delay_tissue is physics: deconvolving the same frames with the shifted reference gives the original
+    prior's TMAX moved by the delay and its CBV, which is what the augmentation writes without the cost."""
+    sample = attach_arterial(study.slice_sample(0), prior=True)
+    delayed = delay_tissue(sample, delay_s)
+    k = PARAMS.index("tmax")
+    brain = sample.mask & (sample.maps[PARAMS.index("cbf")] > 5)
+    np.testing.assert_allclose(delayed.maps[k][brain], np.maximum(sample.maps[k][brain] + delay_s, 0), atol=1e-5)
+    for p in ("cbv", "cbf"):  # the flow labels do not move
+        np.testing.assert_array_equal(delayed.maps[PARAMS.index(p)], sample.maps[PARAMS.index(p)])
+    assert not delayed.maps[k][~sample.mask].any()  # outside the brain stays 0
+    recomputed = deconvolution_prior(dataclasses.replace(delayed, prior_maps=None))
+    perfused = brain & (sample.prior_maps[PARAMS.index("cbf")] > 5)
+    assert np.abs(recomputed[k][perfused] - delayed.prior_maps[k][perfused]).mean() < 0.25
+    assert np.abs(recomputed[k][perfused] - sample.prior_maps[k][perfused]).mean() > 0.5 * abs(delay_s)
+    cbv = PARAMS.index("cbv")
+    assert np.median(recomputed[cbv][perfused]) == pytest.approx(np.median(sample.prior_maps[cbv][perfused]), rel=0.05)
+
+
+def test_tissue_delay_augmentation_moves_each_sample_by_one_delay(study) -> None:
+    acquired = SliceDataset([study], deconv_prior=True)[0]
+    augmented = SliceDataset([study], deconv_prior=True, tissue_delay_s=(-1.0, 2.0))
+    k = PARAMS.index("tmax")
+    moved = acquired.mask & (acquired.maps[k] > 0)
+    delays = []
+    for _ in range(8):
+        sample = augmented[0]
+        shift = sample.maps[k][moved] - acquired.maps[k][moved]
+        assert np.ptp(shift[acquired.maps[k][moved] > 1.0]) < 1e-4  # one delay per sample
+        delays.append(float(np.median(shift)))
+        np.testing.assert_array_equal(sample.frames, acquired.frames)  # the frames are the acquired ones
+    assert -1.0 - 1e-6 <= min(delays) and max(delays) <= 2.0 + 1e-6 and np.ptp(delays) > 0.3
+    # a negative delay never takes more than the slice's 5th-percentile TMAX: hardly any pixel is floored at 0
+    floor = np.percentile(acquired.maps[k][moved], 5)
+    assert min(delays) >= -floor - 1e-6
+    with pytest.raises(ValueError, match="tissue_delay_s"):
+        SliceDataset([study], tissue_delay_s=(2.0, 1.0))
