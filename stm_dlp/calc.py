@@ -200,6 +200,7 @@ def calc_study(study: Study, output: str | Path, *, method: str = "osvd", device
         "arrival": info["arrival"],
         "exclusions": info["exclusions"],
         "motion": info["motion"],
+        "scan_window": info["scan_window"],
         "pixel_mm": info["pixel_mm"],
         "median_threshold": info["threshold_used"]["median"],
         "timing_s": {**info["timing_s"], "calc_total": round(time.perf_counter() - t0, 4)},

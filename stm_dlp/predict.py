@@ -33,7 +33,7 @@ import torch
 from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED, parse_bool
-from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf
+from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf, study_scan_window
 from stm_dlp.data.resample import pixel_spacing_mm, resample_study, restore_maps
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
@@ -213,6 +213,7 @@ def _predict_to(model: torch.nn.Module, scale: torch.Tensor, info: dict, dev: to
         "timing_s": {"read": round(t_read, 3), "motion": round(t_motion, 3), "predict": round(t_pred, 3)},
         "motion_correction": study.meta.get("motion_correction", {"enabled": False}),
         "failed_slices": failed,
+        "scan_window": study_scan_window(study),
         # the scan's own pixels (rows, columns) and the pixel size the model ran at (maps are on the scan's grid)
         "pixel_spacing_mm": {"scan": [round(v, 4) for v in pixel_spacing_mm(study.affine)],
                              "model": info.get("target_spacing_mm")},

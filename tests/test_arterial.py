@@ -125,3 +125,33 @@ def test_arterial_gain_puts_injections_on_one_scale() -> None:
     x2, _ = normalise_frames(30.0 + 2 * (tissue - 30.0), times, lengths)
     torch.testing.assert_close(x1 * arterial_gain(aif, times, lengths)[:, None, None, None],
                                x2 * arterial_gain(2 * aif, times, lengths)[:, None, None, None])
+
+
+def test_a_scan_cut_soon_after_the_arterial_peak_is_reported(caplog) -> None:
+    """The calc and prediction both say when a scan ended too soon after the arterial peak to see delayed
+    tissue (the TMAX > 6 s volume is then underestimated); a full scan is not flagged."""
+    import dataclasses
+    import logging
+
+    from stm_dlp.data.context import study_scan_window
+    from stm_dlp.data.phantom import PhantomConfig, simulate_patient
+    from stm_dlp.perfusion.arterial import MIN_SCAN_AFTER_ARTERIAL_PEAK_S, scan_window
+    from stm_dlp.perfusion.maps import calculate_maps
+
+    assert scan_window(20.0, 50.0)["warning"] is None
+    assert scan_window(20.0, 20.0 + MIN_SCAN_AFTER_ARTERIAL_PEAK_S - 1)["short"]
+    study = simulate_patient(PhantomConfig(height=40, width=40, n_slices=1, noise_hu=2.0), seed=5)
+    true_peak = float(study.times_s[0][np.argmax(study.meta["aif_hu"][0])])
+    full = study_scan_window(study)
+    assert not full["short"] and full["warning"] is None
+    assert abs(full["arterial_peak_s"] - true_peak) < 2.0
+    keep = study.times_s[0] <= true_peak + 5.0
+    cut = dataclasses.replace(study, frames=study.frames[:, keep], times_s=study.times_s[:, keep])
+    with caplog.at_level(logging.WARNING):
+        window = study_scan_window(cut)
+        _, info = calculate_maps(cut.frames, cut.times_s, cut.mask, affine=cut.affine, motion=False)
+    assert window["short"] and window["after_peak_s"] < 6.5
+    assert info["scan_window"]["short"] and "after the arterial peak" in info["scan_window"]["warning"]
+    assert caplog.text.count("after the arterial peak") >= 2
+    _, info_full = calculate_maps(study.frames, study.times_s, study.mask, affine=study.affine, motion=False)
+    assert not info_full["scan_window"]["short"]

@@ -90,6 +90,8 @@ def test_predict_writes_maps_with_the_scan_geometry(trained: Path, tmp_path: Pat
     assert summary["method"] == "stm_dlp" and summary["failed_slices"] == []
     assert summary["motion_correction"]["enabled"] and summary["motion_correction"]["moved_frames"] == 0
     assert "PHANTOM" not in json.dumps(summary)
+    window = summary["scan_window"]  # the scan-length check (tests/test_arterial.py) reaches summary.json
+    assert window["after_peak_s"] == pytest.approx(window["scan_end_s"] - window["arterial_peak_s"], abs=0.01)
 
 
 def test_predicted_maps_are_zero_on_csf_as_the_calc_does() -> None:

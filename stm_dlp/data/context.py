@@ -16,7 +16,7 @@ import logging
 import numpy as np
 import torch
 
-from stm_dlp.perfusion.arterial import arterial_reference
+from stm_dlp.perfusion.arterial import arterial_reference, scan_window
 from stm_dlp.perfusion.maps import calculate_maps
 from stm_dlp.perfusion.mask import slice_csf
 from stm_dlp.types import PARAMS, CTPBatch, SliceSample, Study
@@ -94,6 +94,21 @@ def delay_tissue(sample: SliceSample, delay_s: float) -> SliceSample:
     labels = shifted(sample.maps) if "tmax" in sample.labelled else sample.maps
     prior = None if sample.prior_maps is None else shifted(sample.prior_maps)
     return dataclasses.replace(sample, arterial_hu=ref, maps=labels, prior_maps=prior)
+
+
+def study_scan_window(study: Study) -> dict:
+    """:func:`~stm_dlp.perfusion.arterial.scan_window` of ``study`` from the arterial reference
+    (:func:`arterial_reference`) of its most enhancing slice — the model's own context, so prediction
+    reports what its input allowed — with ``"slice"`` added; logs the warning when the scan was short."""
+    times = np.asarray(study.times_s, np.float32)
+    frames = np.asarray(study.frames, np.float32)
+    refs = [arterial_reference(torch.nan_to_num(torch.from_numpy(np.ascontiguousarray(frames[s]))),
+                               torch.from_numpy(np.ascontiguousarray(times[s]))) for s in range(study.n_slices)]
+    best = int(np.argmax([r.peak_hu for r in refs]))
+    window = {**scan_window(refs[best].time_to_peak_s, float(times[best, -1] - times[best, 0])), "slice": best}
+    if window["warning"]:
+        log.warning("%s: %s", study.patient_id, window["warning"])
+    return window
 
 
 def batch_csf(batch: CTPBatch) -> torch.Tensor:

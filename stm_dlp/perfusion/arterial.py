@@ -41,6 +41,7 @@ motion) degrades the context instead of failing the study.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -72,6 +73,28 @@ ERODE_PX = 1
 #: Frames whose median is the first estimate of the pre-bolus baseline (before the bolus arrival is
 #: known): a median of three, so that one frame's impulse cannot set a pixel's baseline.
 BASELINE_FRAMES = 3
+
+
+#: Seconds a scan must go on after the arterial peak for tissue at the TMAX > 6 s threshold to show its
+#: first pass: such a residue peaks 6 s after the artery's, and the tissue curve's rise must follow inside the
+#: scan. Shorter scans read late tissue early (docs/calc/issue14_targets.md §5: measured on truncated studies).
+MIN_SCAN_AFTER_ARTERIAL_PEAK_S = 12.0
+
+
+def scan_window(arterial_peak_s: float, scan_end_s: float,
+                min_after_peak_s: float = MIN_SCAN_AFTER_ARTERIAL_PEAK_S) -> dict[str, Any]:
+    """Whether a scan lasted long enough after its arterial peak (both in seconds on the same clock) to
+    measure delayed tissue: ``{"arterial_peak_s", "scan_end_s", "after_peak_s", "short", "warning"}``;
+    ``warning`` is a sentence for the log and ``summary.json`` when ``after_peak_s < min_after_peak_s``
+    (tissue delayed beyond about ``after_peak_s`` − 6 s reads too early: TMAX > 6 s volumes are low), else
+    ``None``."""
+    after = float(scan_end_s) - float(arterial_peak_s)
+    short = after < min_after_peak_s
+    warning = (f"the scan ends {after:.1f} s after the arterial peak (at least {min_after_peak_s:g} s are needed "
+               "to see tissue delayed past the TMAX > 6 s threshold): TMAX of delayed tissue reads too early "
+               "and the TMAX > 6 s volume is underestimated") if short else None
+    return {"arterial_peak_s": round(float(arterial_peak_s), 3), "scan_end_s": round(float(scan_end_s), 3),
+            "after_peak_s": round(after, 3), "short": bool(short), "warning": warning}
 
 
 @dataclass

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 
 from stm_dlp.perfusion.aif import AIFSelection, aif_from_curve, aif_from_pixels, select_aif
+from stm_dlp.perfusion.arterial import scan_window
 from stm_dlp.perfusion.concentration import (
     NOISE_SAMPLE,  # noqa: F401  (re-exported)
     BolusArrival,
@@ -959,6 +960,9 @@ def calculate_maps(
     t_dec = time.perf_counter()
 
     maps = finish_maps(raw, brain, exc.csf, p)
+    window = scan_window(float(grid[int(torch.argmax(aif_sel.curve))]), float(inp.times[:, -1].min()))
+    if window["warning"]:
+        log.warning("calculation approach: %s", window["warning"])
     brain_np = maps["mask"]
     zero_all = brain_np & (maps["cbf"] == 0) & (maps["cbv"] == 0)
     exc.report["zero_pixels"] = int(zero_all.sum())
@@ -982,6 +986,7 @@ def calculate_maps(
         "n_csf_pixels": exc.report["csf"]["pixels"],
         "n_brain_pixels": int(brain.sum()),
         "motion": motion_info,
+        "scan_window": window,
         "threshold_used": {"mean": float(thr_used.mean()) if thr_used.numel() else 0.0,
                            "median": float(thr_used.median()) if thr_used.numel() else 0.0},
         "device": str(inp.device),
