@@ -55,3 +55,16 @@ def test_motion_target_judges_the_corrected_row():
         "mae_cbf"]
     assert row(worse, "motion").endswith("✓ |")
     assert row(worse, "motion, corrected").endswith("✗ 1 |")
+
+
+def test_truncation_table_compares_each_study_with_its_noise_free_bound():
+    from experiments.calc_truncation import COLUMNS, run, table
+    from stm_dlp.perfusion.arterial import MIN_SCAN_AFTER_ARTERIAL_PEAK_S
+
+    rows = run(["classic"], "micro")
+    assert len(rows) == 1 and set(rows[0]["dice"]) == set(COLUMNS)
+    assert all(0.0 <= v <= 1.0 for v in rows[0]["dice"].values())
+    r = rows[0]
+    assert r["short"] == (r["after_peak_s"] < MIN_SCAN_AFTER_ARTERIAL_PEAK_S) and r["scan_s"] > 0
+    text = table(rows)
+    assert text.count("\n") == 2 and "| classic | 0 |" in text
