@@ -7,7 +7,7 @@ arterial peak (:func:`stm_dlp.perfusion.arterial.scan_window`, ``info["scan_wind
 
 Prints one Markdown table: family, patient, scan length (s), seconds after the arterial peak, whether the
 calc flagged the scan as short, and Dice(TMAX > 6 s) on clean / clean truncated / regular / truncated.
-``docs/calc/issue14_targets.md`` §5 quotes it.
+``docs/calc/issue14_targets.md`` §6 quotes it.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ BASELINE_FRAMES = 3
 
 #: Seconds a scan must go on after the arterial peak for tissue at the TMAX > 6 s threshold to show its
 #: first pass: such a residue peaks 6 s after the artery's, and the tissue curve's rise must follow inside the
-#: scan. Shorter scans read late tissue early (docs/calc/issue14_targets.md §5: measured on truncated studies).
+#: scan. Shorter scans read late tissue early (docs/calc/issue14_targets.md §6: measured on truncated studies).
 MIN_SCAN_AFTER_ARTERIAL_PEAK_S = 12.0
 
 
