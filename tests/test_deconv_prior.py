@@ -189,3 +189,31 @@ def test_tissue_delay_augmentation_moves_each_sample_by_one_delay(study) -> None
     assert min(delays) >= -floor - 1e-6
     with pytest.raises(ValueError, match="tissue_delay_s"):
         SliceDataset([study], tissue_delay_s=(2.0, 1.0))
+
+
+def test_tmax_correction_bound_keeps_inference_near_the_prior(study) -> None:
+    """``tmax_correction_s``: at inference TMAX is within the bound of the prior's wherever the prior has a
+    value; training sees the unbounded output; CBV / CBF are untouched."""
+    from stm_dlp.lit import PerfusionLitModule
+    from stm_dlp.models.stm_dlp import bounded_tmax
+
+    pred, prior = torch.tensor([0.5, 4.0, 9.0, 3.0]), torch.tensor([1.0, 1.0, 8.5, 0.0])
+    torch.testing.assert_close(bounded_tmax(pred, prior, 1.0), torch.tensor([0.5, 2.0, 9.0, 3.0]))
+    torch.manual_seed(0)
+    model = STMDLP(deconv_prior=True, tmax_correction_s=0.5, **TINY)
+    PerfusionLitModule(model, target_scale=[4.0, 60.0, 2.5])
+    batch = collate_slices([attach_arterial(study.slice_sample(0), prior=True)])
+    i = PARAMS.index("tmax")
+    prior_s = batch.prior_maps[:, i]
+    with torch.no_grad():
+        model.mpp.out.bias[i] = 3.0  # an untrained head far from the prior
+        free = model.train()(**batch.model_inputs())
+        bounded = model.eval()(**batch.model_inputs())
+    has_prior = prior_s > 0
+    assert has_prior.sum() > 20
+    assert (free[:, i] * 2.5 - prior_s)[has_prior].abs().max() > 1.0  # the unbounded output strays ...
+    assert (bounded[:, i] * 2.5 - prior_s)[has_prior].abs().max() <= 0.5 + 1e-4  # ... inference does not
+    torch.testing.assert_close(bounded[:, i][~has_prior], free[:, i][~has_prior])
+    torch.testing.assert_close(bounded[:, :i], free[:, :i])
+    with pytest.raises(ValueError, match="tmax_correction_s needs deconv_prior"):
+        STMDLP(tmax_correction_s=1.0, **TINY)

@@ -101,6 +101,11 @@ class STMDLP(nn.Module):
             TMAX target scale (:meth:`set_target_scale`, called by the LightningModule; stored with the
             weights). TMAX only: the prior's CBV and CBF amplitudes carry the reference curve's partial volume,
             which differs between cohorts (docs/tmax.md §8).
+        tmax_correction_s: with ``deconv_prior``, at inference (``eval()``) the predicted TMAX stays within this
+            many seconds of the prior's wherever the prior has a value (:func:`bounded_tmax`); training sees the
+            unbounded output. ``None``: no bound. The deconvolution's TMAX is generator-independent physics;
+            the bound limits how far a generator's own normal-tissue TMAX level, learnt with the weights, can
+            carry to another cohort (docs/tmax.md §10).
     """
 
     def __init__(
@@ -127,6 +132,7 @@ class STMDLP(nn.Module):
         arterial_normalise: bool = False,
         deconv_prior: bool = False,
         tmax_from_prior: bool = False,
+        tmax_correction_s: float | None = None,
     ) -> None:
         super().__init__()
         check_irfe_args(encoder, order, time_input)
@@ -147,7 +153,11 @@ class STMDLP(nn.Module):
         if tmax_from_prior and not (self.deconv_prior and positive_output):
             raise ValueError("tmax_from_prior needs deconv_prior=true and positive_output=true")
         self.tmax_from_prior = bool(tmax_from_prior)
-        if self.tmax_from_prior:  # seconds per unit of normalised TMAX: a buffer, so checkpoints carry it
+        if tmax_correction_s is not None and not (self.deconv_prior and float(tmax_correction_s) >= 0):
+            raise ValueError(f"tmax_correction_s needs deconv_prior=true and a bound >= 0 s, got {tmax_correction_s}")
+        self.tmax_correction_s = None if tmax_correction_s is None else float(tmax_correction_s)
+        if self.tmax_from_prior or self.tmax_correction_s is not None:
+            # seconds per unit of normalised TMAX: a buffer, so checkpoints carry it
             self.register_buffer("tmax_unit_s", torch.tensor(PRIOR_SCALE[TMAX_CHANNEL]))
         self.register_buffer("prior_scale", torch.tensor(PRIOR_SCALE).view(1, -1, 1, 1), persistent=False)
         self.irfe = IRFE(
@@ -170,7 +180,7 @@ class STMDLP(nn.Module):
     def set_target_scale(self, target_scale: Tensor) -> None:
         """Tell the network the normalised targets' scale ``(3,)`` (CBV, CBF, TMAX per unit), which
         ``tmax_from_prior`` needs to add the prior's TMAX in the target space; a no-op otherwise."""
-        if self.tmax_from_prior:
+        if hasattr(self, "tmax_unit_s"):
             self.tmax_unit_s.fill_(float(torch.as_tensor(target_scale)[TMAX_CHANNEL]))
 
     def forward(self, frames: Tensor, times_s: Tensor, lengths: Tensor, arterial_hu: Tensor | None = None,
@@ -210,6 +220,15 @@ class STMDLP(nn.Module):
             prior = (prior_maps.to(features.dtype) / self.prior_scale).clamp(0.0, PRIOR_CLIP)
             features = torch.cat([features, pad_to_multiple(prior, self.irfe.multiple)[0]], dim=1)
         y = crop_to(self.mpp(features), hw)
+        out = self._outputs(y, prior_maps)
+        if self.tmax_correction_s is not None and not self.training:
+            tmax_s = bounded_tmax(out[:, TMAX_CHANNEL] * self.tmax_unit_s, prior_maps[:, TMAX_CHANNEL].to(out.dtype),
+                                  self.tmax_correction_s)
+            out = torch.cat([out[:, :TMAX_CHANNEL], (tmax_s / self.tmax_unit_s)[:, None], out[:, TMAX_CHANNEL + 1:]], 1)
+        return out
+
+    def _outputs(self, y: Tensor, prior_maps: Tensor | None) -> Tensor:
+        """The MPP's output ``y`` ``(B, P, H, W)`` as maps in the normalised target space."""
         if self.tmax_from_prior:
             # a sharp softplus: ~identity above 0.1 (1 s at a 10 s target scale), so a head output of 0 keeps
             # the prior's TMAX; CBV and CBF keep the ordinary softplus
@@ -217,3 +236,10 @@ class STMDLP(nn.Module):
             tmax = F.softplus(prior_tmax / self.tmax_unit_s + y[:, TMAX_CHANNEL], beta=TMAX_BETA)
             return torch.cat([F.softplus(y[:, :TMAX_CHANNEL]), tmax[:, None]], dim=1)
         return F.softplus(y) if self.positive_output else y
+
+
+def bounded_tmax(tmax_s: Tensor, prior_tmax_s: Tensor, bound_s: float) -> Tensor:
+    """``tmax_s`` kept within ``bound_s`` seconds of ``prior_tmax_s`` (same shape, seconds) where the prior is
+    above 0; elsewhere (outside the brain, CSF, a slice without a prior) ``tmax_s`` as it is."""
+    bounded = prior_tmax_s + (tmax_s - prior_tmax_s).clamp(-bound_s, bound_s)
+    return torch.where(prior_tmax_s > 0, bounded, tmax_s)
