@@ -348,3 +348,17 @@ def test_cross_family_table_and_arterial_check_rows():
            "abs": abs(errs[0][0]), "p90": abs(errs[0][0]), "ratio": errs[0][1], "ratio_lo": errs[0][1],
            "ratio_hi": errs[0][1]}
     assert arterial_table([row]).count("\n") == 2 and np.isfinite(errs[0][1])
+
+
+def test_tmax_bound_scores_and_table():
+    import numpy as np
+
+    from experiments.tmax_bound import r2_dice, table
+
+    truth = np.array([1.0, 2.0, 8.0, 9.0])
+    assert r2_dice(truth, truth) == (1.0, 1.0)
+    r2, dice = r2_dice(truth, np.array([1.0, 2.0, 8.0, 3.0]))  # one lesion pixel missed
+    assert r2 < 0.5 and dice == pytest.approx(2 / 3)
+    row = {"unbounded": (0.5, 0.8), 1.0: (0.6, 0.7)}
+    text = table({"classic": {"prior": (0.7, 0.9), "classic": row, "ribbon": row}}, [1.0])
+    assert "| ribbon | classic | 0.50 / 0.80 | 0.60 / 0.70 | 0.70 / 0.90 |" in text
