@@ -43,6 +43,9 @@ def _cfg(**trainer) -> OmegaConf:
 
 
 # ----------------------------------------------------------------------------- DDP through the CLI
+# two gloo processes each importing torch and Lightning: the suite's slowest test (~30 s on 2 cores), so it
+# runs with `make test-slow`; the launch rules, rank-zero writing and resume below stay in `make test`
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_one_run_dir_same_metrics(tmp_path):
     """trainer=smoke with strategy=ddp, devices=2 (gloo): one run dir, one config, and — with a learning
     rate that leaves the initial weights unchanged — the same test metrics as one process, which
