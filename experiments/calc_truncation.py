@@ -20,16 +20,12 @@ import numpy as np
 from experiments.calc_settings import FAMILIES, PROFILES, make_studies
 from stm_dlp.data.corrupt import Truncate, corrupt_study
 from stm_dlp.perfusion.maps import calculate_maps
-from stm_dlp.perfusion.readout import ReadoutThresholds
+from stm_dlp.perfusion.readout import ReadoutThresholds, dice
 
 #: The clinical TMAX threshold (s) the Dice is taken at.
 LESION_TMAX_S = ReadoutThresholds().hypoperfusion_tmax_s
 #: The studies compared, in table order.
 COLUMNS: tuple[str, ...] = ("clean", "clean truncated", "regular", "truncated")
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
 
 
 def run(families: list[str], profile: str = "full") -> list[dict]:

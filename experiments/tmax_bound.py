@@ -23,7 +23,7 @@ import torch
 
 from experiments.bench.accuracy import CROSS_CONDITIONS, ModelMaps, PriorMaps, best_checkpoint, test_studies
 from stm_dlp.models.stm_dlp import bounded_tmax
-from stm_dlp.perfusion.readout import ReadoutThresholds
+from stm_dlp.perfusion.readout import ReadoutThresholds, dice
 
 RUNS = {"classic": "stm_dlp_lstm", "ribbon": "stm_dlp_lstm_ribbon"}
 LESION_TMAX_S = ReadoutThresholds().hypoperfusion_tmax_s
@@ -32,8 +32,7 @@ LESION_TMAX_S = ReadoutThresholds().hypoperfusion_tmax_s
 def r2_dice(truth: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
     """TMAX R² and Dice(TMAX > 6 s) of pooled brain pixels."""
     r2 = 1.0 - float(((truth - pred) ** 2).sum() / max(((truth - truth.mean()) ** 2).sum(), 1e-12))
-    a, b = truth > LESION_TMAX_S, pred > LESION_TMAX_S
-    return r2, float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+    return r2, dice(truth > LESION_TMAX_S, pred > LESION_TMAX_S)
 
 
 def run(out: Path, bounds: list[float]) -> dict:
