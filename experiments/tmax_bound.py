@@ -7,8 +7,9 @@ inference, measured without retraining.
 ``OUT`` is the ``--out`` folder of ``python -m experiments.bench --profile cpu`` or of
 ``python -m experiments.cross_family`` (``OUT/runs/stm_dlp_lstm`` trained on classic,
 ``OUT/runs/stm_dlp_lstm_ribbon`` on ribbon). For each tested family (its held-out patients, regular data) it
-prints TMAX R² / Dice(TMAX > 6 s) of the prior alone, and of each model unbounded and at each bound
-(:func:`stm_dlp.models.stm_dlp.bounded_tmax`, in seconds). docs/tmax.md §10 quotes it.
+prints TMAX R² / Dice(TMAX > 6 s) of the prior alone, and of each model unbounded, at each bound
+(:func:`stm_dlp.models.stm_dlp.bounded_tmax`, in seconds) and levelled per slice to the prior's normal tissue
+(:func:`stm_dlp.models.stm_dlp.prior_levelled_tmax`, ``model.tmax_level_from_prior``). docs/tmax.md §10 quotes it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from experiments.bench.accuracy import CROSS_CONDITIONS, ModelMaps, PriorMaps, best_checkpoint, test_studies
-from stm_dlp.models.stm_dlp import bounded_tmax
+from stm_dlp.models.stm_dlp import bounded_tmax, prior_levelled_tmax
 from stm_dlp.perfusion.readout import ReadoutThresholds, dice
 
 RUNS = {"classic": "stm_dlp_lstm", "ribbon": "stm_dlp_lstm_ribbon"}
@@ -44,18 +45,21 @@ def run(out: Path, bounds: list[float]) -> dict:
     prior_maps = PriorMaps()
     result: dict = {}
     for test, name in RUNS.items():
-        truth, prior, pred = [], [], {f: [] for f in RUNS}
+        truth, prior, pred, levelled = [], [], {f: [] for f in RUNS}, {f: [] for f in RUNS}
         for st in test_studies(out / "runs" / name, **CROSS_CONDITIONS["regular"]):
             m = np.asarray(st.mask, bool)
             truth.append(st.maps[:, 2][m])
-            prior.append(np.asarray(prior_maps.maps(st)[0]["tmax"])[m])
+            prior_s = torch.as_tensor(np.asarray(prior_maps.maps(st)[0]["tmax"]), dtype=torch.float32)
+            prior.append(prior_s.numpy()[m])
             for f in RUNS:
-                pred[f].append(np.asarray(models[f].maps(st)[0]["tmax"])[m])
+                q = torch.as_tensor(np.asarray(models[f].maps(st)[0]["tmax"]), dtype=torch.float32)
+                pred[f].append(q.numpy()[m])
+                levelled[f].append(prior_levelled_tmax(q, prior_s).numpy()[m])
         t, p = np.concatenate(truth), np.concatenate(prior)
         result[test] = {"prior": r2_dice(t, p)}
         for f in RUNS:
             q = np.concatenate(pred[f])
-            row = {"unbounded": r2_dice(t, q)}
+            row = {"unbounded": r2_dice(t, q), "levelled": r2_dice(t, np.concatenate(levelled[f]))}
             for b in bounds:
                 row[b] = r2_dice(t, bounded_tmax(torch.from_numpy(q), torch.from_numpy(p), b).numpy())
             result[test][f] = row
@@ -63,11 +67,12 @@ def run(out: Path, bounds: list[float]) -> dict:
 
 
 def table(result: dict, bounds: list[float]) -> str:
-    head = "| trained on | tested on | unbounded | " + " | ".join(f"bound {b:g} s" for b in bounds) + " | prior alone |"
-    lines = [head, "|" + "---|" * (4 + len(bounds))]
+    head = ("| trained on | tested on | unbounded | " + " | ".join(f"bound {b:g} s" for b in bounds)
+            + " | levelled to the prior | prior alone |")
+    lines = [head, "|" + "---|" * (5 + len(bounds))]
     for test, rows in result.items():
         for f in RUNS:
-            cells = [rows[f]["unbounded"]] + [rows[f][b] for b in bounds]
+            cells = [rows[f]["unbounded"]] + [rows[f][b] for b in bounds] + [rows[f]["levelled"]]
             lines.append(f"| {f} | {test} | " + " | ".join(f"{r:.2f} / {d:.2f}" for r, d in cells)
                          + f" | {rows['prior'][0]:.2f} / {rows['prior'][1]:.2f} |")
     return "\n".join(lines)

@@ -217,3 +217,46 @@ def test_tmax_correction_bound_keeps_inference_near_the_prior(study) -> None:
     torch.testing.assert_close(bounded[:, :i], free[:, :i])
     with pytest.raises(ValueError, match="tmax_correction_s needs deconv_prior"):
         STMDLP(tmax_correction_s=1.0, **TINY)
+
+
+def test_tmax_level_from_prior_shifts_each_slice_to_the_priors_normal_tissue(study) -> None:
+    """``prior_levelled_tmax``: a network that reads every pixel 1.7 s late (its training generator's level)
+    reads normal tissue at the prior's level after levelling, and keeps its lesion contrast; a slice without
+    enough normal tissue is left alone; the model applies it at inference only."""
+    from stm_dlp.lit import PerfusionLitModule
+    from stm_dlp.models.stm_dlp import prior_levelled_tmax
+
+    g = torch.Generator().manual_seed(0)
+    prior = 1.0 + 0.3 * torch.rand(2, 12, 12, generator=g)
+    prior[:, :3] = 9.0  # a lesion the prior reads
+    prior[:, :, :2] = 0.0  # outside the brain
+    truth = prior.clone()
+    truth[:, :3] = 10.0
+    pred = truth + 1.7  # the generator's level carried over
+    pred[1] = truth[1] - 0.5
+    levelled = prior_levelled_tmax(pred, prior)
+    normal = (prior > 0) & (prior < 6)
+    assert (levelled - prior)[normal].abs().max() < 1e-5  # normal tissue at the prior's level
+    torch.testing.assert_close(levelled[:, :3, 2:], truth[:, :3, 2:])  # the lesion's contrast is the network's
+    few = torch.zeros(1, 12, 12)
+    few[0, 0, :5] = 1.0
+    torch.testing.assert_close(prior_levelled_tmax(torch.full((1, 12, 12), 3.0), few), torch.full((1, 12, 12), 3.0))
+    assert prior_levelled_tmax(torch.zeros(1, 4, 4), torch.full((1, 4, 4), 2.0)).min() >= 0.0  # never negative
+
+    torch.manual_seed(0)
+    model = STMDLP(deconv_prior=True, tmax_level_from_prior=True, **TINY)
+    PerfusionLitModule(model, target_scale=[4.0, 60.0, 2.5])
+    batch = collate_slices([attach_arterial(study.slice_sample(0), prior=True)])
+    i = PARAMS.index("tmax")
+    prior_s = batch.prior_maps[:, i]
+    with torch.no_grad():
+        model.mpp.out.bias[i] = 3.0
+        free = model.train()(**batch.model_inputs())
+        level = model.eval()(**batch.model_inputs())
+    normal = (prior_s > 0) & (prior_s < 6)
+    assert normal.sum() > 20
+    assert (free[:, i] * 2.5 - prior_s)[normal].median().abs() > 1.0
+    assert (level[:, i] * 2.5 - prior_s)[normal].median().abs() < 1e-3
+    torch.testing.assert_close(level[:, :i], free[:, :i])
+    with pytest.raises(ValueError, match="tmax_level_from_prior needs deconv_prior"):
+        STMDLP(tmax_level_from_prior=True, **TINY)

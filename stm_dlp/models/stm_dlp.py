@@ -106,6 +106,11 @@ class STMDLP(nn.Module):
             unbounded output. ``None``: no bound. The deconvolution's TMAX is generator-independent physics;
             the bound limits how far a generator's own normal-tissue TMAX level, learnt with the weights, can
             carry to another cohort (docs/tmax.md §10).
+        tmax_level_from_prior: with ``deconv_prior``, at inference each slice's TMAX map is shifted so that its
+            normal tissue (pixels whose prior TMAX lies in ``(0, 6)`` s) reads, in the median, what the prior
+            reads (:func:`prior_levelled_tmax`); the network's contrast (how much later a lesion is than normal
+            tissue) is kept. A network's absolute normal-tissue level is a convention of its training
+            generator (each family's residue shapes set it), the deconvolution's is not (docs/tmax.md §11).
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class STMDLP(nn.Module):
         deconv_prior: bool = False,
         tmax_from_prior: bool = False,
         tmax_correction_s: float | None = None,
+        tmax_level_from_prior: bool = False,
     ) -> None:
         super().__init__()
         check_irfe_args(encoder, order, time_input)
@@ -156,7 +162,10 @@ class STMDLP(nn.Module):
         if tmax_correction_s is not None and not (self.deconv_prior and float(tmax_correction_s) >= 0):
             raise ValueError(f"tmax_correction_s needs deconv_prior=true and a bound >= 0 s, got {tmax_correction_s}")
         self.tmax_correction_s = None if tmax_correction_s is None else float(tmax_correction_s)
-        if self.tmax_from_prior or self.tmax_correction_s is not None:
+        if tmax_level_from_prior and not self.deconv_prior:
+            raise ValueError("tmax_level_from_prior needs deconv_prior=true")
+        self.tmax_level_from_prior = bool(tmax_level_from_prior)
+        if self.tmax_from_prior or self.tmax_correction_s is not None or self.tmax_level_from_prior:
             # seconds per unit of normalised TMAX: a buffer, so checkpoints carry it
             self.register_buffer("tmax_unit_s", torch.tensor(PRIOR_SCALE[TMAX_CHANNEL]))
         self.register_buffer("prior_scale", torch.tensor(PRIOR_SCALE).view(1, -1, 1, 1), persistent=False)
@@ -221,9 +230,13 @@ class STMDLP(nn.Module):
             features = torch.cat([features, pad_to_multiple(prior, self.irfe.multiple)[0]], dim=1)
         y = crop_to(self.mpp(features), hw)
         out = self._outputs(y, prior_maps)
-        if self.tmax_correction_s is not None and not self.training:
-            tmax_s = bounded_tmax(out[:, TMAX_CHANNEL] * self.tmax_unit_s, prior_maps[:, TMAX_CHANNEL].to(out.dtype),
-                                  self.tmax_correction_s)
+        if (self.tmax_correction_s is not None or self.tmax_level_from_prior) and not self.training:
+            prior_tmax_s = prior_maps[:, TMAX_CHANNEL].to(out.dtype)
+            tmax_s = out[:, TMAX_CHANNEL] * self.tmax_unit_s
+            if self.tmax_level_from_prior:
+                tmax_s = prior_levelled_tmax(tmax_s, prior_tmax_s)
+            if self.tmax_correction_s is not None:
+                tmax_s = bounded_tmax(tmax_s, prior_tmax_s, self.tmax_correction_s)
             out = torch.cat([out[:, :TMAX_CHANNEL], (tmax_s / self.tmax_unit_s)[:, None], out[:, TMAX_CHANNEL + 1:]], 1)
         return out
 
@@ -236,6 +249,25 @@ class STMDLP(nn.Module):
             tmax = F.softplus(prior_tmax / self.tmax_unit_s + y[:, TMAX_CHANNEL], beta=TMAX_BETA)
             return torch.cat([F.softplus(y[:, :TMAX_CHANNEL]), tmax[:, None]], dim=1)
         return F.softplus(y) if self.positive_output else y
+
+
+#: below this prior TMAX (s) a pixel counts as normal tissue for :func:`prior_levelled_tmax` (the readout's
+#: hypoperfusion threshold, :class:`stm_dlp.perfusion.readout.ReadoutThresholds`)
+NORMAL_TISSUE_TMAX_S = 6.0
+#: fewer normal pixels than this in a slice: its level is left as the network gives it
+MIN_NORMAL_PIXELS = 16
+
+
+def prior_levelled_tmax(tmax_s: Tensor, prior_tmax_s: Tensor, normal_below_s: float = NORMAL_TISSUE_TMAX_S,
+                        min_pixels: int = MIN_NORMAL_PIXELS) -> Tensor:
+    """``tmax_s`` ``(B, H, W)`` seconds, each slice shifted by the median of ``tmax_s - prior_tmax_s`` over its
+    normal tissue (``0 < prior_tmax_s < normal_below_s``) and clamped at 0 s. A slice with fewer than
+    ``min_pixels`` such pixels is returned unchanged."""
+    normal = (prior_tmax_s > 0) & (prior_tmax_s < normal_below_s)
+    diff = torch.where(normal, tmax_s - prior_tmax_s, torch.full_like(tmax_s, float("nan"))).flatten(1)
+    offset = torch.nan_to_num(diff.nanmedian(dim=1).values, nan=0.0)
+    offset = torch.where(normal.flatten(1).sum(1) >= min_pixels, offset, torch.zeros_like(offset))
+    return (tmax_s - offset[:, None, None]).clamp_min(0.0)
 
 
 def bounded_tmax(tmax_s: Tensor, prior_tmax_s: Tensor, bound_s: float) -> Tensor:
