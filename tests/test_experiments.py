@@ -359,6 +359,6 @@ def test_tmax_bound_scores_and_table():
     assert r2_dice(truth, truth) == (1.0, 1.0)
     r2, dice = r2_dice(truth, np.array([1.0, 2.0, 8.0, 3.0]))  # one lesion pixel missed
     assert r2 < 0.5 and dice == pytest.approx(2 / 3)
-    row = {"unbounded": (0.5, 0.8), 1.0: (0.6, 0.7)}
+    row = {"unbounded": (0.5, 0.8), 1.0: (0.6, 0.7), "levelled": (0.65, 0.75)}
     text = table({"classic": {"prior": (0.7, 0.9), "classic": row, "ribbon": row}}, [1.0])
-    assert "| ribbon | classic | 0.50 / 0.80 | 0.60 / 0.70 | 0.70 / 0.90 |" in text
+    assert "| ribbon | classic | 0.50 / 0.80 | 0.60 / 0.70 | 0.65 / 0.75 | 0.70 / 0.90 |" in text
