@@ -42,6 +42,9 @@ def run(out: Path, bounds: list[float]) -> dict:
     for family, name in RUNS.items():
         d = out / "runs" / name
         models[family] = ModelMaps(best_checkpoint(d, json.loads((d / "metrics.json").read_text())), "cpu")
+        # the network's own TMAX: whatever the run's config says, the columns add the bound / levelling
+        models[family].model.tmax_correction_s = None
+        models[family].model.tmax_level_from_prior = False
     prior_maps = PriorMaps()
     result: dict = {}
     for test, name in RUNS.items():
