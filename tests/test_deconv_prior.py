@@ -224,8 +224,11 @@ def test_tmax_level_from_prior_shifts_each_slice_to_the_priors_normal_tissue(stu
     reads normal tissue at the prior's level after levelling, and keeps its lesion contrast; a slice without
     enough normal tissue is left alone; the model applies it at inference only."""
     from stm_dlp.lit import PerfusionLitModule
-    from stm_dlp.models.stm_dlp import prior_levelled_tmax
+    from stm_dlp.models.stm_dlp import NORMAL_TISSUE_TMAX_S, prior_levelled_tmax
+    from stm_dlp.perfusion.readout import ReadoutThresholds
 
+    # models/ does not import perfusion/: the constant mirrors the readout's threshold and must not drift
+    assert NORMAL_TISSUE_TMAX_S == ReadoutThresholds().hypoperfusion_tmax_s
     g = torch.Generator().manual_seed(0)
     prior = 1.0 + 0.3 * torch.rand(2, 12, 12, generator=g)
     prior[:, :3] = 9.0  # a lesion the prior reads
