@@ -140,6 +140,8 @@ def test_a_scan_cut_soon_after_the_arterial_peak_is_reported(caplog) -> None:
 
     assert scan_window(20.0, 50.0)["warning"] is None
     assert scan_window(20.0, 20.0 + MIN_SCAN_AFTER_ARTERIAL_PEAK_S - 1)["short"]
+    # the warning names the readout's threshold it was given, not a fixed 6 s
+    assert "TMAX > 8 s" in scan_window(20.0, 25.0, lesion_tmax_s=8.0)["warning"]
     study = simulate_patient(PhantomConfig(height=40, width=40, n_slices=1, noise_hu=2.0), seed=5)
     true_peak = float(study.times_s[0][np.argmax(study.meta["aif_hu"][0])])
     full = study_scan_window(study)

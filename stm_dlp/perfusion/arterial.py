@@ -48,6 +48,7 @@ import torch
 from stm_dlp.curves import rise_time
 from stm_dlp.perfusion.concentration import despike_smooth
 from stm_dlp.perfusion.mask import erode, mask_from_baseline
+from stm_dlp.perfusion.readout import ReadoutThresholds
 
 #: At least this many pixels are averaged (and the ``MIN_PIXELS``-th highest peak is the reference).
 MIN_PIXELS = 4
@@ -82,17 +83,18 @@ MIN_SCAN_AFTER_ARTERIAL_PEAK_S = 12.0
 
 
 def scan_window(arterial_peak_s: float, scan_end_s: float,
-                min_after_peak_s: float = MIN_SCAN_AFTER_ARTERIAL_PEAK_S) -> dict[str, Any]:
+                min_after_peak_s: float = MIN_SCAN_AFTER_ARTERIAL_PEAK_S,
+                lesion_tmax_s: float = ReadoutThresholds().hypoperfusion_tmax_s) -> dict[str, Any]:
     """Whether a scan lasted long enough after its arterial peak (both in seconds on the same clock) to
     measure delayed tissue: ``{"arterial_peak_s", "scan_end_s", "after_peak_s", "short", "warning"}``;
     ``warning`` is a sentence for the log and ``summary.json`` when ``after_peak_s < min_after_peak_s``
-    (tissue delayed beyond about ``after_peak_s`` − 6 s reads too early: TMAX > 6 s volumes are low), else
-    ``None``."""
+    (tissue delayed beyond about ``after_peak_s`` − ``lesion_tmax_s`` reads too early: the volume of
+    TMAX > ``lesion_tmax_s`` (s, the readout's hypoperfusion threshold) is low), else ``None``."""
     after = float(scan_end_s) - float(arterial_peak_s)
     short = after < min_after_peak_s
     warning = (f"the scan ends {after:.1f} s after the arterial peak (at least {min_after_peak_s:g} s are needed "
-               "to see tissue delayed past the TMAX > 6 s threshold): TMAX of delayed tissue reads too early "
-               "and the TMAX > 6 s volume is underestimated") if short else None
+               f"to see tissue delayed past the TMAX > {lesion_tmax_s:g} s threshold): TMAX of delayed tissue "
+               f"reads too early and the TMAX > {lesion_tmax_s:g} s volume is underestimated") if short else None
     return {"arterial_peak_s": round(float(arterial_peak_s), 3), "scan_end_s": round(float(scan_end_s), 3),
             "after_peak_s": round(after, 3), "short": bool(short), "warning": warning}
 
