@@ -169,9 +169,13 @@ class CalcParams:
         despike_sigma: tissue-curve frames further than this many noise levels from their running
             median of 3 are replaced by it (impulse noise, motion spikes); 0 = off. Tissue curves
             are smooth on the frame scale, so at 6 noise levels nothing else is touched.
-        tmax_median_px: radius (px) of a median filter of the TMAX map over the perfused brain
-            (CSF and vessels out; 0 = off): TMAX outliers of low-flow tissue go, lesion edges stay.
-            Default 4 (9 x 9: the TMAX pass is smoothed less, so its map is noisier).
+        tmax_median_mm: radius (mm) of a median filter of the TMAX map over the perfused brain (CSF and
+            vessels out; 0 = off), converted with the pixel spacing and rounded to whole pixels (at least 1
+            when on): TMAX outliers of low-flow tissue go, lesion edges stay. Default 7 mm, 4 px on the
+            1.6-1.9 mm grids it was chosen on (9 x 9; the TMAX pass is smoothed less, so its map is noisier),
+            2 px at 3 mm, 1 px at 9 mm — a radius in pixels would span 82 mm at 9.2 mm and wipe lesions
+            (docs/reproducing.md, the CPU-scale run).
+        tmax_median_px: the same in pixels; when set it overrides ``tmax_median_mm``.
         tmax_oi_target: TMAX from the oSVD truncation of this OI target (``None``: ``oi_target``).
             Default 0.03: a smoother residue, whose noise ripples in low-flow lesions cannot pass for
             its peak; CBF and CBV keep ``oi_target`` (their peak height would read low).
@@ -213,7 +217,8 @@ class CalcParams:
     csf_smooth_mm: float = 1.2
     despike_sigma: float = 6.0
     motion: bool = True
-    tmax_median_px: int = 4
+    tmax_median_mm: float = 7.0
+    tmax_median_px: int | None = None
     tmax_oi_target: float | None = 0.03
     tmax_sigma_mm: float | None = 1.5
     chunk_pixels: int = 0
@@ -245,6 +250,15 @@ class CalcParams:
             return float(self.spatial_sigma_px) * widen, float(self.spatial_sigma_px) * widen
         mm = pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM)
         return self.spatial_sigma_mm / mm[0] * widen, self.spatial_sigma_mm / mm[1] * widen
+
+    def median_px(self, pixel_mm: tuple[float, float] | None) -> int:
+        """Radius (px) of the TMAX median filter for pixels of ``pixel_mm`` (rows, columns; the finer one)."""
+        if self.tmax_median_px is not None:
+            return int(self.tmax_median_px)
+        if self.tmax_median_mm <= 0:
+            return 0
+        mm = min(pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM))
+        return max(1, round(self.tmax_median_mm / mm))
 
     def tmax_params(self) -> CalcParams | None:
         """The parameters of the TMAX pass's smoothing (``tmax_sigma_mm``), or ``None`` when TMAX
@@ -843,8 +857,9 @@ def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], a
 
 
 def finish_maps(raw: dict[str, torch.Tensor], brain: torch.Tensor, csf: torch.Tensor,
-                p: CalcParams) -> dict[str, np.ndarray]:
-    """Step 7: finite, non-negative maps, 0 outside the mask, in CSF and (TMAX, MTT) where there is no flow."""
+                p: CalcParams, median_px: int = 0) -> dict[str, np.ndarray]:
+    """Step 7: finite, non-negative maps, 0 outside the mask, in CSF and (TMAX, MTT) where there is no flow;
+    TMAX median-filtered over the perfused brain with radius ``median_px`` (:meth:`CalcParams.median_px`)."""
     cbf = torch.nan_to_num(raw["cbf"], 0.0, 0.0, 0.0).clamp_min(0.0)
     cbv = torch.nan_to_num(raw["cbv"], 0.0, 0.0, 0.0).clamp_min(0.0)
     tmax = torch.nan_to_num(raw["tmax"], 0.0, 0.0, 0.0).clamp_min(0.0)
@@ -853,8 +868,8 @@ def finish_maps(raw: dict[str, torch.Tensor], brain: torch.Tensor, csf: torch.Te
     cbv = torch.where(csf, zero, cbv)
     flow = brain & ~csf & (cbf >= p.cbf_floor)
     tmax = torch.where(flow, tmax, zero)
-    if p.tmax_median_px > 0:
-        tmax = torch.where(flow, median_filter(tmax, p.tmax_median_px, flow), zero)
+    if median_px > 0:
+        tmax = torch.where(flow, median_filter(tmax, median_px, flow), zero)
     mtt = torch.where(flow, mtt_from_cbv_cbf(cbv, cbf), zero)
     return {
         "cbv": cbv.float().cpu().numpy(),
@@ -959,7 +974,7 @@ def calculate_maps(
         raw["tmax"] = deconvolve_tissue(inp, curves, tissue_tmax, aif_grid, grid, dec, p, tmax_only=True)["tmax"]
     t_dec = time.perf_counter()
 
-    maps = finish_maps(raw, brain, exc.csf, p)
+    maps = finish_maps(raw, brain, exc.csf, p, p.median_px(mm))
     window = scan_window(float(grid[int(torch.argmax(aif_sel.curve))]), float(inp.times[:, -1].min()))
     if window["warning"]:
         log.warning("calculation approach: %s", window["warning"])
@@ -972,7 +987,8 @@ def calculate_maps(
         "method": dparams.method,
         "params": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(dparams).items()},
                    **{k: v for k, v in p.to_dict().items() if k not in ("device", "chunk_pixels", "thresholds")},
-                   "spatial_sigma_px_used": [round(sig[0], 4), round(sig[1], 4)]},
+                   "spatial_sigma_px_used": [round(sig[0], 4), round(sig[1], 4)],
+                   "tmax_median_px_used": p.median_px(mm)},
         "pixel_mm": list(mm) if mm else None,
         "aif": aif_sel.to_dict(),
         "time_origin_s": inp.t0,
