@@ -102,8 +102,9 @@ PROFILES: dict[str, Profile] = {
         infer_slices=2, infer_size=256, infer_frames=50, lstm_compare_n=512, lstm_compare_t=50,
         loader_workers=(0, 1), loader_passes=1, train_rate_steps=3,
         dicom_patients=2, dicom_size=64, dicom_slices=4, dicom_frames=40,
-        notes=("cpu profile: the `make run` cohort (16 phantom patients, 64² at 3.4 mm resampled to 3 mm, 4 "
-               "slices; 4 held-out test patients; the ribbon family at its realistic 128², 1.6-1.9 mm) and "
+        notes=("cpu profile: the `make run` cohort but 40-50 frames instead of its 40-60 (16 phantom patients, "
+               "64² at 3.4 mm resampled to 3 mm, 4 slices; 4 held-out test patients; the ribbon family at its "
+               "realistic 128², 1.6-1.9 mm) and "
                "`make run`'s schedule (40 epochs, at most 12 min of training per model) on a 2-core CPU — far "
                "from the paper's 200 epochs; accuracy numbers compare methods at "
                "this budget only; at this size (time) only the default model (LSTM + arterial context), the paper's "
