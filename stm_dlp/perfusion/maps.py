@@ -974,7 +974,8 @@ def calculate_maps(
         raw["tmax"] = deconvolve_tissue(inp, curves, tissue_tmax, aif_grid, grid, dec, p, tmax_only=True)["tmax"]
     t_dec = time.perf_counter()
 
-    maps = finish_maps(raw, brain, exc.csf, p, p.median_px(mm))
+    median_px = p.median_px(mm)
+    maps = finish_maps(raw, brain, exc.csf, p, median_px)
     window = scan_window(float(grid[int(torch.argmax(aif_sel.curve))]), float(inp.times[:, -1].min()))
     if window["warning"]:
         log.warning("calculation approach: %s", window["warning"])
@@ -988,7 +989,7 @@ def calculate_maps(
         "params": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(dparams).items()},
                    **{k: v for k, v in p.to_dict().items() if k not in ("device", "chunk_pixels", "thresholds")},
                    "spatial_sigma_px_used": [round(sig[0], 4), round(sig[1], 4)],
-                   "tmax_median_px_used": p.median_px(mm)},
+                   "tmax_median_px_used": median_px},
         "pixel_mm": list(mm) if mm else None,
         "aif": aif_sel.to_dict(),
         "time_origin_s": inp.t0,
