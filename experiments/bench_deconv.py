@@ -7,9 +7,11 @@
 * Times our oSVD end to end (HU frames -> baseline, enhancement, resampling, deconvolution, maps;
   :func:`stm_dlp.perfusion.maps.calculate_maps`) on the CPU, and on the GPU when there is one: with
   our defaults (in-plane smoothing 5.5 mm, TMAX from its own pass — 1.5 mm, OI 0.03, dispersion-aware
-  calibration, 9² median —, motion correction) and
-  ``_unsmoothed`` (like for like with
-  the peer, which gets the same unsmoothed enhancement curves and uses its argmax TMAX).
+  calibration, 7 mm median —, motion correction); ``_unsmoothed`` (the peer's unsmoothed curves, no
+  median, no motion correction, but our TMAX estimator: a second oSVD search at the TMAX pass's OI
+  target and the dispersion-aware calibration); and ``_like_for_like`` (the same, doing the peer's
+  work: one oSVD search at the shared OI target and the argmax TMAX). The speed target of issue 14 is
+  about ``_like_for_like``.
 * Times the peer's oSVD (``osipy.dsc.parameters.compute_perfusion_maps`` with ``OSVDFitter``, the
   path its documentation gives users) on the same arrays: the same enhancement curves (our baseline,
   computed once outside both timings), the same true AIF, the same brain mask and the same OI target.
@@ -196,7 +198,10 @@ def bench(profile: str = "cpu", osipy_python: str | None = DEFAULT_OSIPY, noise_
         # like for like: no in-plane smoothing (so no TMAX smoothing pass either), no TMAX median, no
         # motion correction (the peer has none)
         plain = {"spatial_sigma_px": 0.0, "tmax_median_px": 0, "motion": False}
-        for suffix, kw in (("", {}), ("_unsmoothed", plain)):
+        # like for like also in the work done: one oSVD search (no TMAX pass at its own OI target) and the
+        # argmax TMAX the peer reports; "_unsmoothed" keeps our TMAX estimator (a second search, calibration)
+        same = {**plain, "tmax_method": "argmax", "tmax_oi_target": None}
+        for suffix, kw in (("", {}), ("_unsmoothed", plain), ("_like_for_like", same)):
             maps, secs, info = _run_ours(study, aif, dev, prof["repeats"], method="osvd", oi_target=OI_TARGET, **kw)
             runs[f"ours_osvd_{dev}{suffix}"] = {
                 "seconds": secs, "cpu_seconds": info["cpu_seconds"], "mae": _mae(maps, study.maps, mask),

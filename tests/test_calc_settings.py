@@ -35,6 +35,19 @@ def test_micro_benchmark_runs_and_chooses():
     assert "Chosen by cross-validation" in md and "| ribbon | motion |" in md
 
 
+def test_a_scan_cut_soon_after_the_arterial_peak_is_not_long_enough():
+    from experiments.calc_settings import PROFILES, make_studies, scan_long_enough
+    from stm_dlp.data.corrupt import Truncate, corrupt_study
+
+    studies = make_studies("classic", 0, PROFILES["micro"])
+    full = studies["regular"]
+    peak_s = float(full.times_s[0][int(np.argmax(full.meta["aif_hu"][0]))])
+    assert scan_long_enough(full, full)  # the whole scan: ~35 s after the peak
+    n_keep = int(np.searchsorted(full.times_s[0], peak_s + 4.0)) + 1  # ends ~4 s after the arterial peak
+    cut = corrupt_study(full, Truncate(keep_fraction=n_keep / full.n_frames), seed=0)
+    assert cut.n_frames < full.n_frames and not scan_long_enough(cut, full)
+
+
 def test_motion_target_judges_the_corrected_row():
     """The issue's motion target (CBF MAE ≤ 1.5 × regular) is "with motion correction": the uncorrected row,
     shown for contrast, is not judged by it; the corrected one is (the stored full run, its numbers altered)."""

@@ -363,6 +363,9 @@ def test_benchmark_smoke_without_peer(tmp_path):
     run, raw = result["runs"]["ours_osvd_cpu"], result["runs"]["ours_osvd_cpu_unsmoothed"]
     assert run["seconds"] > 0 and run["mae"]["cbv"] < 1.0
     assert run["spatial_sigma_px"] > 0 and raw["spatial_sigma_px"] == 0
+    same = result["runs"]["ours_osvd_cpu_like_for_like"]  # the peer's work: one search, argmax TMAX
+    assert same["spatial_sigma_px"] == 0 and same["tmax_method"] == "argmax"
+    assert raw["tmax_method"] == "calibrated_dispersion"
     assert all(abs(r - 1) < 0.05 for r in result["delay"]["ours_osvd"])
     assert "ours_osvd_cpu" in markdown(result)
 
