@@ -103,6 +103,28 @@ def test_noise_only_augmentation_keeps_the_acquired_prior_and_others_recompute(s
     assert not moved.prior_cache
 
 
+def test_prior_bank_pairs_each_augmented_version_with_its_own_prior(study) -> None:
+    """``prior_bank=K``: every sample is one of K augmented versions drawn once per slice, and its prior is
+    that version's (as ``prior_cache=False`` would compute it on the same frames), not the acquired one."""
+    from stm_dlp.data.corrupt import Compose, GaussianNoise
+
+    acquired = SliceDataset([study], deconv_prior=True)[0].prior_maps
+    bank = SliceDataset([study], Compose([GaussianNoise(20.0)]), deconv_prior=True, prior_bank=2)
+    torch.manual_seed(0)
+    samples = [bank[0] for _ in range(12)]
+    versions = {s.frames.tobytes(): s for s in samples}
+    assert len(versions) == 2  # two versions, each drawn again and again
+    for s in versions.values():
+        assert not np.array_equal(s.prior_maps, acquired)
+        own = attach_arterial(s, True).prior_maps  # the prior recomputed on this version's frames
+        np.testing.assert_allclose(s.prior_maps, own, rtol=1e-5, atol=1e-5)
+    again = SliceDataset([study], Compose([GaussianNoise(20.0)]), deconv_prior=True, prior_bank=2)
+    assert {again[0].frames.tobytes() for _ in range(12)} <= set(versions)  # seeded by slice and version
+    assert SliceDataset([study], Compose([GaussianNoise(20.0)]), prior_bank=2).prior_bank == 0  # no prior: off
+    with pytest.raises(ValueError, match="prior_bank"):
+        SliceDataset([study], Compose([GaussianNoise(20.0)]), deconv_prior=True, prior_bank=-1)
+
+
 def test_tmax_from_prior_starts_at_the_prior_and_learns_corrections(study) -> None:
     """With ``tmax_from_prior`` a head output of 0 returns the prior's TMAX in the target space (over the TMAX
     target scale the LightningModule sets) and the head's output moves it both ways; CBV / CBF are

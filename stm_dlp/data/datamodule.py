@@ -63,6 +63,13 @@ class SliceDataset(Dataset):
     ``make run`` from 13 min 50 s to the time without a prior plus one pass over the slices. Transforms
     that move frames or change their timing always get the prior recomputed on the augmented slice.
 
+    With ``prior_bank`` ``K > 0`` (and ``deconv_prior`` and a transform), each slice gets ``K`` augmented
+    versions drawn once (seeded by slice and version), each with the prior of *its own* frames, and every
+    sample picks one of them: the network then learns from priors as noisy as its curves, as at test time
+    (the cached acquired prior is always clean), for ``K`` prior computations per slice instead of one per
+    sample. The price is ``K`` fixed augmentations per slice instead of a fresh one per sample, and
+    ``K`` copies of each slice's frames in memory.
+
     With ``tissue_delay_s`` ``(lo, hi)`` seconds, every sample's tissue is delayed against its arterial
     reference by a uniform draw from it (:func:`~stm_dlp.data.context.delay_tissue`, TMAX labels and prior
     move with it); a negative draw is limited to the slice's 5th-percentile TMAX, so that hardly any pixel
@@ -71,8 +78,13 @@ class SliceDataset(Dataset):
 
     def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None,
                  samples_per_slice: int = 1, lesion_crop_fraction: float = 0.0, deconv_prior: bool = False,
-                 prior_cache: bool = True, tissue_delay_s: Sequence[float] | None = None):
+                 prior_cache: bool = True, tissue_delay_s: Sequence[float] | None = None, prior_bank: int = 0):
         self.deconv_prior = bool(deconv_prior)
+        if int(prior_bank) < 0:
+            raise ValueError(f"data.prior_bank must be >= 0 (augmented versions per slice), got {prior_bank}")
+        # augmented versions per slice, each with its own prior (see the class docstring)
+        self.prior_bank = int(prior_bank) if (self.deconv_prior and transform is not None) else 0
+        self._bank: dict[tuple[int, int], list[SliceSample]] = {}
         self.tissue_delay_s = None if tissue_delay_s is None else tuple(float(v) for v in tissue_delay_s)
         if self.tissue_delay_s is not None and not (len(self.tissue_delay_s) == 2
                                                     and self.tissue_delay_s[0] <= self.tissue_delay_s[1]):
@@ -105,16 +117,20 @@ class SliceDataset(Dataset):
             return self._with_context(sample, (study_idx, slice_idx))
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         frames, times = sample.frames, sample.times_s
-        if self.transform is not None:
+        if self.prior_bank:
+            sample = self._banked(sample, (study_idx, slice_idx), rng)
+            frames = sample.frames
+        elif self.transform is not None:
             frames, times = self.transform(frames, times, rng)
             times = np.asarray(times, np.float32)
             times = times - times[0]
         # the arterial context comes from the whole (augmented) slice, before the crop
-        acquired = sample
-        sample = attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times),
-                                 self.deconv_prior and not self.prior_cache)
-        if self.deconv_prior and self.prior_cache:
-            sample = replace(sample, prior_maps=self._acquired_prior(acquired, (study_idx, slice_idx)))
+        if not self.prior_bank:  # (a banked version carries its context and prior already)
+            acquired = sample
+            sample = attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times),
+                                     self.deconv_prior and not self.prior_cache)
+            if self.deconv_prior and self.prior_cache:
+                sample = replace(sample, prior_maps=self._acquired_prior(acquired, (study_idx, slice_idx)))
         if self.tissue_delay_s is not None:
             sample = delay_tissue(sample, self._draw_delay(sample, rng))
         maps, mask, prior = sample.maps, sample.mask, sample.prior_maps
@@ -127,6 +143,19 @@ class SliceDataset(Dataset):
             prior = None if prior is None else np.ascontiguousarray(prior[:, y0:y0 + c, x0:x0 + c])
         return replace(sample, frames=np.ascontiguousarray(frames, np.float32),
                        maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask), prior_maps=prior)
+
+    def _banked(self, sample: SliceSample, key: tuple[int, int], rng: np.random.Generator) -> SliceSample:
+        """One of the slice's ``prior_bank`` augmented versions (drawn on first use, seeded by ``key`` and the
+        version), with its arterial reference and the prior of its own frames."""
+        if key not in self._bank:
+            versions = []
+            for k in range(self.prior_bank):
+                frames, times = self.transform(sample.frames, sample.times_s, np.random.default_rng([*key, k]))
+                times = np.asarray(times, np.float32)
+                versions.append(attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32),
+                                                        times_s=times - times[0]), True))
+            self._bank[key] = versions
+        return self._bank[key][int(rng.integers(self.prior_bank))]
 
     def _acquired_prior(self, sample: SliceSample, key: tuple[int, int]) -> np.ndarray:
         """The deconvolution prior of the slice as acquired (``sample``, with or without its arterial
@@ -226,6 +255,8 @@ class CTPDataModule(L.LightningDataModule):
             Training studies are used as they are (augmented motion included).
         prior_cache: keep each slice's prior when the training augmentation only adds noise
             (:class:`SliceDataset`); ``False`` recomputes it on every augmented sample.
+        prior_bank: ``K > 0``: each training slice gets ``K`` augmented versions drawn once, each with the
+            prior of its own frames (:class:`SliceDataset`); 0 (default): off.
         deconv_prior: give every sample its deconvolution prior (:func:`stm_dlp.data.context.deconvolution_prior`,
             computed on the whole augmented slice), for models built with ``deconv_prior``; the configs set it
             from ``model.deconv_prior``.
@@ -246,7 +277,7 @@ class CTPDataModule(L.LightningDataModule):
                  split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0,
                  target_spacing_mm: float | None = None, motion_correction: bool = True,
                  deconv_prior: bool = False, prior_cache: bool = True,
-                 tissue_delay_s: Sequence[float] | None = None):
+                 tissue_delay_s: Sequence[float] | None = None, prior_bank: int = 0):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -271,6 +302,9 @@ class CTPDataModule(L.LightningDataModule):
         self.eval_corruption, self.eval_corruption_seed = eval_corruption, eval_corruption_seed
         self.motion_correction = bool(motion_correction)
         self.deconv_prior, self.prior_cache = bool(deconv_prior), bool(prior_cache)
+        if int(prior_bank) < 0:
+            raise ValueError(f"data.prior_bank must be >= 0 (augmented versions per slice), got {prior_bank}")
+        self.prior_bank = int(prior_bank)
         self.tissue_delay_s = None if tissue_delay_s is None else list(tissue_delay_s)
         self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
         self.label_source, self.calc_kwargs = label_source, dict(calc or {})
@@ -370,7 +404,7 @@ class CTPDataModule(L.LightningDataModule):
         self.train_set = SliceDataset([self.studies[p] for p in self.splits["train"]],
                                       Compose(train_tf) if train_tf else None, self.crop_size,
                                       self.samples_per_slice, self.lesion_crop_fraction, self.deconv_prior,
-                                      self.prior_cache, self.tissue_delay_s)
+                                      self.prior_cache, self.tissue_delay_s, self.prior_bank)
         self.val_set = SliceDataset(self._eval_studies("val"), deconv_prior=self.deconv_prior)
         self.test_set = SliceDataset(self._eval_studies("test"), deconv_prior=self.deconv_prior)
 
