@@ -251,8 +251,9 @@ def run(profile: str, grid: list[Setting], motion_check: bool = True, log=print)
                         truth[(fam, c)][k].append(t[k])
                 t0 = time.perf_counter()
                 maps = plain_osvd(st.frames, st.times_s, st.mask)
+                secs = time.perf_counter() - t0
                 for c in conds:
-                    add(fam, c, "plain", maps, st, time.perf_counter() - t0)
+                    add(fam, c, "plain", maps, st, secs)
                 for setting in grid:
                     t0 = time.perf_counter()
                     try:
@@ -261,8 +262,9 @@ def run(profile: str, grid: list[Setting], motion_check: bool = True, log=print)
                     except ValueError as exc:
                         log(f"  {fam} {cond} patient {patient} {setting.label}: FAILED {exc}")
                         maps = None
+                    secs = time.perf_counter() - t0
                     for c in conds:
-                        add(fam, c, setting.label, maps, st, time.perf_counter() - t0)
+                        add(fam, c, setting.label, maps, st, secs)
             log(f"{fam} patient {patient} done ({time.perf_counter() - t_start:.0f} s)")
     res: dict[str, Any] = {fam: {cond: {} for cond in CONDITIONS} for fam in FAMILIES}
     for (fam, cond, label), e in est.items():

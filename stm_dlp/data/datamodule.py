@@ -68,7 +68,7 @@ class SliceDataset(Dataset):
     sample picks one of them: the network then learns from priors as noisy as its curves, as at test time
     (the cached acquired prior is always clean), for ``K`` prior computations per slice instead of one per
     sample. The price is ``K`` fixed augmentations per slice instead of a fresh one per sample, and
-    ``K`` copies of each slice's frames in memory.
+    ``K`` copies of each slice's frames in memory (per loader worker: each draws the same, seeded bank).
 
     With ``tissue_delay_s`` ``(lo, hi)`` seconds, every sample's tissue is delayed against its arterial
     reference by a uniform draw from it (:func:`~stm_dlp.data.context.delay_tissue`, TMAX labels and prior
@@ -117,15 +117,13 @@ class SliceDataset(Dataset):
             return self._with_context(sample, (study_idx, slice_idx))
         rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)).item()))
         frames, times = sample.frames, sample.times_s
-        if self.prior_bank:
+        if self.prior_bank:  # a banked version carries its arterial context and prior already
             sample = self._banked(sample, (study_idx, slice_idx), rng)
             frames = sample.frames
-        elif self.transform is not None:
-            frames, times = self.transform(frames, times, rng)
-            times = np.asarray(times, np.float32)
-            times = times - times[0]
-        # the arterial context comes from the whole (augmented) slice, before the crop
-        if not self.prior_bank:  # (a banked version carries its context and prior already)
+        else:
+            if self.transform is not None:
+                frames, times = self._augment(frames, times, rng)
+            # the arterial context comes from the whole (augmented) slice, before the crop
             acquired = sample
             sample = attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times),
                                      self.deconv_prior and not self.prior_cache)
@@ -144,16 +142,21 @@ class SliceDataset(Dataset):
         return replace(sample, frames=np.ascontiguousarray(frames, np.float32),
                        maps=np.ascontiguousarray(maps), mask=np.ascontiguousarray(mask), prior_maps=prior)
 
+    def _augment(self, frames: np.ndarray, times_s: np.ndarray, rng: np.random.Generator
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """The training transform applied once: frames ``(T, H, W)`` float32 and times (s) from the first frame."""
+        frames, times = self.transform(frames, times_s, rng)
+        times = np.asarray(times, np.float32)
+        return np.ascontiguousarray(frames, np.float32), times - times[0]
+
     def _banked(self, sample: SliceSample, key: tuple[int, int], rng: np.random.Generator) -> SliceSample:
         """One of the slice's ``prior_bank`` augmented versions (drawn on first use, seeded by ``key`` and the
         version), with its arterial reference and the prior of its own frames."""
         if key not in self._bank:
             versions = []
             for k in range(self.prior_bank):
-                frames, times = self.transform(sample.frames, sample.times_s, np.random.default_rng([*key, k]))
-                times = np.asarray(times, np.float32)
-                versions.append(attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32),
-                                                        times_s=times - times[0]), True))
+                frames, times = self._augment(sample.frames, sample.times_s, np.random.default_rng([*key, k]))
+                versions.append(attach_arterial(replace(sample, frames=frames, times_s=times), True))
             self._bank[key] = versions
         return self._bank[key][int(rng.integers(self.prior_bank))]
 
@@ -302,9 +305,7 @@ class CTPDataModule(L.LightningDataModule):
         self.eval_corruption, self.eval_corruption_seed = eval_corruption, eval_corruption_seed
         self.motion_correction = bool(motion_correction)
         self.deconv_prior, self.prior_cache = bool(deconv_prior), bool(prior_cache)
-        if int(prior_bank) < 0:
-            raise ValueError(f"data.prior_bank must be >= 0 (augmented versions per slice), got {prior_bank}")
-        self.prior_bank = int(prior_bank)
+        self.prior_bank = int(prior_bank)  # validated by SliceDataset
         self.tissue_delay_s = None if tissue_delay_s is None else list(tissue_delay_s)
         self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
         self.label_source, self.calc_kwargs = label_source, dict(calc or {})
