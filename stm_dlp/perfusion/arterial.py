@@ -62,7 +62,7 @@ PEAK_FRACTION = 0.3
 MAX_CANDIDATES = 0.02
 #: ... and peak at least this many noise levels of a smoothed curve (the per-frame noise, robust
 #: :func:`~stm_dlp.perfusion.concentration.curve_noise`, times :data:`SMOOTHED_NOISE`): the highest of
-#: ~10^5 smoothed noise samples (pixels x frames) lies near 4.5 of them. Without the gate the ribbon
+#: 10^5 smoothed white-noise samples (2500 curves x 40 frames) lies at 4.8 of them. Without the gate the ribbon
 #: phantom's reference arrived 1.6 / 3.8 s off (mean absolute error, two cohort seeds) at 3 mm under 15 HU
 #: white noise and 9.1 / 15.0 s under 30 HU; with it 0.63 / 1.47 s and 2.2 / 5.4 s. Regular data and the
 #: classic phantom are unchanged (docs/tmax.md §13).

@@ -333,9 +333,9 @@ def study_arrival(
     pc = x[pool // (h * w), :, pool % (h * w)].to(torch.float64)  # (P, T)
     p_base = pc[:, : min(3, n_t)].median(-1).values
     amp = (sustained_peak(pc) - p_base).clamp_min(1e-6)
-    # when each rises through 30 % of its peak, searched backwards from the peak (rise_time): a forward
-    # search for the first crossing fired on noise before the bolus in dim, partial-volumed arteries
-    # (ribbon phantom, 15 HU white noise: the earliest "risers" were noise, the arrival 6-15 s early)
+    # when each rises through 30 % of its peak, searched backwards from the peak (rise_time, the arterial
+    # reference's rule): a forward search for the first crossing can fire on a noise excursion before the
+    # bolus (on the ribbon phantom at 15 HU the gate above made the difference; this rule alone did not)
     t_rise = rise_time(despike_smooth(pc - p_base[:, None]), tt[pool // (h * w)])
     # only clear boluses compete on earliness (a dim curve — tissue, or streak artefacts that vary
     # from frame to frame — crosses 30 % of its "peak" early by chance): at least half the pool's
