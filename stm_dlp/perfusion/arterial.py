@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from stm_dlp.curves import rise_time
-from stm_dlp.perfusion.concentration import curve_noise, despike_smooth
+from stm_dlp.perfusion.concentration import despike_smooth, frame_noise
 from stm_dlp.perfusion.mask import erode, mask_from_baseline
 from stm_dlp.perfusion.readout import ReadoutThresholds
 
@@ -60,8 +60,8 @@ PEAK_FRACTION = 0.3
 #: ... and are at most this share of the search region (vessels are a few per mille of a head slice), or
 #: ``4 * min_pixels`` on a small image.
 MAX_CANDIDATES = 0.02
-#: ... and peak at least this many noise levels of a smoothed curve (the per-frame noise, robust
-#: :func:`~stm_dlp.perfusion.concentration.curve_noise`, times :data:`SMOOTHED_NOISE`): the highest of
+#: ... and peak at least this many noise levels of a smoothed curve (the search region's per-frame noise,
+#: :func:`~stm_dlp.perfusion.concentration.frame_noise`, times :data:`SMOOTHED_NOISE`): the highest of
 #: 10^5 smoothed white-noise samples (2500 curves x 40 frames) lies at 4.8 of them. Without the gate the ribbon
 #: phantom's reference arrived 1.6 / 3.8 s off (mean absolute error, two cohort seeds) at 3 mm under 15 HU
 #: white noise and 9.1 / 15.0 s under 30 HU; with it 0.63 / 1.47 s and 2.2 / 5.4 s. Regular data and the
@@ -202,7 +202,7 @@ def arterial_reference(frames_hu: torch.Tensor, times_s: torch.Tensor, mask: tor
     peak = enh.max(0).values
     k_max = min(peak.numel(), max(4 * min_pixels, int(round(MAX_CANDIDATES * peak.numel()))))
     top_peaks, top_idx = torch.topk(peak, k_max)
-    noise_hu = float(curve_noise(x.T).median()) if x.shape[1] else 0.0
+    noise_hu = frame_noise(x_all.reshape(1, t_n, *frames.shape[1:]), arterial_px.reshape(1, *frames.shape[1:]))
     level = max(PEAK_FRACTION * float(top_peaks[min(min_pixels, k_max) - 1]), NOISE_GATE * SMOOTHED_NOISE * noise_hu)
     cand = top_idx[top_peaks >= level]
     if cand.numel() < min_pixels:
