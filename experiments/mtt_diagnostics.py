@@ -29,15 +29,16 @@ def _r2(pred: np.ndarray, true: np.ndarray) -> float:
 def collect(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:
     """``{"raw" | "csf_out" | "truth": {param: brain pixels of every test slice}}`` (plus ``tmax`` truth)."""
     from experiments.bench.accuracy import best_checkpoint, test_studies
-    from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf
+    from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf, study_references
     from stm_dlp.predict import load_model
 
     model, scale, _ = load_model(best_checkpoint(run_dir, {}), "cpu")
     out: dict[str, dict[str, list[np.ndarray]]] = {k: {p: [] for p in ALL_PARAMS} for k in ("raw", "csf_out", "truth")}
     prior = bool(getattr(model, "deconv_prior", False))
     for study in test_studies(run_dir):
+        references = study_references(study, getattr(model, "arterial_pooling", "slice"))
         for s in range(study.n_slices):
-            batch = collate_slices([attach_arterial(study.slice_sample(s), prior)])
+            batch = collate_slices([attach_arterial(study.slice_sample(s), prior, references[s])])
             raw = physical_maps(model(**batch.model_inputs()), scale)
             kept = exclude_csf(raw, batch_csf(batch))
             truth = maps_by_name(batch.maps)

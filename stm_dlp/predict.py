@@ -33,7 +33,7 @@ import torch
 from hydra.utils import instantiate
 
 from stm_dlp.cli import REQUIRED, parse_bool
-from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf, study_scan_window
+from stm_dlp.data.context import attach_arterial, batch_csf, exclude_csf, study_references, study_scan_window
 from stm_dlp.data.resample import pixel_spacing_mm, resample_study, restore_maps
 from stm_dlp.perfusion.readout import CLI_OPTIONS as READOUT_OPTIONS
 from stm_dlp.perfusion.readout import ReadoutThresholds, precontrast_image, readout_line, thresholds_from_options
@@ -99,9 +99,14 @@ def predict_study(model: torch.nn.Module, target_scale: torch.Tensor, study: Stu
         else:
             good.append(s)
     prior = bool(getattr(model, "deconv_prior", False))
+    # the arterial reference the model was trained with: its study's (the median over the readable slices) or
+    # each slice's own
+    references = np.zeros((s_count, study.times_s.shape[1]), np.float32)
+    if good:
+        references[good] = study_references(study, getattr(model, "arterial_pooling", "slice"), good)
     for i in range(0, len(good), batch_size):
         idx = good[i:i + batch_size]
-        batch = collate_slices([attach_arterial(study.slice_sample(s), prior) for s in idx]).to(device)
+        batch = collate_slices([attach_arterial(study.slice_sample(s), prior, references[s]) for s in idx]).to(device)
         maps = physical_maps(model(**batch.model_inputs()).float(),
                              target_scale)
         maps = exclude_csf(maps, batch_csf(batch))

@@ -24,6 +24,10 @@ PARAMS: tuple[str, ...] = ("cbv", "cbf", "tmax")
 ALL_PARAMS: tuple[str, ...] = ("cbv", "cbf", "tmax", "mtt")
 #: Physical units of each parameter.
 UNITS: dict[str, str] = {"cbv": "ml/100g", "cbf": "ml/100g/min", "tmax": "s", "mtt": "s"}
+#: How a slice's arterial reference is obtained (:func:`stm_dlp.perfusion.arterial.pool_references`): ``study`` —
+#: the frame-by-frame median of the references of all the study's slices (when they share their frame times),
+#: ``slice`` — the slice's own.
+ARTERIAL_POOLING: tuple[str, ...] = ("study", "slice")
 #: File-name stems with units, for tables and summaries.
 LONG_NAMES: dict[str, str] = {
     "cbv": "cbv_ml_100g",

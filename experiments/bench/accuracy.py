@@ -200,14 +200,19 @@ class ModelMaps:
 
 class PriorMaps:
     """The default model's deconvolution prior alone (:func:`stm_dlp.data.context.deconvolution_prior`: oSVD
-    of each slice with its arterial reference as the AIF) as a ``.maps(study)`` provider: what the network
-    is given, so the cross-family table shows what it adds."""
+    of each slice with its arterial reference as the AIF — the study's, or with ``pooling="slice"`` the slice's
+    own) as a ``.maps(study)`` provider: what the network is given, so the cross-family table shows what it
+    adds."""
+
+    def __init__(self, pooling: str = "study") -> None:
+        self.pooling = pooling
 
     def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        from stm_dlp.data.context import attach_arterial
+        from stm_dlp.data.context import attach_arterial, study_references
         from stm_dlp.types import PARAMS, mtt_from_cbv_cbf
 
-        prior = np.stack([attach_arterial(study.slice_sample(s), prior=True).prior_maps
+        references = study_references(study, self.pooling)
+        prior = np.stack([attach_arterial(study.slice_sample(s), True, references[s]).prior_maps
                           for s in range(study.n_slices)], axis=1)  # (P, S, H, W)
         out = dict(zip(PARAMS, prior))
         out["mtt"] = mtt_from_cbv_cbf(out["cbv"], out["cbf"])

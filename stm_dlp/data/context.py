@@ -2,21 +2,23 @@
 the deconvolution of the slice with it (the *deconvolution prior*); and the CSF its maps leave out
 (:func:`exclude_csf`).
 
-:func:`attach_arterial` computes both on the *whole* slice (after augmentation, before any crop) with
-:func:`stm_dlp.perfusion.arterial.arterial_reference` and :func:`deconvolution_prior`, so a training crop
-that holds no artery still carries its slice's arterial input, and training, evaluation and prediction
-see the same curve.
+:func:`study_references` computes the reference of every slice on the *whole* slice (before any crop) with
+:func:`stm_dlp.perfusion.arterial.arterial_reference` and, by default, pools them over the study (their median:
+one bolus feeds every slice); :func:`attach_arterial` sets it on a slice and adds :func:`deconvolution_prior`.
+So a training crop that holds no artery still carries its study's arterial input, and training, evaluation and
+prediction see the same curve.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from stm_dlp.perfusion.arterial import arterial_reference, scan_window
+from stm_dlp.perfusion.arterial import arterial_reference, pool_references, scan_window
 from stm_dlp.perfusion.maps import calculate_maps
 from stm_dlp.perfusion.mask import slice_csf
 from stm_dlp.types import PARAMS, CTPBatch, SliceSample, Study
@@ -54,16 +56,48 @@ def deconvolution_prior(sample: SliceSample) -> np.ndarray:
     return np.stack([maps[p][0] for p in PARAMS]).astype(np.float32)
 
 
-def attach_arterial(sample: SliceSample, prior: bool = False) -> SliceSample:
-    """``sample`` with ``arterial_hu`` ``(T,)`` set from its own (whole-slice) frames — non-finite pixels
-    (unreadable frames) are left out of the search — and, with ``prior``, ``prior_maps``
-    (:func:`deconvolution_prior`)."""
+def slice_reference(sample: SliceSample) -> np.ndarray:
+    """The arterial reference ``(T,)`` float32 (HU over baseline) of ``sample``'s own whole-slice frames
+    (:func:`~stm_dlp.perfusion.arterial.arterial_reference`; non-finite pixels — unreadable frames — are left out
+    of the search)."""
     frames = torch.from_numpy(np.ascontiguousarray(sample.frames, np.float32))
     ref = arterial_reference(frames, torch.from_numpy(np.ascontiguousarray(sample.times_s, np.float32)))
-    sample = dataclasses.replace(sample, arterial_hu=ref.curve_hu.numpy())
+    return ref.curve_hu.numpy()
+
+
+def study_references(study: Study, pooling: str = "study", slices: Sequence[int] | None = None) -> np.ndarray:
+    """The arterial reference ``(len(slices), T)`` float32 of each of ``slices`` (default: all) of ``study`` as
+    given (acquired or corrupted): :func:`~stm_dlp.perfusion.arterial.pool_references` of those slices' own
+    (:func:`slice_reference`) — with ``pooling="study"`` their median, one curve for all of them."""
+    slices = list(range(study.n_slices)) if slices is None else list(slices)
+    own = np.stack([slice_reference(study.slice_sample(s)) for s in slices])
+    times = torch.from_numpy(np.ascontiguousarray(np.asarray(study.times_s)[slices], np.float32))
+    return pool_references(torch.from_numpy(own), times, pooling).numpy()
+
+
+def attach_arterial(sample: SliceSample, prior: bool = False, reference: np.ndarray | None = None) -> SliceSample:
+    """``sample`` with ``arterial_hu`` ``(T,)`` set — ``reference`` (HU at ``sample.times_s``, e.g. a row of
+    :func:`study_references`) when given, else the slice's own (:func:`slice_reference`) — and, with ``prior``,
+    ``prior_maps`` (:func:`deconvolution_prior`)."""
+    if reference is None:
+        reference = slice_reference(sample)
+    reference = np.ascontiguousarray(reference, np.float32)
+    if reference.shape != sample.times_s.shape:
+        raise ValueError(f"patient {sample.patient_id}, slice {sample.slice_index}: arterial reference of shape "
+                         f"{reference.shape} for {sample.times_s.shape[0]} frames")
+    sample = dataclasses.replace(sample, arterial_hu=reference)
     if prior:
         sample = dataclasses.replace(sample, prior_maps=deconvolution_prior(sample))
     return sample
+
+
+def reference_on(reference: np.ndarray, times_s: np.ndarray, new_times_s: np.ndarray) -> np.ndarray:
+    """``reference`` ``(T,)`` (HU at ``times_s``) linearly interpolated at ``new_times_s`` ``(T',)`` — both clocks
+    from the same origin —, the last value held past the end: the study's reference on a slice's augmented
+    framing (:class:`~stm_dlp.data.corrupt.Reframe`, ``DropFrames``, ``JitterFraming`` keep the first frame and
+    interpolate the frames the same way)."""
+    return np.interp(np.asarray(new_times_s, np.float64), np.asarray(times_s, np.float64),
+                     np.asarray(reference, np.float64)).astype(np.float32)
 
 
 def delay_tissue(sample: SliceSample, delay_s: float) -> SliceSample:
@@ -83,7 +117,7 @@ def delay_tissue(sample: SliceSample, delay_s: float) -> SliceSample:
         raise ValueError(f"patient {sample.patient_id}, slice {sample.slice_index}: delay_tissue needs the "
                          "arterial reference (attach_arterial)")
     times = np.asarray(sample.times_s, np.float64)
-    ref = np.interp(times + delay_s, times, np.asarray(sample.arterial_hu, np.float64)).astype(np.float32)
+    ref = reference_on(sample.arterial_hu, times, times + delay_s)
     k = PARAMS.index("tmax")
 
     def shifted(stack: np.ndarray) -> np.ndarray:

@@ -33,12 +33,12 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 
 from stm_dlp.data.cache import StudyCache
-from stm_dlp.data.context import attach_arterial, deconvolution_prior, delay_tissue
+from stm_dlp.data.context import attach_arterial, deconvolution_prior, delay_tissue, reference_on, study_references
 from stm_dlp.data.corrupt import Compose, Truncate, corrupt_study, named_corruption
 from stm_dlp.data.motion import motion_corrected
 from stm_dlp.data.phantom import GENERATOR_VERSION, PhantomConfig, cohort_member, simulate_patient
 from stm_dlp.data.splits import resolve_split
-from stm_dlp.types import PARAMS, SliceSample, Study, StudyError, collate_slices
+from stm_dlp.types import ARTERIAL_POOLING, PARAMS, SliceSample, Study, StudyError, collate_slices
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,22 @@ class SliceDataset(Dataset):
     reference by a uniform draw from it (:func:`~stm_dlp.data.context.delay_tissue`, TMAX labels and prior
     move with it); a negative draw is limited to the slice's 5th-percentile TMAX, so that hardly any pixel
     would arrive before its artery.
+
+    Every sample's arterial reference is its study's (``arterial_pooling="study"``, default: the median over the
+    study's slices, :func:`~stm_dlp.data.context.study_references`, computed once per study from the frames as
+    given); on an augmented framing it is interpolated at the new frame times, so the augmentation's noise does
+    not reach it (it is pooled at test time too). ``"slice"``: each sample's own, from its augmented frames.
     """
 
     def __init__(self, studies: Sequence[Study], transform=None, crop_size: int | None = None,
                  samples_per_slice: int = 1, lesion_crop_fraction: float = 0.0, deconv_prior: bool = False,
-                 prior_cache: bool = True, tissue_delay_s: Sequence[float] | None = None, prior_bank: int = 0):
+                 prior_cache: bool = True, tissue_delay_s: Sequence[float] | None = None, prior_bank: int = 0,
+                 arterial_pooling: str = "study"):
         self.deconv_prior = bool(deconv_prior)
+        if arterial_pooling not in ARTERIAL_POOLING:
+            raise ValueError(f"data.arterial_pooling must be one of {ARTERIAL_POOLING}, got {arterial_pooling!r}")
+        self.arterial_pooling = arterial_pooling
+        self._references: dict[int, np.ndarray] = {}  # study index -> (S, T) references as given
         if int(prior_bank) < 0:
             raise ValueError(f"data.prior_bank must be >= 0 (augmented versions per slice), got {prior_bank}")
         # augmented versions per slice, each with its own prior (see the class docstring)
@@ -126,7 +136,9 @@ class SliceDataset(Dataset):
             # the arterial context comes from the whole (augmented) slice, before the crop
             acquired = sample
             sample = attach_arterial(replace(sample, frames=np.ascontiguousarray(frames, np.float32), times_s=times),
-                                     self.deconv_prior and not self.prior_cache)
+                                     self.deconv_prior and not self.prior_cache,
+                                     self._reference((study_idx, slice_idx),
+                                                     times if self.transform is not None else None))
             if self.deconv_prior and self.prior_cache:
                 sample = replace(sample, prior_maps=self._acquired_prior(acquired, (study_idx, slice_idx)))
         if self.tissue_delay_s is not None:
@@ -156,7 +168,8 @@ class SliceDataset(Dataset):
             versions = []
             for k in range(self.prior_bank):
                 frames, times = self._augment(sample.frames, sample.times_s, np.random.default_rng([*key, k]))
-                versions.append(attach_arterial(replace(sample, frames=frames, times_s=times), True))
+                versions.append(attach_arterial(replace(sample, frames=frames, times_s=times), True,
+                                                self._reference(key, times)))
             self._bank[key] = versions
         return self._bank[key][int(rng.integers(self.prior_bank))]
 
@@ -164,16 +177,33 @@ class SliceDataset(Dataset):
         """The deconvolution prior of the slice as acquired (``sample``, with or without its arterial
         reference), computed once, then kept."""
         if key not in self._priors:
-            with_reference = sample if sample.arterial_hu is not None else attach_arterial(sample)
+            with_reference = (sample if sample.arterial_hu is not None
+                              else attach_arterial(sample, reference=self._reference(key)))
             self._priors[key] = deconvolution_prior(with_reference)
         return self._priors[key]
 
     def _with_context(self, sample: SliceSample, key: tuple[int, int]) -> SliceSample:
         """``sample`` (as acquired) with its arterial reference and, for ``deconv_prior``, its prior."""
         if not (self.deconv_prior and self.prior_cache):
-            return attach_arterial(sample, self.deconv_prior)
-        sample = attach_arterial(sample)
+            return attach_arterial(sample, self.deconv_prior, self._reference(key))
+        sample = attach_arterial(sample, reference=self._reference(key))
         return replace(sample, prior_maps=self._acquired_prior(sample, key))
+
+    def _reference(self, key: tuple[int, int], times_s: np.ndarray | None = None) -> np.ndarray | None:
+        """The arterial reference ``(T,)`` of slice ``key`` (study, slice) from its study as given
+        (:func:`study_references`, computed once per study); with ``times_s`` (an augmented framing, s from the
+        slice's first frame) interpolated at those times — ``None`` there with ``arterial_pooling="slice"``,
+        whose reference is the augmented slice's own."""
+        study_idx, slice_idx = key
+        if study_idx not in self._references:
+            self._references[study_idx] = study_references(self.studies[study_idx], self.arterial_pooling)
+        reference = self._references[study_idx][slice_idx]
+        if times_s is None:
+            return reference
+        if self.arterial_pooling == "slice":
+            return None
+        acquired = np.asarray(self.studies[study_idx].times_s[slice_idx], np.float64)
+        return reference_on(reference, acquired - acquired[0], times_s)
 
     def _draw_delay(self, sample: SliceSample, rng: np.random.Generator) -> float:
         """A tissue delay (s) from ``tissue_delay_s``, its negative side limited to the slice's 5th-percentile
@@ -266,6 +296,9 @@ class CTPDataModule(L.LightningDataModule):
         tissue_delay_s: ``[lo, hi]`` seconds: delay each training sample's tissue against its arterial
             reference by a uniform draw (:func:`stm_dlp.data.context.delay_tissue`; TMAX labels move with it);
             ``None``: off.
+        arterial_pooling: ``study`` (each slice's arterial reference is the median over its study's slices) or
+            ``slice`` (its own) — :func:`stm_dlp.perfusion.arterial.pool_references`; the configs set it from
+            ``model.arterial_pooling``, which prediction reads back from the checkpoint.
     """
 
     def __init__(self, source: str = "phantom", root: str | None = None, n_patients: int = 12,
@@ -280,7 +313,8 @@ class CTPDataModule(L.LightningDataModule):
                  split_file: str | None = None, new_patients: str = "train", lesion_crop_fraction: float = 0.0,
                  target_spacing_mm: float | None = None, motion_correction: bool = True,
                  deconv_prior: bool = False, prior_cache: bool = True,
-                 tissue_delay_s: Sequence[float] | None = None, prior_bank: int = 0):
+                 tissue_delay_s: Sequence[float] | None = None, prior_bank: int = 0,
+                 arterial_pooling: str = "study"):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -306,6 +340,9 @@ class CTPDataModule(L.LightningDataModule):
         self.motion_correction = bool(motion_correction)
         self.deconv_prior, self.prior_cache = bool(deconv_prior), bool(prior_cache)
         self.prior_bank = int(prior_bank)  # validated by SliceDataset
+        if arterial_pooling not in ARTERIAL_POOLING:
+            raise ValueError(f"data.arterial_pooling must be one of {ARTERIAL_POOLING}, got {arterial_pooling!r}")
+        self.arterial_pooling = arterial_pooling
         self.tissue_delay_s = None if tissue_delay_s is None else list(tissue_delay_s)
         self.frame_fraction, self.train_frame_fraction = frame_fraction, train_frame_fraction
         self.label_source, self.calc_kwargs = label_source, dict(calc or {})
@@ -405,9 +442,11 @@ class CTPDataModule(L.LightningDataModule):
         self.train_set = SliceDataset([self.studies[p] for p in self.splits["train"]],
                                       Compose(train_tf) if train_tf else None, self.crop_size,
                                       self.samples_per_slice, self.lesion_crop_fraction, self.deconv_prior,
-                                      self.prior_cache, self.tissue_delay_s, self.prior_bank)
-        self.val_set = SliceDataset(self._eval_studies("val"), deconv_prior=self.deconv_prior)
-        self.test_set = SliceDataset(self._eval_studies("test"), deconv_prior=self.deconv_prior)
+                                      self.prior_cache, self.tissue_delay_s, self.prior_bank, self.arterial_pooling)
+        self.val_set = SliceDataset(self._eval_studies("val"), deconv_prior=self.deconv_prior,
+                                    arterial_pooling=self.arterial_pooling)
+        self.test_set = SliceDataset(self._eval_studies("test"), deconv_prior=self.deconv_prior,
+                                     arterial_pooling=self.arterial_pooling)
 
     def _eval_studies(self, split: str) -> list[Study]:
         transforms = [named_corruption(self.eval_corruption)]

@@ -16,7 +16,7 @@ from stm_dlp.models.irfe import (
 )
 from stm_dlp.models.mpp import MultiParameterPredictor
 from stm_dlp.models.spatial import crop_to, pad_to_multiple
-from stm_dlp.types import PARAMS
+from stm_dlp.types import ARTERIAL_POOLING, PARAMS
 
 #: Physical units per unit of the deconvolution prior's channels (CBV ml/100g, CBF ml/100g/min, TMAX s),
 #: and the largest normalised value kept (a failed pixel's residue can peak anywhere in its window).
@@ -111,6 +111,10 @@ class STMDLP(nn.Module):
             reads (:func:`prior_levelled_tmax`); the network's contrast (how much later a lesion is than normal
             tissue) is kept. A network's absolute normal-tissue level is a convention of its training
             generator (each family's residue shapes set it), the deconvolution's is not (docs/tmax.md §11).
+        arterial_pooling: how the data side obtains each slice's arterial reference, for ``arterial_context`` and
+            ``deconv_prior``: ``study`` (the median over the study's slices) or ``slice`` (its own)
+            (:func:`~stm_dlp.perfusion.arterial.pool_references`). The network does not use it; it is kept with
+            the weights so that prediction gives the model the reference it was trained with.
     """
 
     def __init__(
@@ -139,8 +143,12 @@ class STMDLP(nn.Module):
         tmax_from_prior: bool = False,
         tmax_correction_s: float | None = None,
         tmax_level_from_prior: bool = False,
+        arterial_pooling: str = "slice",
     ) -> None:
         super().__init__()
+        if arterial_pooling not in ARTERIAL_POOLING:
+            raise ValueError(f"arterial_pooling must be one of {ARTERIAL_POOLING}, got {arterial_pooling!r}")
+        self.arterial_pooling = arterial_pooling
         check_irfe_args(encoder, order, time_input)
         if time_scale_s <= 0 or hu_scale <= 0:
             raise ValueError(f"time_scale_s and hu_scale must be > 0, got {time_scale_s}, {hu_scale}")
