@@ -215,8 +215,9 @@ class SliceSample:
     """One slice: ``frames`` (T, H, W) HU, ``times_s`` (T,), ``maps`` (P, H, W), ``mask`` (H, W) bool;
     ``labelled`` names the parameters whose label channel is real; ``voxel_ml`` is one voxel's volume
     (ml; 0 when unknown), for the clinical readout's volumes; ``arterial_hu`` ``(T,)`` is the slice's
-    arterial reference curve (enhancement in HU at the frame times, from the *whole* slice before any
-    crop — :func:`stm_dlp.data.context.attach_arterial`), or ``None``; ``prior_maps`` ``(P, H, W)`` the
+    arterial reference curve (enhancement in HU at the frame times, from the *whole* study — by default the
+    median over its slices — before any crop: :func:`stm_dlp.data.context.study_references`), or ``None``;
+    ``prior_maps`` ``(P, H, W)`` the
     deconvolution of the slice's curves with that reference (physical units, :data:`PARAMS` order —
     :func:`stm_dlp.data.context.deconvolution_prior`), or ``None``; ``pixel_mm`` the ``(row, column)``
     pixel spacing (mm), or ``None`` when unknown."""
@@ -255,8 +256,9 @@ class CTPBatch:
             the others); ``None`` means all.
         voxel_ml: float64 ``(B,)`` one voxel's volume (ml) of each slice's study, or ``None``.
         arterial_hu: float32 ``(B, T)`` each slice's arterial reference curve (enhancement over baseline,
-            HU, at its frame times; computed on the whole slice before any crop, so a crop carries its
-            slice's curve), zero past ``lengths``; ``None`` when the samples carry none. Models with
+            HU, at its frame times; computed on the whole study before any crop — the median over its slices,
+            or the slice's own with ``arterial_pooling="slice"`` —, so a crop carries its study's curve), zero
+            past ``lengths``; ``None`` when the samples carry none. Models with
             arterial context read it at every time step.
         prior_maps: float32 ``(B, P, H, W)`` each slice's deconvolution with its arterial reference
             (physical units, :data:`PARAMS` order), for models with a deconvolution prior; ``None`` when the

@@ -92,8 +92,10 @@ def test_base_class_probability_check_and_study_view(tiny_study):
     out_f, out_t = Record()(f, t, np.random.default_rng(5))
     assert seen == [(1, *f.shape)] and out_f.shape == f.shape and out_t.shape == t.shape
     np.testing.assert_array_equal(out_f, f + 1.0)
-    # every named corruption is a RandomTransform (or the empty Compose); p stays keyword-only
-    assert all(isinstance(tr, C.RandomTransform) for n, tr in C.NAMED_CORRUPTIONS.items() if n != "none")
+    # every named corruption is a RandomTransform or a Compose of them (the empty one: "none"); p stays keyword-only
+    for name, tr in C.NAMED_CORRUPTIONS.items():
+        parts = tr.transforms if isinstance(tr, C.Compose) else [tr]
+        assert all(isinstance(t, C.RandomTransform) for t in parts) and (parts or name == "none"), name
     assert C.GaussianNoise(4.0, p=0.5).sigma_hu == 4.0
     with pytest.raises(TypeError):
         C.GaussianNoise(4.0, 0.5)

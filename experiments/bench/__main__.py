@@ -80,7 +80,7 @@ def left_out(profile, results: dict[str, Any]) -> list[str]:
     out.append("One training seed per model (no seed spread); the paper-scale 200-epoch training is the gpu profile's")
     if len(profile.cross_family) > 1:
         out.append("Cross-family: only the default model (STM-DLP LSTM) is trained on the second family, and it is "
-                   "tested under the regular, noise and motion conditions only")
+                   "tested under the regular, noise, heavy-noise and motion conditions only")
     if profile.name != "gpu":
         out.append("py-spy sampling (torch.profiler only); multi-GPU / DDP scaling")
     for section, err in results.get("errors", {}).items():

@@ -186,7 +186,7 @@ def _cross_family(cf: dict[str, Any] | None, calc_label: str, main_label: str) -
     runs = cf.get("runs") or {}
     out += [f"{main_label} (the default model) trained once per phantom family (`data.phantom.family=…`, the "
             f"same budget and overrides as above; {fams[0]} is the main runs' family), its best checkpoint "
-            "tested in-process on each family's held-out patients, regular and under the noise and motion "
+            "tested in-process on each family's held-out patients, regular and under the noise, heavy-noise and motion "
             f"conditions; {calc_label} on exactly the same studies. *Same family*: held-out patients of the "
             "family trained on (the tuned-on setting); *held-out family*: a generator the model never saw.", ""]
     rows = [[f, r.get("run"), r.get("epochs"), r.get("fit_seconds"), r.get("n_test_patients"),
