@@ -1,6 +1,7 @@
 """A study-level arterial reference at test time: does it help the trained model and its prior?
 
     python -m experiments.pooled_reference_check --bench-out OUT [--checkpoint CKPT ...]
+        [--conditions regular,noise,heavy_noise,motion] [--pooling study,slice]
 
 ``OUT`` is the ``--out`` folder of ``python -m experiments.bench --profile cpu`` (its ``runs/stm_dlp_lstm`` and
 ``runs/stm_dlp_lstm_ribbon`` give the checkpoints and each family's held-out test studies). Every slice normally gets
@@ -8,8 +9,9 @@ either its *own* arterial reference (``arterial_pooling="slice"``) or the median
 (``"study"``, :func:`stm_dlp.perfusion.arterial.pool_references`; same frame times only), whichever the checkpoint
 was trained with. Here both are tried on every checkpoint at test time, for the deconvolution prior and the
 model's context alike, without retraining. Prints Dice(TMAX >
-6 s) / TMAX R² / CBF R² per family × condition (regular, 15 HU noise) × reference (slice, pooled) for the prior
-alone and each checkpoint (default: the bench's classic-trained model). docs/tmax.md §13 has the numbers.
+6 s) / TMAX R² / CBF R² per family × condition (default: regular, 15 HU noise) × reference (slice, pooled) for the prior
+alone and each checkpoint (default: the bench's classic-trained model); ``--conditions`` and ``--pooling`` choose
+other cells (any of the benchmark's cross-family conditions). docs/tmax.md §13-14 have the numbers.
 """
 
 from __future__ import annotations
@@ -18,16 +20,39 @@ import argparse
 import json
 from pathlib import Path
 
-from experiments.bench.accuracy import ModelMaps, PriorMaps, best_checkpoint, metrics_only, test_studies
-from stm_dlp.calc_eval import evaluate_studies
-from stm_dlp.types import ARTERIAL_POOLING
+import numpy as np
+
+from experiments.bench.accuracy import (
+    CALC,
+    CROSS_CONDITIONS,
+    ModelMaps,
+    PriorMaps,
+    best_checkpoint,
+    metrics_only,
+    test_studies,
+)
+from experiments.plain_osvd import plain_osvd
+from stm_dlp.calc_eval import CalcBaseline, evaluate_studies
+from stm_dlp.types import ALL_PARAMS, ARTERIAL_POOLING, Study
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bench-out", type=Path, required=True)
     ap.add_argument("--checkpoint", type=Path, nargs="*", default=None)
+    ap.add_argument("--conditions", default="regular,noise",
+                    help=f"comma-separated, of {', '.join(CROSS_CONDITIONS)} (default regular,noise)")
+    ap.add_argument("--pooling", default=",".join(ARTERIAL_POOLING),
+                    help=f"comma-separated, of {', '.join(ARTERIAL_POOLING)} (default both)")
+    ap.add_argument("--deconvolution", action="store_true",
+                    help="also our oSVD (the calculation approach's defaults, as the benchmark) and the plain textbook "
+                         "oSVD of experiments.plain_osvd on the same studies: where deconvolution fails")
     args = ap.parse_args()
+    conditions = args.conditions.split(",")
+    poolings = args.pooling.split(",")
+    for name, given, valid in (("condition", conditions, CROSS_CONDITIONS), ("pooling", poolings, ARTERIAL_POOLING)):
+        if unknown := [g for g in given if g not in valid]:
+            ap.error(f"unknown {name} {', '.join(unknown)}; valid: {', '.join(valid)}")
     runs = {"classic": args.bench_out / "runs" / "stm_dlp_lstm",
             "ribbon": args.bench_out / "runs" / "stm_dlp_lstm_ribbon"}
     metrics = json.loads((runs["classic"] / "metrics.json").read_text())
@@ -36,17 +61,36 @@ def main() -> None:
     print("| tested on | condition | reference | method | Dice TMAX>6 s | TMAX R² | CBF R² |")
     print("|---|---|---|---|---|---|---|")
     for family, run in runs.items():
-        for cond, overrides in (("regular", {}), ("noise 15 HU", {"eval_corruption": "noise"})):
-            studies = test_studies(run, **overrides)
-            for pooling in ARTERIAL_POOLING:
+        for cond in conditions:
+            studies = test_studies(run, **CROSS_CONDITIONS[cond])
+            if args.deconvolution:
+                for name, provider in (("our oSVD", CalcBaseline(method=CALC, aif="auto")),
+                                       ("plain oSVD", PlainOSVDMaps())):
+                    row(family, cond, "—", name, metrics_only(evaluate_studies(provider, studies)))
+            for pooling in poolings:
                 providers = {"prior alone": PriorMaps(pooling), **models}
                 for provider in models.values():  # the reference prediction gives the model (predict_study)
                     provider.model.arterial_pooling = pooling
                 for name, provider in providers.items():
-                    m = metrics_only(evaluate_studies(provider, studies))
-                    dice = ((m.get("readout") or {}).get("dice_tmax_gt_6") or {}).get("median")
-                    print(f"| {family} | {cond} | {pooling} | {name} | {'—' if dice is None else f'{dice:.3f}'} | "
-                          f"{m['tmax']['r2']:.2f} | {m['cbf']['r2']:.2f} |", flush=True)
+                    row(family, cond, pooling, name, metrics_only(evaluate_studies(provider, studies)))
+
+
+def row(family: str, cond: str, pooling: str, name: str, m: dict) -> None:
+    """One printed table row: Dice(TMAX > 6 s) (median over the patients with a lesion), TMAX R², CBF R²."""
+    dice = ((m.get("readout") or {}).get("dice_tmax_gt_6") or {}).get("median")
+    print(f"| {family} | {cond} | {pooling} | {name} | {'—' if dice is None else f'{dice:.3f}'} | "
+          f"{m['tmax']['r2']:.2f} | {m['cbf']['r2']:.2f} |", flush=True)
+
+
+class PlainOSVDMaps:
+    """:func:`experiments.plain_osvd.plain_osvd` as a maps provider for :func:`evaluate_studies` (inside the
+    study's brain mask, as every method here)."""
+
+    label = "plain oSVD"
+
+    def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict]:
+        maps = plain_osvd(study.frames, study.times_s, np.asarray(study.mask, bool))
+        return {p: np.asarray(maps[p], np.float32) for p in ALL_PARAMS}, {}
 
 
 if __name__ == "__main__":

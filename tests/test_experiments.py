@@ -362,3 +362,22 @@ def test_tmax_bound_scores_and_table():
     row = {"unbounded": (0.5, 0.8), 1.0: (0.6, 0.7), "levelled": (0.65, 0.75)}
     text = table({"classic": {"prior": (0.7, 0.9), "classic": row, "ribbon": row}}, [1.0])
     assert "| ribbon | classic | 0.50 / 0.80 | 0.60 / 0.70 | 0.65 / 0.75 | 0.70 / 0.90 |" in text
+
+
+def test_pooled_reference_check_options_and_plain_osvd_provider(tiny_study, monkeypatch):
+    """experiments.pooled_reference_check refuses unknown conditions / poolings by name, and its plain-oSVD
+    provider gives the four maps on the study's grid, 0 outside the brain mask."""
+    import numpy as np
+
+    from experiments import pooled_reference_check as prc
+
+    for bad in (["--conditions", "regular,fog"], ["--pooling", "patient"]):
+        monkeypatch.setattr("sys.argv", ["prc", "--bench-out", "/nonexistent", *bad])
+        with pytest.raises(SystemExit):
+            prc.main()
+    maps, _ = prc.PlainOSVDMaps().maps(tiny_study)
+    mask = np.asarray(tiny_study.mask, bool)
+    assert set(maps) == {"cbv", "cbf", "tmax", "mtt"}
+    for m in maps.values():
+        assert m.shape == mask.shape and np.isfinite(m).all() and not m[~mask].any()
+    assert maps["cbf"][mask].mean() > 0
