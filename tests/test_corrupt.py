@@ -169,7 +169,7 @@ def test_drop_frames_fraction_drawn_per_sample(tiny_study):
 def test_default_training_augmentations_from_the_config(tiny_study):
     """The data.augment list of scale=paper (conf/scale/paper.yaml; data.augment points at it):
     scanner-spanning transforms, each applied with a moderate probability (clean samples stay common),
-    seeded, never touching labels. scale=laptop keeps light noise only."""
+    seeded, never touching labels. scale=laptop keeps light noise and rigid motion, with a prior bank."""
     from conftest import REPO
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
@@ -177,7 +177,10 @@ def test_default_training_augmentations_from_the_config(tiny_study):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         augment = instantiate(compose("config", overrides=["scale=paper"]).data.augment, _convert_="all")
         laptop = instantiate(compose("config").data.augment, _convert_="all")
-    assert [type(t) for t in laptop] == [C.GaussianNoise]
+    assert [type(t) for t in laptop] == [C.GaussianNoise, C.RigidMotion]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        assert compose("config").data.prior_bank == 4  # motion is not noise: each banked version has its own prior
+        assert compose("config", overrides=["scale=paper"]).data.prior_bank == 0
     kinds = {type(t) for t in augment}
     assert {C.GaussianNoise, C.ImpulseNoise, C.StructuredNoise, C.Reframe, C.DropFrames, C.RigidMotion} <= kinds
     assert all(0.25 <= t.p <= 0.5 for t in augment)
