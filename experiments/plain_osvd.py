@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from stm_dlp.perfusion.physics import TISSUE_SCALE
+from stm_dlp.types import ALL_PARAMS, Study
 
 THRESHOLDS: tuple[float, ...] = (0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25,
                                  0.3, 0.4, 0.6, 0.8)
@@ -122,3 +123,14 @@ def plain_osvd(frames: np.ndarray, times_s: np.ndarray, mask: np.ndarray, n_aif:
         for name, v in (("cbf", cbf), ("cbv", cbv), ("tmax", tmax), ("mtt", mtt)):
             out[name][s, pix[:, 0], pix[:, 1]] = np.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
     return out
+
+
+class PlainOSVDMaps:
+    """:func:`plain_osvd` as a maps provider for :func:`stm_dlp.calc_eval.evaluate_studies` (inside the study's
+    brain mask, as every method the benchmark compares)."""
+
+    label = "plain oSVD"
+
+    def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict]:
+        maps = plain_osvd(study.frames, study.times_s, np.asarray(study.mask, bool))
+        return {p: np.asarray(maps[p], np.float32) for p in ALL_PARAMS}, {}

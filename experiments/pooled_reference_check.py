@@ -20,8 +20,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from experiments.bench.accuracy import (
     CALC,
     CROSS_CONDITIONS,
@@ -31,9 +29,9 @@ from experiments.bench.accuracy import (
     metrics_only,
     test_studies,
 )
-from experiments.plain_osvd import plain_osvd
+from experiments.plain_osvd import PlainOSVDMaps
 from stm_dlp.calc_eval import CalcBaseline, evaluate_studies
-from stm_dlp.types import ALL_PARAMS, ARTERIAL_POOLING, Study
+from stm_dlp.types import ARTERIAL_POOLING
 
 
 def main() -> None:
@@ -80,17 +78,6 @@ def row(family: str, cond: str, pooling: str, name: str, m: dict) -> None:
     dice = ((m.get("readout") or {}).get("dice_tmax_gt_6") or {}).get("median")
     print(f"| {family} | {cond} | {pooling} | {name} | {'—' if dice is None else f'{dice:.3f}'} | "
           f"{m['tmax']['r2']:.2f} | {m['cbf']['r2']:.2f} |", flush=True)
-
-
-class PlainOSVDMaps:
-    """:func:`experiments.plain_osvd.plain_osvd` as a maps provider for :func:`evaluate_studies` (inside the
-    study's brain mask, as every method here)."""
-
-    label = "plain oSVD"
-
-    def maps(self, study: Study) -> tuple[dict[str, np.ndarray], dict]:
-        maps = plain_osvd(study.frames, study.times_s, np.asarray(study.mask, bool))
-        return {p: np.asarray(maps[p], np.float32) for p in ALL_PARAMS}, {}
 
 
 if __name__ == "__main__":

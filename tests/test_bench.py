@@ -62,7 +62,8 @@ def check_report(md: str) -> None:
     cross = md.split("**Held-out family**")[1].split("###")[0]
     for pair in ("| regular | classic | ribbon | STM-DLP LSTM |", "| regular | ribbon | classic | STM-DLP LSTM |",
                  "| noisy (σ 15 HU) | classic | ribbon |", "| motion | ribbon | classic |",
-                 "| regular | — | ribbon | oSVD (calculation) |"):
+                 "| regular | — | ribbon | oSVD (calculation) |", "| heavy noise (σ 30 HU + impulses) | — | ribbon | "
+                 "plain oSVD (textbook) |"):
         assert pair in cross, pair
     for target in ("regular: STM-DLP-LSTM MAE ≤ 1.1 × oSVD", "MAE ≤ 0.6 × oSVD", "60 % of frames",
                    "better than UniToBrain", "same family (classic), regular: STM-DLP LSTM TMAX R² ≥ 0.7",
@@ -95,7 +96,7 @@ def check_results(results: dict[str, Any]) -> None:
     cf = acc["cross_family"]
     assert "error" not in cf and cf["families"] == ["classic", "ribbon"]
     assert set(cf["model"]) == {"classic->classic", "classic->ribbon", "ribbon->classic", "ribbon->ribbon"}
-    for ev in [*cf["model"].values(), *cf["calc"].values()]:
+    for ev in [*cf["model"].values(), *cf["calc"].values(), *cf["plain"].values()]:
         assert set(ev) == {"regular", "noise", "heavy_noise", "motion"} and all("readout" in m for m in ev.values())
     assert all(v < 1e-3 for v in cf["consistency"].values())
     assert {"figure7", "maps_regular", "maps_noise", "maps_motion"} <= set(acc["figures"])
@@ -148,12 +149,14 @@ def test_clinical_targets_follow_the_numbers(stored: dict[str, Any]) -> None:
     ev = res["accuracy"]["cross_family"]["model"]["classic->ribbon"]
     ev["regular"]["tmax"]["r2"] = 0.6
     ev["regular"]["readout"]["dice_tmax_gt_6"]["median"] = 0.65
+    plain = res["accuracy"]["cross_family"]["plain"]["ribbon"]  # the textbook oSVD: fails nowhere, to begin with
     for c in ("noise", "heavy_noise", "motion"):
         ev[c]["readout"]["dice_tmax_gt_6"]["median"] = 0.55
+        plain[c]["readout"]["dice_tmax_gt_6"]["median"] = 0.5
     targets = clinical_targets(res)
     assert _target(targets, "trained on classic, tested on ribbon, regular")["met"] is True
     noisy = _target(targets, "trained on classic, tested on ribbon, noise, heavy noise and motion")
-    assert noisy["met"] is True and set(noisy["values"]) == {f"{who}Dice {c}" for who in ("", "oSVD ")
+    assert noisy["met"] is True and set(noisy["values"]) == {f"{who}Dice {c}" for who in ("", "oSVD ", "plain oSVD ")
                                                               for c in ("noise", "heavy_noise", "motion")}
     ev["motion"]["readout"]["dice_tmax_gt_6"]["median"] = 0.45
     calc = res["accuracy"]["cross_family"]["calc"]["ribbon"]
@@ -164,9 +167,15 @@ def test_clinical_targets_follow_the_numbers(stored: dict[str, Any]) -> None:
     # judged only where oSVD fails (< 0.1): not under motion once oSVD reads 0.3 there
     calc["motion"]["readout"]["dice_tmax_gt_6"]["median"] = 0.3
     row = _target(clinical_targets(res), failure)
-    assert row["met"] is True and row["note"].endswith(": noise") and row["values"]["Dice motion"] == 0.45
+    assert row["met"] is True and row["note"].endswith(": noise (oSVD)") and row["values"]["Dice motion"] == 0.45
     calc["noise"]["readout"]["dice_tmax_gt_6"]["median"] = 0.1
     assert _target(clinical_targets(res), failure)["met"] is None  # oSVD fails nowhere: the claim is not tested
+    # where only the textbook oSVD fails, the claim is judged there
+    plain["heavy_noise"]["readout"]["dice_tmax_gt_6"]["median"] = 0.05
+    row = _target(clinical_targets(res), failure)
+    assert row["met"] is True and row["note"].endswith(": heavy_noise (plain oSVD)")
+    ev["heavy_noise"]["readout"]["dice_tmax_gt_6"]["median"] = 0.4
+    assert _target(clinical_targets(res), failure)["met"] is False
 
     infer = res["speed"]["infer"][0]
     assert _target(clinical_targets(res), "CPU inference")["met"] is None  # the smoke study is not 16×256²×50

@@ -187,7 +187,9 @@ def _cross_family(cf: dict[str, Any] | None, calc_label: str, main_label: str) -
     out += [f"{main_label} (the default model) trained once per phantom family (`data.phantom.family=…`, the "
             f"same budget and overrides as above; {fams[0]} is the main runs' family), its best checkpoint "
             "tested in-process on each family's held-out patients, regular and under the noise, heavy-noise and motion "
-            f"conditions; {calc_label} on exactly the same studies. *Same family*: held-out patients of the "
+            f"conditions; {calc_label} and a plain textbook oSVD (`experiments/plain_osvd.py`: automatic AIF, 1.5 px "
+            "smoothing, no partial-volume or noise handling — where *it* fails is what the paper's claim is about) on "
+            "exactly the same studies. *Same family*: held-out patients of the "
             "family trained on (the tuned-on setting); *held-out family*: a generator the model never saw.", ""]
     rows = [[f, r.get("run"), r.get("epochs"), r.get("fit_seconds"), r.get("n_test_patients"),
              (cf.get("consistency") or {}).get(f)] for f, r in runs.items()]
@@ -212,6 +214,8 @@ def _cross_family(cf: dict[str, Any] | None, calc_label: str, main_label: str) -
                     m = (cf.get("model") or {}).get(f"{train}->{test}", {}).get(cond)
                     rows.append(row(clabel, train, test, main_label, m))
                 rows.append(row(clabel, "—", test, calc_label, (cf.get("calc") or {}).get(test, {}).get(cond)))
+                if "plain" in cf:  # the textbook oSVD (experiments/plain_osvd.py); older results have none
+                    rows.append(row(clabel, "—", test, "plain oSVD (textbook)", cf["plain"].get(test, {}).get(cond)))
         out += [f"**{title}**", "", _table(header, rows), ""]
     return out
 
