@@ -27,6 +27,7 @@ from experiments.bench.accuracy import (
     PriorMaps,
     best_checkpoint,
     metrics_only,
+    readout_value,
     test_studies,
 )
 from experiments.plain_osvd import PlainOSVDMaps
@@ -75,7 +76,7 @@ def main() -> None:
 
 def row(family: str, cond: str, pooling: str, name: str, m: dict) -> None:
     """One printed table row: Dice(TMAX > 6 s) (median over the patients with a lesion), TMAX R², CBF R²."""
-    dice = ((m.get("readout") or {}).get("dice_tmax_gt_6") or {}).get("median")
+    dice = readout_value(m, "dice_tmax_gt_6")
     print(f"| {family} | {cond} | {pooling} | {name} | {'—' if dice is None else f'{dice:.3f}'} | "
           f"{m['tmax']['r2']:.2f} | {m['cbf']['r2']:.2f} |", flush=True)
 

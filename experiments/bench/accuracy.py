@@ -68,6 +68,8 @@ CROSS_CONDITIONS: dict[str, dict[str, Any]] = {"regular": {}, "noise": {"eval_co
 CROSS_LABELS = {"heavy_noise": "heavy noise (σ 30 HU + impulses)"}
 #: The conditions where the paper says deconvolution fails: the failure-case target is judged on them.
 FAILURE_CONDITIONS = ("noise", "heavy_noise", "motion")
+#: The deconvolutions a failure-case target compares with, as its value keys name them ("<who> Dice <condition>").
+DECONVOLUTIONS = ("oSVD", "plain oSVD")
 
 
 def profile_models(profile: Profile) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -508,7 +510,7 @@ def _r2(metrics: dict[str, Any] | None, p: str) -> float | None:
 def _target(text: str, values: dict[str, float | None], limit: str, ok: Callable[[dict[str, float]], bool],
             note: str = "") -> dict[str, Any]:
     """A reported target: ``met`` is ``None`` (not measured) when a value it needs is missing."""
-    need = {k: v for k, v in values.items() if not k.startswith(("oSVD", "plain oSVD"))}
+    need = {k: v for k, v in values.items() if not k.startswith(DECONVOLUTIONS)}
     met = None if any(v is None for v in need.values()) else bool(ok(need))
     return {"target": text, "values": values, "limit": limit, "met": met, "note": note}
 
@@ -523,7 +525,7 @@ def failure_case_target(text: str, vals: dict[str, float | None], note: str = ""
     conds = [k.removeprefix("Dice ") for k in vals if k.startswith("Dice ")]
 
     def fails(c: str) -> list[str]:
-        return [who for who in ("oSVD", "plain oSVD") if vals.get(f"{who} Dice {c}") is not None
+        return [who for who in DECONVOLUTIONS if vals.get(f"{who} Dice {c}") is not None
                 and vals[f"{who} Dice {c}"] < 0.1]
 
     failed = [c for c in conds if fails(c)]
