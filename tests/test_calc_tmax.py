@@ -3,6 +3,8 @@ from its own pass (lighter smoothing, smoother truncation) while CBF and CBV sta
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -99,6 +101,21 @@ def test_tmax_params():
     assert CalcParams(spatial_sigma_px=0.0, tmax_sigma_mm=2.6).tmax_params() is None  # the user's px smoothing
     p = CalcParams(spatial_sigma_mm=5.5, tmax_sigma_mm=2.6).tmax_params()
     assert p is not None and p.spatial_sigma_mm == 2.6 and p.tmax_sigma_mm is None
+
+
+def test_tmax_pass_widens_with_noise_by_its_exponent():
+    """Above ``noise_ref_hu`` the TMAX pass's σ grows as ``(noise / ref) ** tmax_noise_widening``, is final (its
+    own params do not widen again) and never passes the CBF pass's widened σ (then TMAX shares its curves)."""
+    base = CalcParams(spatial_sigma_mm=5.5, tmax_sigma_mm=1.5, noise_ref_hu=8.0)
+    assert base.tmax_params(4.0).spatial_sigma_mm == 1.5  # below the reference: as given
+    sqrt_p = base.tmax_params(16.0)
+    assert sqrt_p.spatial_sigma_mm == pytest.approx(1.5 * 2 ** 0.5) and sqrt_p.noise_ref_hu is None
+    assert sqrt_p.sigma_px((1.0, 1.0), 16.0) == pytest.approx((1.5 * 2 ** 0.5,) * 2)  # no second widening
+    lin = replace(base, tmax_noise_widening=1.0).tmax_params(16.0)
+    assert lin.spatial_sigma_mm == pytest.approx(3.0)
+    # at 30 HU the 1.5 exponent would reach 10.9 mm, past the CBF pass's 5.5 * min(sqrt(3.75), 2) = 10.65 mm
+    assert replace(base, tmax_noise_widening=1.5).tmax_params(30.0) is None
+    assert base.sigma_px((1.0, 1.0), 30.0)[0] == pytest.approx(5.5 * 3.75 ** 0.5)
 
 
 def test_tmax_oi_target_regularises_more():

@@ -185,6 +185,16 @@ class CalcParams:
             Default 1.5 mm: the CBF smoothing (5.5 mm) mixes a small lesion's late curves with the
             early, high-flow curves around it, whose peak then wins (ribbon phantom, clean: lesion
             TMAX bias -0.9 s at 0 mm, -3 s at 5.5 mm).
+        tmax_noise_widening: exponent of the TMAX pass's widening with noise, ``(noise / noise_ref_hu) **
+            exponent``, never past the CBF pass's widened σ. 0.5 (default, chosen with the other defaults by
+            ``experiments.calc_settings`` on 1.6-1.9 mm grids) widens it as the CBF pass; 1 keeps the smoothed
+            curve's noise constant (σ ∝ noise). The deconvolution prior of the model's 3 mm grid uses 1
+            (:data:`stm_dlp.data.context.PRIOR_OPTIONS`, docs/tmax.md §16): under 30 HU a 3 mm TMAX pass of σ ≈ 1 px
+            reads noise ripples as the residue's peak.
+        tmax_median_noise_widening: exponent of the TMAX median's widening with noise, as
+            ``tmax_noise_widening`` (at most :data:`MAX_NOISE_WIDENING`); 0 (default) = the radius of
+            ``tmax_median_mm`` at any noise. The model's prior uses 1 (14 mm at 30 HU: 5 px at 3 mm): a median
+            removes the TMAX outliers noise leaves and keeps lesion edges, which wider Gaussian smoothing blurs.
         motion: register every frame in-plane to the mean pre-contrast frame first
             (:func:`stm_dlp.perfusion.motion.correct_motion`; on by default: on moving studies CBF MAE
             37.2 -> 15.8 (classic; 15.2 still) and 14.3 -> 12.5 (ribbon), still studies unchanged;
@@ -221,6 +231,8 @@ class CalcParams:
     tmax_median_px: int | None = None
     tmax_oi_target: float | None = 0.03
     tmax_sigma_mm: float | None = 1.5
+    tmax_noise_widening: float = 0.5
+    tmax_median_noise_widening: float = 0.0
     chunk_pixels: int = 0
 
     def __post_init__(self) -> None:
@@ -241,34 +253,48 @@ class CalcParams:
     def torch_dtype(self) -> torch.dtype:
         return torch.float64 if self.dtype == "float64" else torch.float32
 
+    def widening(self, noise_hu: float, exponent: float = 0.5) -> float:
+        """Factor the in-plane smoothing widens by for per-frame noise ``noise_hu``: ``(noise / noise_ref_hu) **
+        exponent``, at least 1, at most :data:`MAX_NOISE_WIDENING` for ``exponent`` 0.5 (the CBF/CBV pass)."""
+        if not self.noise_ref_hu or noise_hu <= self.noise_ref_hu:
+            return 1.0
+        widen = (noise_hu / self.noise_ref_hu) ** exponent
+        return min(widen, MAX_NOISE_WIDENING) if exponent <= 0.5 else widen
+
     def sigma_px(self, pixel_mm: tuple[float, float] | None, noise_hu: float = 0.0) -> tuple[float, float]:
         """In-plane smoothing σ in pixels (rows, columns) for a study with per-frame noise ``noise_hu``."""
-        widen = 1.0
-        if self.noise_ref_hu and noise_hu > self.noise_ref_hu:
-            widen = min(math.sqrt(noise_hu / self.noise_ref_hu), MAX_NOISE_WIDENING)
+        widen = self.widening(noise_hu)
         if self.spatial_sigma_px is not None:
             return float(self.spatial_sigma_px) * widen, float(self.spatial_sigma_px) * widen
         mm = pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM)
         return self.spatial_sigma_mm / mm[0] * widen, self.spatial_sigma_mm / mm[1] * widen
 
-    def median_px(self, pixel_mm: tuple[float, float] | None) -> int:
-        """Radius (px) of the TMAX median filter for pixels of ``pixel_mm`` (rows, columns; the finer one)."""
+    def median_px(self, pixel_mm: tuple[float, float] | None, noise_hu: float = 0.0) -> int:
+        """Radius (px) of the TMAX median filter for pixels of ``pixel_mm`` (rows, columns; the finer one) on a
+        study with per-frame noise ``noise_hu`` (``tmax_median_noise_widening``)."""
         if self.tmax_median_px is not None:
             return int(self.tmax_median_px)
         if self.tmax_median_mm <= 0:
             return 0
         mm = min(pixel_mm or (FALLBACK_PIXEL_MM, FALLBACK_PIXEL_MM))
-        return max(1, round(self.tmax_median_mm / mm))
+        widen = 1.0
+        if self.tmax_median_noise_widening > 0:
+            widen = min(self.widening(noise_hu, self.tmax_median_noise_widening), MAX_NOISE_WIDENING)
+        return max(1, round(self.tmax_median_mm * widen / mm))
 
-    def tmax_params(self) -> CalcParams | None:
-        """The parameters of the TMAX pass's smoothing (``tmax_sigma_mm``), or ``None`` when TMAX
-        comes from the same smoothing as CBF and CBV: ``tmax_sigma_mm`` is ``None``, not below
-        ``spatial_sigma_mm`` (the TMAX pass is never smoothed more), or the smoothing is given in
-        pixels (``spatial_sigma_px``: the user's smoothing, for every map)."""
-        if self.tmax_sigma_mm is None or self.spatial_sigma_px is not None \
-                or self.tmax_sigma_mm >= self.spatial_sigma_mm:
+    def tmax_params(self, noise_hu: float = 0.0) -> CalcParams | None:
+        """The parameters of the TMAX pass's smoothing (``tmax_sigma_mm`` widened for a study with per-frame
+        noise ``noise_hu`` by :meth:`widening` with ``tmax_noise_widening``), or ``None`` when TMAX comes from the
+        same smoothing as CBF and CBV: ``tmax_sigma_mm`` is ``None``, its widened σ not below the CBF pass's
+        widened σ (the TMAX pass is never smoothed more), or the smoothing is given in pixels
+        (``spatial_sigma_px``: the user's smoothing, for every map)."""
+        if self.tmax_sigma_mm is None or self.spatial_sigma_px is not None:
             return None
-        return replace(self, spatial_sigma_mm=float(self.tmax_sigma_mm), spatial_sigma_px=None, tmax_sigma_mm=None)
+        sigma = self.tmax_sigma_mm * self.widening(noise_hu, self.tmax_noise_widening)
+        if sigma >= self.spatial_sigma_mm * self.widening(noise_hu):
+            return None
+        return replace(self, spatial_sigma_mm=float(sigma), spatial_sigma_px=None, tmax_sigma_mm=None,
+                       noise_ref_hu=None)
 
     def deconv_params(self, frame_dt_s: float) -> DeconvParams:
         """The :class:`DeconvParams` for an acquisition whose median frame interval is ``frame_dt_s``."""
@@ -963,7 +989,7 @@ def calculate_maps(
     exc.report["impulse_fraction"] = round(impulse_fraction(inp.frames, noise, p.despike_sigma or 6.0), 6)
     exc.report["despiked"] = bool(p.despike_sigma > 0 and exc.report["impulse_fraction"] > IMPULSE_MIN_FRAC)
     tissue = smooth_tissue(inp, base, brain, curves, exc, p, noise, mm)
-    p_tmax = p.tmax_params()
+    p_tmax = p.tmax_params(noise)
     tissue_tmax = None if p_tmax is None else smooth_tissue(inp, base, brain, curves, exc, p_tmax, noise, mm)
     t_smooth = time.perf_counter()
 
@@ -974,7 +1000,7 @@ def calculate_maps(
         raw["tmax"] = deconvolve_tissue(inp, curves, tissue_tmax, aif_grid, grid, dec, p, tmax_only=True)["tmax"]
     t_dec = time.perf_counter()
 
-    median_px = p.median_px(mm)
+    median_px = p.median_px(mm, noise)
     maps = finish_maps(raw, brain, exc.csf, p, median_px)
     window = scan_window(float(grid[int(torch.argmax(aif_sel.curve))]), float(inp.times[:, -1].min()))
     if window["warning"]:
