@@ -30,12 +30,13 @@ log = logging.getLogger(__name__)
 #: and the TMAX calibration: ``calibrated`` (exponential residues) costs ~25 ms a slice where the default
 #: dispersion-aware one costs ~90 ms (its lookup is built per AIF), and a network corrects a calibration's
 #: bias; on 3 mm phantom slices TMAX R² 0.70 / 0.90 (ribbon / classic), as with the default (0.71 / 0.79).
-#: Under noise the TMAX pass widens its smoothing with the noise (σ ∝ noise: the smoothed curves keep their
-#: noise) and its median with it (at most 2x): on 3 mm slices under 30 HU a 1 px σ reads noise ripples as the
-#: residue's peak. Prior-alone Dice(TMAX > 6 s) over three cohorts per family, 15 HU / 30 HU + impulses:
-#: classic 0.57 -> 0.72 / 0.28 -> 0.55, ribbon 0.49 -> 0.56 / 0.30 -> 0.32; regular data unchanged (docs/tmax.md §16).
-PRIOR_OPTIONS: dict = {"motion": False, "tmax_method": "calibrated",
-                       "tmax_noise_widening": 1.0, "tmax_median_noise_widening": 1.0}
+#: Under noise the TMAX pass widens its smoothing in proportion to the noise (σ ∝ noise: the smoothed curves keep the
+#: noise of a study at ``noise_ref_hu``), where the calc's default widens it as the CBF pass (√noise, 1.5 mm -> 3 mm at
+#: 30 HU: ~1 px on the model's 3 mm grid, whose noise ripples pass for residue peaks). Model Dice(TMAX > 6 s) over
+#: 28 studies per family, 15 HU / 30 HU + impulses, before -> after: classic 0.59 -> 0.67 / 0.31 -> 0.45, ribbon
+#: 0.61 -> 0.58 / 0.33 -> 0.33 (same family), held out 0.57 -> 0.62 / 0.31 -> 0.43 and 0.65 -> 0.65 / 0.25 -> 0.30;
+#: regular data unchanged. Widening the TMAX median too gains more on classic and loses on ribbon (docs/tmax.md §16).
+PRIOR_OPTIONS: dict = {"motion": False, "tmax_method": "calibrated", "tmax_noise_widening": 1.0}
 
 
 def deconvolution_prior(sample: SliceSample) -> np.ndarray:

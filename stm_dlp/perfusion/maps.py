@@ -193,8 +193,8 @@ class CalcParams:
             reads noise ripples as the residue's peak.
         tmax_median_noise_widening: exponent of the TMAX median's widening with noise, as
             ``tmax_noise_widening`` (at most :data:`MAX_NOISE_WIDENING`); 0 (default) = the radius of
-            ``tmax_median_mm`` at any noise. The model's prior uses 1 (14 mm at 30 HU: 5 px at 3 mm): a median
-            removes the TMAX outliers noise leaves and keeps lesion edges, which wider Gaussian smoothing blurs.
+            ``tmax_median_mm`` at any noise. 1 (14 mm at 30 HU: 5 px at 3 mm) lifts the model's prior on the classic
+            phantom under noise and loses on the ribbon one's smaller lesions: not used by default (docs/tmax.md §16).
         motion: register every frame in-plane to the mean pre-contrast frame first
             (:func:`stm_dlp.perfusion.motion.correct_motion`; on by default: on moving studies CBF MAE
             37.2 -> 15.8 (classic; 15.2 still) and 14.3 -> 12.5 (ribbon), still studies unchanged;
