@@ -208,9 +208,11 @@ def test_noise_widened_tmax_pass_finds_the_lesion_under_heavy_noise():
                                         noise_hu=30.0, lesion_probability=1.0), seed=3)
     m = np.asarray(st.mask, bool)
     truth = (st.maps[:, 2] > 6.0) & m
-    scores = {}
+    scores, sigmas = {}, {}
     for name, opts in (("as CBF", {}), ("with noise", {"tmax_noise_widening": PRIOR_OPTIONS["tmax_noise_widening"]})):
-        maps, _ = calculate_maps(st.frames, st.times_s, m, affine=st.affine, motion=False, **opts)
+        maps, info = calculate_maps(st.frames, st.times_s, m, affine=st.affine, motion=False, **opts)
         scores[name] = dice((np.asarray(maps["tmax"]) > 6.0) & m, truth)
+        sigmas[name] = info["params"]["tmax_sigma_mm_used"]
     assert truth.sum() > 50
     assert scores["with noise"] > scores["as CBF"] + 0.1, scores
+    assert sigmas["as CBF"] < 3.1 < sigmas["with noise"], sigmas  # 1.5 mm * sqrt(~30 / 8) vs 1.5 mm * ~30 / 8

@@ -371,7 +371,8 @@ def test_pooled_reference_check_options_and_plain_osvd_provider(tiny_study, monk
 
     from experiments import pooled_reference_check as prc
 
-    for bad in (["--conditions", "regular,fog"], ["--pooling", "patient"]):
+    for bad in (["--conditions", "regular,fog"], ["--pooling", "patient"],
+                ["--prior-variants", '{"x": {"tmax_noise_widenin": 1.0}}']):
         monkeypatch.setattr("sys.argv", ["prc", "--bench-out", "/nonexistent", *bad])
         with pytest.raises(SystemExit):
             prc.main()

@@ -1015,7 +1015,9 @@ def calculate_maps(
         "params": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(dparams).items()},
                    **{k: v for k, v in p.to_dict().items() if k not in ("device", "chunk_pixels", "thresholds")},
                    "spatial_sigma_px_used": [round(sig[0], 4), round(sig[1], 4)],
-                   "tmax_median_px_used": median_px},
+                   "tmax_median_px_used": median_px,
+                   # the TMAX pass's σ after its noise widening; None: TMAX from the CBF pass's curves
+                   "tmax_sigma_mm_used": None if p_tmax is None else round(p_tmax.spatial_sigma_mm, 4)},
         "pixel_mm": list(mm) if mm else None,
         "aif": aif_sel.to_dict(),
         "time_origin_s": inp.t0,
