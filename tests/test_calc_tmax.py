@@ -216,3 +216,21 @@ def test_noise_widened_tmax_pass_finds_the_lesion_under_heavy_noise():
     assert truth.sum() > 50
     assert scores["with noise"] > scores["as CBF"] + 0.1, scores
     assert sigmas["as CBF"] < 3.1 < sigmas["with noise"], sigmas  # 1.5 mm * sqrt(~30 / 8) vs 1.5 mm * ~30 / 8
+
+
+def test_iterated_tmax_median_runs_only_on_noisy_studies():
+    """``tmax_median_noise_passes`` repeats the TMAX median on studies noisier than ``noise_ref_hu`` and leaves
+    quieter ones as they were (one pass); each further pass changes the noisy study's TMAX map."""
+    cfg = dict(height=48, width=48, n_slices=1, frames_min=40, frames_max=40, lesion_probability=1.0)
+    noisy = simulate_patient(PhantomConfig(noise_hu=30.0, **cfg), seed=3)
+    quiet = simulate_patient(PhantomConfig(noise_hu=2.0, **cfg), seed=3)
+    run = {}
+    for name, st in (("noisy", noisy), ("quiet", quiet)):
+        for passes in (1, 3):
+            maps, info = calculate_maps(st.frames, st.times_s, np.asarray(st.mask, bool), affine=st.affine,
+                                        motion=False, tmax_median_noise_passes=passes)
+            run[name, passes] = (np.asarray(maps["tmax"]), info["params"]["tmax_median_passes_used"])
+    assert run["noisy", 3][1] == 3 and run["noisy", 1][1] == 1
+    assert not np.array_equal(run["noisy", 3][0], run["noisy", 1][0])
+    assert run["quiet", 3][1] == 1
+    np.testing.assert_array_equal(run["quiet", 3][0], run["quiet", 1][0])

@@ -195,6 +195,9 @@ class CalcParams:
             ``tmax_noise_widening`` (at most :data:`MAX_NOISE_WIDENING`); 0 (default) = the radius of
             ``tmax_median_mm`` at any noise. 1 (14 mm at 30 HU: 5 px at 3 mm) lifts the model's prior on the classic
             phantom under noise and loses on the ribbon one's smaller lesions: not used by default (docs/tmax.md §16).
+        tmax_median_noise_passes: on studies noisier than ``noise_ref_hu`` the TMAX median runs this many times
+            (an iterated median: outliers go, edges and structures wider than the window stay, where one wider
+            window erodes small lesions); 1 (default) = once at any noise (docs/tmax.md §16).
         motion: register every frame in-plane to the mean pre-contrast frame first
             (:func:`stm_dlp.perfusion.motion.correct_motion`; on by default: on moving studies CBF MAE
             37.2 -> 15.8 (classic; 15.2 still) and 14.3 -> 12.5 (ribbon), still studies unchanged;
@@ -233,6 +236,7 @@ class CalcParams:
     tmax_sigma_mm: float | None = 1.5
     tmax_noise_widening: float = 0.5
     tmax_median_noise_widening: float = 0.0
+    tmax_median_noise_passes: int = 1
     chunk_pixels: int = 0
 
     def __post_init__(self) -> None:
@@ -883,9 +887,10 @@ def deconvolve_tissue(inp: Inputs, curves: Curves, tissue: list[torch.Tensor], a
 
 
 def finish_maps(raw: dict[str, torch.Tensor], brain: torch.Tensor, csf: torch.Tensor,
-                p: CalcParams, median_px: int = 0) -> dict[str, np.ndarray]:
+                p: CalcParams, median_px: int = 0, median_passes: int = 1) -> dict[str, np.ndarray]:
     """Step 7: finite, non-negative maps, 0 outside the mask, in CSF and (TMAX, MTT) where there is no flow;
-    TMAX median-filtered over the perfused brain with radius ``median_px`` (:meth:`CalcParams.median_px`)."""
+    TMAX median-filtered ``median_passes`` times over the perfused brain with radius ``median_px``
+    (:meth:`CalcParams.median_px`)."""
     cbf = torch.nan_to_num(raw["cbf"], 0.0, 0.0, 0.0).clamp_min(0.0)
     cbv = torch.nan_to_num(raw["cbv"], 0.0, 0.0, 0.0).clamp_min(0.0)
     tmax = torch.nan_to_num(raw["tmax"], 0.0, 0.0, 0.0).clamp_min(0.0)
@@ -894,7 +899,7 @@ def finish_maps(raw: dict[str, torch.Tensor], brain: torch.Tensor, csf: torch.Te
     cbv = torch.where(csf, zero, cbv)
     flow = brain & ~csf & (cbf >= p.cbf_floor)
     tmax = torch.where(flow, tmax, zero)
-    if median_px > 0:
+    for _ in range(median_passes if median_px > 0 else 0):
         tmax = torch.where(flow, median_filter(tmax, median_px, flow), zero)
     mtt = torch.where(flow, mtt_from_cbv_cbf(cbv, cbf), zero)
     return {
@@ -1001,7 +1006,8 @@ def calculate_maps(
     t_dec = time.perf_counter()
 
     median_px = p.median_px(mm, noise)
-    maps = finish_maps(raw, brain, exc.csf, p, median_px)
+    passes = p.tmax_median_noise_passes if p.noise_ref_hu and noise > p.noise_ref_hu else 1
+    maps = finish_maps(raw, brain, exc.csf, p, median_px, passes)
     window = scan_window(float(grid[int(torch.argmax(aif_sel.curve))]), float(inp.times[:, -1].min()))
     if window["warning"]:
         log.warning("calculation approach: %s", window["warning"])
@@ -1015,7 +1021,7 @@ def calculate_maps(
         "params": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(dparams).items()},
                    **{k: v for k, v in p.to_dict().items() if k not in ("device", "chunk_pixels", "thresholds")},
                    "spatial_sigma_px_used": [round(sig[0], 4), round(sig[1], 4)],
-                   "tmax_median_px_used": median_px,
+                   "tmax_median_px_used": median_px, "tmax_median_passes_used": passes,
                    # the TMAX pass's σ after its noise widening; None: TMAX from the CBF pass's curves
                    "tmax_sigma_mm_used": None if p_tmax is None else round(p_tmax.spatial_sigma_mm, 4)},
         "pixel_mm": list(mm) if mm else None,
