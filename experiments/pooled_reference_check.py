@@ -34,31 +34,15 @@ from experiments.bench.accuracy import (
     ModelMaps,
     PriorMaps,
     best_checkpoint,
+    cohort_studies,
     metrics_only,
     readout_value,
-    run_data_config,
 )
 from experiments.plain_osvd import PlainOSVDMaps
 from stm_dlp.calc_eval import CalcBaseline, evaluate_studies
 from stm_dlp.data import context
 from stm_dlp.perfusion.maps import PARAM_NAMES
-from stm_dlp.types import ARTERIAL_POOLING, Study
-
-
-def cohort_studies(run_dir: Path, seeds: list[int], overrides: dict) -> list[Study]:
-    """The studies of a finished run's configuration, ``overrides`` (a condition) applied: for seed 0 its own test
-    split, for any other seed the test and validation patients of the cohort ``data.seed=seed``."""
-    import stm_dlp.launch  # noqa: F401  (registers the config resolvers)
-    from stm_dlp.conditions import condition_datamodule
-
-    studies: list[Study] = []
-    for seed in seeds:
-        cfg = run_data_config(run_dir)
-        if seed:
-            cfg.data.seed = seed
-        dm = condition_datamodule(cfg, overrides)
-        studies += list(dm.test_set.studies) + ([] if seed == 0 else list(dm.val_set.studies))
-    return studies
+from stm_dlp.types import ARTERIAL_POOLING
 
 
 def main() -> None:
@@ -94,6 +78,15 @@ def main() -> None:
     print("| tested on | condition | reference | method | Dice TMAX>6 s | TMAX R² | CBF R² |")
     print("|---|---|---|---|---|---|---|")
     base_options = dict(context.PRIOR_OPTIONS)
+    try:
+        _rows(args, runs, models, seeds, variants, conditions, poolings, base_options)
+    finally:  # the module-level options are the prior's for every later caller
+        context.PRIOR_OPTIONS.clear()
+        context.PRIOR_OPTIONS.update(base_options)
+
+
+def _rows(args, runs, models, seeds, variants, conditions, poolings, base_options) -> None:
+    """The printed rows of :func:`main` (``PRIOR_OPTIONS`` updated per variant)."""
     for family, run in runs.items():
         for cond in conditions:
             studies = cohort_studies(run, seeds, CROSS_CONDITIONS[cond])
@@ -111,8 +104,6 @@ def main() -> None:
                     for name, provider in providers.items():
                         row(family, cond, pooling, f"{name} ({label})" if label else name,
                             metrics_only(evaluate_studies(provider, studies)))
-    context.PRIOR_OPTIONS.clear()
-    context.PRIOR_OPTIONS.update(base_options)
 
 
 def row(family: str, cond: str, pooling: str, name: str, m: dict) -> None:

@@ -244,11 +244,24 @@ def run_data_config(run_dir: Path):
 
 def test_studies(run_dir: Path, **overrides: Any) -> list[Study]:
     """The test studies of a finished run (its own resolved data config), with ``overrides`` applied."""
+    return cohort_studies(run_dir, [0], overrides)
+
+
+def cohort_studies(run_dir: Path, seeds: Sequence[int], overrides: dict[str, Any]) -> list[Study]:
+    """Studies of a finished run's configuration, ``overrides`` (a condition) applied: for seed 0 its own test
+    split, for any other seed the test and validation patients of the cohort ``data.seed=seed`` (patients other
+    than cohort 0's, :func:`stm_dlp.data.phantom.cohort_member`)."""
     import stm_dlp.launch  # noqa: F401  (registers the config resolvers)
     from stm_dlp.conditions import condition_datamodule
 
-    cfg = run_data_config(run_dir)
-    return list(condition_datamodule(cfg, overrides).test_set.studies)
+    studies: list[Study] = []
+    for seed in seeds:
+        cfg = run_data_config(run_dir)
+        if seed:
+            cfg.data.seed = seed
+        dm = condition_datamodule(cfg, overrides)
+        studies += list(dm.test_set.studies) + ([] if seed == 0 else list(dm.val_set.studies))
+    return studies
 
 
 def dropped_studies(studies: Sequence[Study], fraction: float, seed: int) -> list[Study]:
